@@ -1,0 +1,466 @@
+"""The one model-loading core: every command gets its model, tokenizer and feature encoder here.
+
+`load_model(path, ...)` recognises
+  * the Kimi-Audio release layout (config.json, sharded safetensors + index, `whisper-large-v3/`
+    with `model.encoder.*` keys, tiktoken tokenizer),
+  * the fine-tune layout (Whisper under `whisper_model.speech_encoder.*` in the main shards),
+  * the export layout (`whisper-large-v3/` with `encoder.*` keys),
+  * any other Hugging Face causal LM folder (transformers Auto classes, never remote code).
+`weights=False` builds the model on the meta device from config.json alone and reads no tensor.
+`.bin` / `.pt` files are unpickled only with `allow_pickle=True`; code in the folder never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kimi_lora_cli.errors import AdapterError, ModelLoadError
+from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig, is_kimi_config
+
+if TYPE_CHECKING:
+    import torch
+
+WHISPER_DIR = "whisper-large-v3"
+INV_FREQ_SUFFIX = "rotary_emb.inv_freq"
+
+
+@dataclass
+class ModelInfo:
+    """What the loader found in a model folder (no tensors)."""
+
+    path: Path
+    kind: str  # "kimi-audio" | "causal-lm"
+    layout: str  # "release" | "finetune" | "export" | "single-file" | "hf"
+    config: dict[str, Any]
+    weight_files: list[Path] = field(default_factory=list)
+    weight_map: dict[str, Path] = field(default_factory=dict)
+    whisper_source: str | None = None
+    tokenizer_source: str | None = None
+    ignored_keys: list[str] = field(default_factory=list)
+    num_parameters: int = 0
+    dtype: str | None = None
+
+    @property
+    def is_kimi(self) -> bool:
+        return self.kind == "kimi-audio"
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    feature_encoder: Any
+    info: ModelInfo
+    config: Any
+    adapter_names: list[str] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------------------
+# Folder inspection (config + safetensors headers only)
+# -------------------------------------------------------------------------------------------
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    if not folder.exists():
+        raise ModelLoadError(f"{folder}: no such folder; pass the model folder that holds config.json")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: not a folder; pass the model folder that holds config.json")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(
+            f"{cfg_file}: not found; pass the Kimi-Audio release folder (or a Hugging Face model folder) "
+            "that holds config.json"
+        )
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg}); restore the original file") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{cfg_file}: expected a JSON object")
+    return data
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {dtype, shape, data_offsets}; checks the file covers its header's tensors."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: file not found; the safetensors index names it, re-download it") from None
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise ModelLoadError(f"{path}: unreadable safetensors file ({e}); re-download or re-save it") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ModelLoadError(
+            f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end}); re-download it"
+        )
+    return header
+
+
+def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], dict[str, Path]]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = {k: folder / v for k, v in data["weight_map"].items()}
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({e}); re-download it") from None
+        files = sorted(set(weight_map.values()), key=lambda p: p.name)
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(f"{f}: listed in {index.name} but missing; re-download the shard")
+        return files, weight_map
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single], {}
+    pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+    if pickles:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{folder}: only pickle weights ({pickles[0].name}); unpickling can run code, so pass "
+                "--allow-pickle if you trust this folder (or convert it to safetensors)"
+            )
+        return pickles, {}
+    raise ModelLoadError(f"{folder}: no weights found (model.safetensors, an index, or shards)")
+
+
+def inspect_folder(path: str | Path, *, allow_pickle: bool = False, need_weights: bool = True,
+                   base_path: str | Path | None = None) -> ModelInfo:
+    """Describe a model folder from config.json and safetensors headers, reading no tensor."""
+    folder = Path(path).expanduser()
+    data = read_config(folder)
+    if not is_kimi_config(data):
+        return _inspect_hf(folder, data, allow_pickle, need_weights)
+    info = ModelInfo(path=folder, kind="kimi-audio", layout="release", config=data,
+                     dtype=data.get("torch_dtype") or data.get("dtype"))
+    if need_weights:
+        info.weight_files, info.weight_map = _weight_files(folder, allow_pickle)
+        if not info.weight_map:
+            for f in info.weight_files:
+                if f.suffix == ".safetensors":
+                    info.weight_map.update(dict.fromkeys(read_safetensors_header(f), f))
+        if any(k.startswith("whisper_model.") for k in info.weight_map):
+            info.layout = "finetune"
+            info.whisper_source = f"{folder} (whisper_model.speech_encoder.* keys)"
+    wdir = folder / WHISPER_DIR
+    bases = [folder] + ([Path(base_path).expanduser()] if base_path else [])
+    if info.whisper_source is None:
+        for b in bases:
+            if (b / WHISPER_DIR / "model.safetensors").is_file():
+                info.whisper_source = str(b / WHISPER_DIR)
+                if b == folder and need_weights:
+                    keys = read_safetensors_header(wdir / "model.safetensors")
+                    info.layout = "export" if any(k.startswith("encoder.") for k in keys) else "release"
+                break
+    for b in bases:
+        if (b / "tiktoken.model").is_file():
+            info.tokenizer_source = str(b)
+            break
+    return info
+
+
+def _inspect_hf(folder: Path, data: dict[str, Any], allow_pickle: bool, need_weights: bool) -> ModelInfo:
+    model_type = data.get("model_type")
+    if not model_type:
+        raise ModelLoadError(
+            f"{folder / 'config.json'}: not a Kimi-Audio config (no kimia_* keys, architectures "
+            f"{data.get('architectures')}) and no model_type; point at the Kimi-Audio release folder"
+        )
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(
+            f"{folder / 'config.json'}: model_type {model_type!r} is unknown to kimi-lora and to this "
+            "transformers version (remote code is never run); use a Kimi-Audio folder or a supported model"
+        )
+    info = ModelInfo(path=folder, kind="causal-lm", layout="hf", config=data,
+                     dtype=data.get("torch_dtype") or data.get("dtype"))
+    if need_weights:
+        info.weight_files, info.weight_map = _weight_files(folder, allow_pickle)
+    if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+        info.tokenizer_source = str(folder)
+    return info
+
+
+# -------------------------------------------------------------------------------------------
+# Loading
+# -------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, info: ModelInfo) -> torch.dtype:
+    import torch
+
+    if dtype is None or dtype == "auto":
+        dtype = info.dtype or "float32"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(str(dtype), str(dtype)).replace("torch.", "")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return value
+
+
+def build_kimi_model(config: KimiAudioConfig, device: str | torch.device = "meta"):
+    import torch
+
+    from kimi_lora_cli.models.kimi_audio.modeling import KimiAudioForCausalLM
+
+    with torch.device(device):
+        return KimiAudioForCausalLM(config)
+
+
+def kimi_config(info: ModelInfo, attn_implementation: str = "sdpa") -> KimiAudioConfig:
+    try:
+        cfg = KimiAudioConfig.from_dict(info.config)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{info.path / 'config.json'}: {e}") from None
+    cfg.attn_implementation = attn_implementation
+    return cfg
+
+
+def _iter_tensors(files: list[Path]):
+    """(key, tensor-getter) over every weight file, one file open at a time."""
+    from safetensors import safe_open
+
+    for path in files:
+        if path.suffix != ".safetensors":
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for k, v in state.items():
+                yield path, k, (lambda v=v: v)
+            continue
+        read_safetensors_header(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    yield path, k, (lambda k=k, f=f: f.get_tensor(k))
+        except Exception as e:  # safetensors raises its own error type
+            if isinstance(e, ModelLoadError):
+                raise
+            raise ModelLoadError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
+
+
+def _load_kimi(info: ModelInfo, dtype, device, base_path, load_whisper: bool, attn: str):
+    import torch
+
+    cfg = kimi_config(info, attn)
+    model = build_kimi_model(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    whisper_state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for path, key, get in _iter_tensors(info.weight_files):
+        if key.endswith(INV_FREQ_SUFFIX):
+            info.ignored_keys.append(key)
+            continue
+        if key.startswith("whisper_model.speech_encoder."):
+            if load_whisper:
+                whisper_state[key[len("whisper_model.speech_encoder."):]] = get()
+            continue
+        if key not in expected:
+            unexpected.append(f"{key} ({path.name})")
+            continue
+        t = get()
+        if tuple(t.shape) != expected[key]:
+            raise ModelLoadError(
+                f"{path}: tensor {key} has shape {tuple(t.shape)} but config.json implies {expected[key]}; "
+                "the config and the weights come from different models"
+            )
+        state[key] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+        raise ModelLoadError(f"{info.path}: weights do not match config.json: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(True)
+    info.num_parameters = sum(t.numel() for t in state.values())
+
+    encoder = None
+    if load_whisper:
+        encoder = _load_whisper(info, whisper_state, dtype, device, base_path)
+    return model, cfg, encoder
+
+
+def _load_whisper(info: ModelInfo, whisper_state, dtype, device, base_path):
+    from kimi_lora_cli.models.kimi_audio.whisper import (
+        WhisperFeatureEncoder,
+        strip_whisper_prefix,
+        whisper_config_from_tensors,
+    )
+
+    wcfg = None
+    source = info.whisper_source
+    candidates = [info.path / WHISPER_DIR] + ([Path(base_path) / WHISPER_DIR] if base_path else [])
+    if not whisper_state:
+        wfile = next((c / "model.safetensors" for c in candidates if (c / "model.safetensors").is_file()), None)
+        if wfile is None:
+            raise ModelLoadError(
+                f"{info.path}: no Whisper encoder ({WHISPER_DIR}/model.safetensors or whisper_model.* keys); "
+                "pass the release folder as --model-name-or-path / base so its whisper-large-v3/ can be used"
+            )
+        source = str(wfile.parent)
+        for _, key, get in _iter_tensors([wfile]):
+            name = strip_whisper_prefix(key)
+            if name is not None:
+                whisper_state[name] = get()
+        if not whisper_state:
+            raise ModelLoadError(f"{wfile}: holds no encoder tensors (expected model.encoder.* or encoder.*)")
+    for c in candidates:
+        if (c / "config.json").is_file():
+            from transformers import WhisperConfig
+
+            wcfg = WhisperConfig.from_json_file(str(c / "config.json"))
+            break
+    if wcfg is None:
+        wcfg = whisper_config_from_tensors({k: tuple(v.shape) for k, v in whisper_state.items()})
+    try:
+        enc = WhisperFeatureEncoder.from_state_dict(wcfg, whisper_state, dtype=dtype, device=device, source=source)
+    except (KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"{source}: Whisper weights do not match its config ({e})") from None
+    kimi_dim = info.config.get("kimia_adaptor_input_dim")
+    if kimi_dim and enc.row_dim != kimi_dim:
+        raise ModelLoadError(
+            f"{source}: Whisper d_model {wcfg.d_model} gives {enc.row_dim}-dim rows but config.json has "
+            f"kimia_adaptor_input_dim {kimi_dim}; use the whisper-large-v3 folder of the same release"
+        )
+    info.whisper_source = source
+    return enc
+
+
+def load_tokenizer(info: ModelInfo):
+    if info.kind != "kimi-audio":
+        if not info.tokenizer_source:
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(info.tokenizer_source, trust_remote_code=False)
+    from kimi_lora_cli.models.kimi_audio.tokenizer import KimiTokenizer, TokenizerLoadError
+
+    if not info.tokenizer_source:
+        raise ModelLoadError(
+            f"{info.path}: no tiktoken.model here; pass the Kimi-Audio release folder (it holds the text "
+            "tokenizer) as --model-name-or-path / base"
+        )
+    try:
+        return KimiTokenizer.from_dir(info.tokenizer_source)
+    except TokenizerLoadError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device = "cpu",
+    adapters: list[tuple[str, str | Path]] | None = None,
+    weights: bool = True,
+    allow_pickle: bool = False,
+    base_path: str | Path | None = None,
+    load_whisper: bool = True,
+    load_tokenizer_: bool = True,
+    attn_implementation: str = "sdpa",
+    adapters_trainable: bool = False,
+) -> LoadedModel:
+    """Load a model folder (see module docstring). `adapters` = [(name, folder), ...] are
+    attached with peft, the first one active. `base_path` is where tokenizer and Whisper are
+    looked up when `path` lacks them (the guide's --model_name_or_path)."""
+    import torch
+
+    info = inspect_folder(path, allow_pickle=allow_pickle, need_weights=weights, base_path=base_path)
+    torch_dtype = resolve_dtype(dtype, info)
+    device = torch.device(device)
+    encoder = None
+    if info.is_kimi:
+        if weights:
+            model, cfg, encoder = _load_kimi(info, torch_dtype, device, base_path, load_whisper, attn_implementation)
+        else:
+            cfg = kimi_config(info, attn_implementation)
+            model = build_kimi_model(cfg)
+            info.num_parameters = sum(p.numel() for p in model.parameters())
+    else:
+        model, cfg = _load_hf(info, torch_dtype, device, weights, allow_pickle)
+    tokenizer = load_tokenizer(info) if load_tokenizer_ else None
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, feature_encoder=encoder, info=info, config=cfg)
+    if adapters:
+        if not weights:
+            raise ModelLoadError("adapters need real weights (weights=True)")
+        attach_adapters(loaded, adapters, trainable=adapters_trainable, allow_pickle=allow_pickle)
+    return loaded
+
+
+def _load_hf(info: ModelInfo, dtype, device, weights: bool, allow_pickle: bool):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(info.path), trust_remote_code=False)
+    except Exception as e:
+        raise ModelLoadError(f"{info.path / 'config.json'}: transformers cannot read it ({e})") from None
+    try:
+        if not weights:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(info.path), dtype=dtype, trust_remote_code=False, use_safetensors=not allow_pickle
+            ).to(device)
+    except ValueError as e:
+        raise ModelLoadError(f"{info.path}: not a causal LM transformers can build ({e})") from None
+    info.num_parameters = sum(p.numel() for p in model.parameters())
+    return model, cfg
+
+
+def attach_adapters(loaded: LoadedModel, adapters, *, trainable: bool = False, allow_pickle: bool = False) -> None:
+    """Wrap `loaded.model` with one or more peft adapters (names must be unique)."""
+    from peft import PeftModel
+
+    model = loaded.model
+    for i, (name, folder) in enumerate(adapters):
+        folder = Path(folder).expanduser()
+        check_adapter_folder(folder, allow_pickle)
+        try:
+            if i == 0 and not isinstance(model, PeftModel):
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=trainable)
+            else:
+                model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise AdapterError(f"{folder}: adapter does not fit {loaded.info.path} ({str(e).splitlines()[0]})") from None
+        loaded.adapter_names.append(name)
+    model.set_adapter(loaded.adapter_names[0])
+    loaded.model = model
+
+
+def check_adapter_folder(folder: Path, allow_pickle: bool = False) -> None:
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: no such adapter folder; pass the output folder of `kimi-lora train`")
+    if not (folder / "adapter_config.json").is_file():
+        raise AdapterError(f"{folder}: no adapter_config.json; this is not a peft adapter folder")
+    if (folder / "adapter_model.safetensors").is_file():
+        read_safetensors_header(folder / "adapter_model.safetensors")
+        return
+    if (folder / "adapter_model.bin").is_file():
+        if not allow_pickle:
+            raise AdapterError(
+                f"{folder / 'adapter_model.bin'}: pickle adapter; pass --allow-pickle if you trust it"
+            )
+        return
+    raise AdapterError(f"{folder}: no adapter_model.safetensors; the adapter folder is incomplete")
