@@ -280,3 +280,13 @@ def build_tiny_checkpoint(folder: str | Path, spec: TinySpec | None = None, layo
     if layout == "release":
         _tokenizer_files(folder, ranks)
     return folder
+
+
+if __name__ == "__main__":  # python -m kimi_lora_cli.models.kimi_audio.tiny FOLDER
+    import sys
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "kimi-audio-tiny")
+    if (target / "config.json").exists():
+        print(target)
+    else:
+        print(build_tiny_checkpoint(target))

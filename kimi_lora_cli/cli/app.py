@@ -1,0 +1,39 @@
+"""The `kimi-lora` Typer app: command registration and main() (no torch import here)."""
+
+from __future__ import annotations
+
+import typer
+
+from kimi_lora_cli import __version__
+from kimi_lora_cli.cli._output import guarded
+from kimi_lora_cli.cli.list_modules import list_modules
+
+app = typer.Typer(
+    name="kimi-lora",
+    help="LoRA fine-tuning toolkit for Kimi-Audio: see which modules LoRA can target, train adapters, "
+    "inspect and merge them, and run inference - on CPU or GPU, no remote code.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kimi-lora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """LoRA fine-tuning toolkit for Kimi-Audio."""
+
+
+app.command("list-modules", rich_help_panel="Inspect")(guarded(list_modules))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,79 @@
+"""`kimi-lora list-modules`: the linear layers LoRA can target, grouped, with what --target selects."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from kimi_lora_cli.cli._options import AllowPickleOpt, JsonOpt, ModelArg, TargetOpt
+
+
+def list_modules(
+    model: ModelArg,
+    target: TargetOpt = "all",
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank used for the parameter totals.")] = 8,
+    as_json: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Show the linear layers LoRA can target and which ones --target selects.
+
+    Reads config.json only (the model is built on the meta device; no weight is read).
+
+    [bold]Examples[/]
+
+      $ kimi-lora list-modules ./Kimi-Audio-7B-Instruct
+
+      $ kimi-lora list-modules ./Kimi-Audio-7B-Instruct --target q_proj,v_proj --rank 16
+
+      $ kimi-lora list-modules ./Kimi-Audio-7B-Instruct --target 'mimo,model.layers.{0-13}.mlp.*' --json
+    """
+    from kimi_lora_cli.cli._output import human_count, out
+    from kimi_lora_cli.targets import group_entries, module_report
+
+    report = module_report(model, target=target, rank=rank, allow_pickle=allow_pickle)
+    if as_json:
+        payload = {
+            "model": report.model_path,
+            "kind": report.kind,
+            "target": target,
+            "rank": rank,
+            "base_params": report.base_params,
+            "whisper_params": report.whisper_params,
+            "lora_params": report.lora_params,
+            "trainable_percent": report.trainable_percent,
+            "targeted_modules": len(report.selection.names),
+            "modules": [e.to_json() for e in report.entries],
+        }
+        typer.echo(json.dumps(payload, indent=1))
+        return
+
+    from rich.table import Table
+
+    table = Table(title=f"Linear layers of {report.model_path}", title_justify="left")
+    table.add_column("Pattern", overflow="fold")
+    table.add_column("Count", justify="right")
+    table.add_column("in -> out", justify="right")
+    table.add_column("Params", justify="right")
+    table.add_column("Component")
+    table.add_column("Targeted")
+    for g in group_entries(report.entries):
+        if g.targeted:
+            mark = "[green]yes[/]" if g.targeted == g.count else f"[yellow]{g.targeted}/{g.count}[/]"
+        else:
+            mark = f"[dim]no - {g.excluded_reason}[/]" if g.excluded_reason else "[dim]no[/]"
+        table.add_row(g.pattern, f"x{g.count}", f"{g.in_features}->{g.out_features}", human_count(g.params),
+                      g.component, mark)
+    out.print(table)
+    sel = report.selection
+    out.print(
+        f"--target {target!r}: [bold]{len(sel.names)}[/] modules. "
+        f"Base parameters {human_count(report.base_params)}"
+        + (f" (+ Whisper encoder {human_count(report.whisper_params)}, frozen)" if report.whisper_params else "")
+        + f"; LoRA r={rank}: [bold]{human_count(report.lora_params)}[/] trainable "
+        f"([bold]{report.trainable_percent:.3f}%[/])."
+    )
+    if report.kind == "kimi-audio":
+        out.print("[dim]Embeddings are not wrapped (train them with --train-embeddings); "
+                  "Whisper is always frozen.[/]")

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random Kimi-Audio checkpoints in the exact release file layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Release layout (config.json, index + shards, whisper-large-v3/, tiktoken.model ...), float32."""
+    from kimi_lora_cli.models.kimi_audio.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "Kimi-Audio-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """The tiny checkpoint loaded once (model, tokenizer, feature encoder). Do not mutate."""
+    from kimi_lora_cli.loading import load_model
+
+    return load_model(tiny_dir, dtype="float32")
+
+
+@pytest.fixture()
+def cli():
+    """Invoke the real Typer app in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from kimi_lora_cli.cli.app import app
+
+    runner = CliRunner()
+
+    def run(*args: str):
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return run
