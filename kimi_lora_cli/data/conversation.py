@@ -164,3 +164,23 @@ def _codes(msg: dict[str, Any], index: int, config: Any) -> list[int]:
                 f"kimia_token_offset {lo}); regenerate them with `kimi-lora prepare`"
             )
     return list(codes)
+
+
+def place_features(seq: TokenizedConversation, rows: Sequence[Any], dim: int):
+    """[len(seq), dim] tensor with each media span's feature rows at its code positions, zero elsewhere.
+
+    `rows[k]` are the Whisper rows of `seq.media[k]` ([n, dim]); a span with more rows than codes
+    uses the first `length`, one with fewer is an error (the codes do not match the audio)."""
+    import torch
+
+    if len(rows) != len(seq.media):
+        raise ConversationError(f"{len(rows)} feature blocks for {len(seq.media)} audio messages")
+    out = torch.zeros(len(seq), dim, dtype=rows[0].dtype if len(rows) else torch.float32)
+    for span, r in zip(seq.media, rows):
+        if r.shape[0] < span.length:
+            raise ConversationError(
+                f"message {span.message_index}: {span.length} audio tokens but the audio yields only "
+                f"{r.shape[0]} feature rows (1 per 1280 samples); the tokens belong to another file"
+            )
+        out[span.start : span.start + span.length] = r[: span.length].to(out.dtype)
+    return out
