@@ -11,19 +11,31 @@ from pathlib import Path
 SHELLS = {"bash": "kimi-lora.bash", "zsh": "_kimi-lora", "fish": "kimi-lora.fish"}
 PROG = "kimi-lora"
 COMPLETE_VAR = "_KIMI_LORA_COMPLETE"
+_SWITCH = "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"
 
 
 def render(shell: str) -> str:
-    import typer.main
-    from click.shell_completion import get_completion_class
+    """The script `kimi-lora --show-completion SHELL` prints (typer's own flavour, the one the app answers)."""
+    from typer.testing import CliRunner
 
     from kimi_lora_cli.cli.app import app
 
-    command = typer.main.get_command(app)  # registers typer's completion classes
-    cls = get_completion_class(shell)
-    if cls is None:
-        raise ValueError(f"unsupported shell {shell!r}")
-    return cls(command, {}, PROG, COMPLETE_VAR).source().rstrip() + "\n"
+    # typer reads this switch to take the shell as an argument instead of detecting the parent shell.
+    # It is read while the command is built, so it must be in os.environ before invoke().
+    import os
+
+    old = os.environ.get(_SWITCH)
+    os.environ[_SWITCH] = "1"
+    try:
+        result = CliRunner().invoke(app, ["--show-completion", shell], prog_name=PROG)
+    finally:
+        if old is None:
+            os.environ.pop(_SWITCH, None)
+        else:
+            os.environ[_SWITCH] = old
+    if result.exit_code != 0 or not result.stdout.strip():
+        raise ValueError(f"cannot render the {shell} completion script: {result.output.strip()}")
+    return result.stdout.rstrip() + "\n"
 
 
 def write_all(folder: Path) -> list[Path]:
