@@ -387,7 +387,7 @@ class Trainer:
         return state
 
     def _save_adapter(self, unwrapped: Any, trainable: dict[str, Any], folder: Path) -> None:
-        unwrapped.save_pretrained(str(folder), state_dict=trainable, is_main_process=True)
+        unwrapped.save_pretrained(str(folder), state_dict=trainable, is_main_process=True, save_embedding_layers=False)
         readme = folder / "README.md"
         if readme.exists():
             readme.unlink()
