@@ -168,6 +168,8 @@ class Trainer:
         if self.rank != 0:
             self.reporter.enabled = False
         self.output_dir = Path(cfg.output_dir).expanduser()
+        # Behave as if Ctrl-C came during this step (tests and drills of the interruption path).
+        self.stop_after: int | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -544,7 +546,7 @@ class Trainer:
                     result.global_step = step
                     epoch = step / self.steps_per_epoch
 
-                    stop_now = stop.requested
+                    stop_now = stop.requested or (self.stop_after is not None and step >= self.stop_after)
                     if self.world > 1:
                         stop_now = bool(self._reduce([1.0 if stop.requested else 0.0])[0])
                     logged = step % cfg.logging_steps == 0 or step == self.total_steps or stop_now
