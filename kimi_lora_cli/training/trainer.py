@@ -559,7 +559,8 @@ class Trainer:
                         n = max(n, 1.0)
                         record = {"step": step, "epoch": round(epoch, 4), "loss": total / n, "text_loss": text / n,
                                   "audio_loss": audio / n, "learning_rate": lr, "tokens": tokens_total,
-                                  "tokens_per_second": toks / elapsed}
+                                  "tokens_per_second": toks / elapsed,
+                                  "elapsed_seconds": round(time.perf_counter() - run_start, 3)}
                         if grad_norm is not None:
                             record["grad_norm"] = float(grad_norm)
                         metrics.write(record)
