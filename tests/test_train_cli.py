@@ -159,3 +159,69 @@ def test_two_processes_give_the_same_adapter_as_one(tiny_dir, data, tmp_path):
     la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "logs" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, abs=1e-4) and len(la) == 2
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--use-dora"], "lora_magnitude_vector"),
+    (["--use-lora", "--train-embeddings", "--modules-to-save", "lm_head", "--lora-target", "mimo:0"],
+     "embed_tokens"),
+])
+def test_adapter_variants_load_with_plain_peft(cli, tiny_dir, data, tmp_path, extra, expect):
+    from peft import PeftModel
+
+    from kimi_lora_cli.loading import load_model
+
+    out = tmp_path / "v"
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                          "--max-steps", "1", "--device", "cpu", *extra)
+    assert code == 0, stderr
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert any(expect in k for k in saved)
+    base = load_model(tiny_dir, load_whisper=False, load_tokenizer_=False).model
+    loaded = PeftModel.from_pretrained(base, str(out))
+    state = loaded.state_dict()
+    assert any(expect in k for k in state)
+
+
+def test_full_fine_tuning_from_the_command_line(cli, tiny_dir, data, tmp_path):
+    out = tmp_path / "full"
+    code, stdout, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                               "--max-steps", "1", "--device", "cpu")
+    assert code == 0, stderr
+    assert "Full fine-tuning (Whisper frozen)" in stderr and "Saved the model to" in stdout
+    assert (out / "config.json").is_file() and (out / "whisper-large-v3" / "model.safetensors").is_file()
+    assert not (out / "adapter_config.json").exists()
+    code, stdout, _ = cli("list-modules", out)
+    assert code == 0
+
+
+def test_rich_progress_bar_on_a_terminal(tiny_dir, data, tmp_path):
+    import importlib.util
+    import io
+
+    from rich.console import Console
+
+    from kimi_lora_cli.training.config import TrainConfig
+    from kimi_lora_cli.training.reporting import Reporter
+    from kimi_lora_cli.training.trainer import train
+
+    buf = io.StringIO()
+    reporter = Reporter(console=Console(file=buf, force_terminal=True, width=160), rich_progress=True)
+    cfg = TrainConfig.build(flag_values=dict(data_path=str(data), model_name_or_path=str(tiny_dir), use_lora=True,
+                                             output_dir=str(tmp_path / "o"), max_steps=3, logging_steps=1,
+                                             device="cpu"))
+    result = train(cfg, reporter)
+    text = buf.getvalue()
+    assert "3/3" in text and "tok/s" in text and "loss" in text and "step 1/3" not in text
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    assert (result.plot == tmp_path / "o" / "loss_curve.png") if has_mpl else result.plot is None
+
+
+def test_loss_curve_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kimi_lora_cli.training.reporting import plot_losses
+
+    records = [{"step": i, "loss": 5 - i / 10, "text_loss": 3.0, "audio_loss": 2 - i / 10} for i in range(1, 11)]
+    records.append({"step": 10, "eval_loss": 4.2})
+    path = plot_losses(records, tmp_path / "curve.png")
+    assert path == tmp_path / "curve.png" and path.read_bytes()[:4] == b"\x89PNG"
