@@ -225,3 +225,16 @@ def test_loss_curve_png(tmp_path):
     records.append({"step": 10, "eval_loss": 4.2})
     path = plot_losses(records, tmp_path / "curve.png")
     assert path == tmp_path / "curve.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_path_for_weights_and_release_folder_for_the_rest(cli, tiny_dir, data, tmp_path):
+    from kimi_lora_cli.models.kimi_audio.tiny import build_tiny_checkpoint
+
+    weights = build_tiny_checkpoint(tmp_path / "finetuned", layout="finetune")  # no tokenizer, no whisper folder
+    code, _, stderr = cli("train", "--model-path", weights, "--data-path", data, "--output-dir", tmp_path / "a",
+                          "--use-lora", "--max-steps", "1", "--device", "cpu")
+    assert code == 1 and "tiktoken.model" in stderr and "--model-name-or-path" in stderr
+    code, _, stderr = cli("train", "--model_path", weights, "--model_name_or_path", tiny_dir, "--data_path", data,
+                          "--output_dir", tmp_path / "b", "--use_lora", "--max_steps", "1", "--device", "cpu")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(weights)

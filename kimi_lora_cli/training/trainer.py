@@ -217,7 +217,7 @@ class Trainer:
         if cfg.lora_enabled:
             from kimi_lora_cli.training.lora import wrap_lora
 
-            model, self.selection = wrap_lora(model, cfg, base_path=str(base or weights))
+            model, self.selection = wrap_lora(model, cfg, base_path=str(weights))
         else:
             model.requires_grad_(True)
         self.model = model
