@@ -213,3 +213,24 @@ def test_padded_batch_loss_equals_mean_of_samples_alone(tiny, synth):
     mask = one["text_loss_mask"][0]
     ce = torch.nn.functional.cross_entropy(out.text_logits[0][mask], one["text_labels"][0][mask], reduction="sum")
     assert alone[0].text.item() == pytest.approx((ce / (mask.sum() + 1e-4)).item(), rel=1e-5)
+
+
+def test_json_array_files_and_non_jsonl_files(tiny, synth, tmp_path):
+    path, rows = synth
+    fixed = json.loads(json.dumps(rows[:2]))
+    for r in fixed:
+        for m in r["conversation"]:
+            if m["message_type"] == "audio":
+                m["content"] = str(path.parent / m["content"])
+    as_array = tmp_path / "data.json"
+    as_array.write_text(json.dumps(fixed, indent=2))
+    data = load_samples(as_array, tiny.tokenizer, tiny.config)
+    assert [s.line for s in data.samples] == [1, 2]
+    fixed[1]["conversation"][0]["role"] = "narrator"
+    as_array.write_text(json.dumps(fixed, indent=2))
+    with pytest.raises(DataError, match=r"data\.json: entry 2: message 0: unknown role 'narrator'"):
+        load_samples(as_array, tiny.tokenizer, tiny.config)
+    toml = tmp_path / "x.toml"
+    toml.write_text("[project]\nname = 'x'\nversion = '1'\n[tool]\nx = 1\n[more]\n")
+    with pytest.raises(DataError, match="not a jsonl file"):
+        load_samples(toml, tiny.tokenizer, tiny.config)

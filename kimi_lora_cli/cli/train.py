@@ -236,9 +236,6 @@ def train(
     """
     flags = {k: v for k, v in locals().items() if k not in ("ctx", "config", "num_processes", "lazy_preprocess",
                                                               "save_strategy") and v is not None}
-    if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        _launch(ctx, num_processes)
-
     from kimi_lora_cli.cli._output import err, out
     from kimi_lora_cli.errors import ConfigError, KimiLoraError
     from kimi_lora_cli.training.config import LORA_KEYS, TrainConfig
@@ -251,6 +248,11 @@ def train(
         if not cfg.lora_enabled and given:
             raise ConfigError(f"--{given[0].replace('_', '-')} is a LoRA option but --use-lora is not set; add "
                               "--use-lora (or drop the LoRA options for full fine-tuning)")
+        if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
+            from kimi_lora_cli.training.trainer import preflight
+
+            preflight(cfg)  # bad data is reported here once, not by N processes
+            _launch(ctx, num_processes)
         from kimi_lora_cli.training.reporting import Reporter
         from kimi_lora_cli.training.trainer import train as run_training
 

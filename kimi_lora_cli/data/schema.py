@@ -36,6 +36,7 @@ from kimi_lora_cli.errors import DataError
 
 TOO_LONG_POLICIES = ("error", "skip", "truncate")
 MAX_LISTED_PROBLEMS = 50
+NOT_JSONL_AFTER = 5
 PREPARE_HINT = "regenerate them with `kimi-lora prepare` (or the official extract_semantic_codes.py)"
 
 
@@ -222,6 +223,31 @@ def has_loss(seq: TokenizedConversation) -> bool:
     return any(seq.text_loss[1:]) or any(seq.audio_loss[1:])
 
 
+def _records(path: Path):
+    """(line, location, object, error) per record: one JSON object per line, or (as some guides write
+    it) one JSON array of objects, whose entries are then located as `FILE: entry N`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e}); pass a UTF-8 jsonl file") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            items = None
+        if isinstance(items, list):
+            for i, obj in enumerate(items, 1):
+                yield i, f"{path}: entry {i}", obj, None
+            return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, f"{path}:{lineno}", json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield lineno, f"{path}:{lineno}", None, f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+
+
 def load_samples(
     path: str | Path,
     tokenizer: Any,
@@ -243,55 +269,48 @@ def load_samples(
     problems: list[str] = []
     samples: list[Sample] = []
     skipped = truncated = lines = 0
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    with handle:
-        for lineno, text in enumerate(handle, 1):
-            if not text.strip():
+    for lineno, where, obj, error in _records(path):
+        lines += 1
+        if error is not None:
+            problems.append(f"{where}: {error}")
+            if lines == NOT_JSONL_AFTER and len(problems) == lines and all("invalid JSON" in p for p in problems):
+                raise DataError(f"{path}: not a jsonl file (its first {lines} lines are not JSON objects); "
+                                "pass the jsonl with one conversation per line")
+            continue
+        line_problems, audio = _check_line(obj, jsonl_dir, config, audio_info, cwd)
+        if line_problems:
+            problems.extend(f"{where}: {p}" for p in line_problems)
+            continue
+        task = obj.get("task_type", "understanding")
+        output_type = output_type_for_task(task)
+        try:
+            seq = tokenize_conversation(obj["conversation"], tokenizer, config, output_type=output_type)
+        except ConversationError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if not has_loss(seq):
+            problems.append(f"{where}: nothing to learn (no assistant message); add the assistant's "
+                            "answer or drop the line")
+            continue
+        cut = False
+        if max_length is not None and len(seq) > max_length:
+            if too_long == "error":
+                problems.append(
+                    f"{where}: {len(seq)} tokens, longer than --model-max-length {max_length}; raise "
+                    "it, or pass --too-long skip (drop such lines) or --too-long truncate"
+                )
                 continue
-            lines += 1
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); each line must be "
-                                "one JSON object")
+            if too_long == "skip":
+                skipped += 1
                 continue
-            line_problems, audio = _check_line(obj, jsonl_dir, config, audio_info, cwd)
-            if line_problems:
-                problems.extend(f"{path}:{lineno}: {p}" for p in line_problems)
-                continue
-            task = obj.get("task_type", "understanding")
-            output_type = output_type_for_task(task)
-            try:
-                seq = tokenize_conversation(obj["conversation"], tokenizer, config, output_type=output_type)
-            except ConversationError as e:
-                problems.append(f"{path}:{lineno}: {e}")
-                continue
+            seq = truncate(seq, max_length)
             if not has_loss(seq):
-                problems.append(f"{path}:{lineno}: nothing to learn (no assistant message); add the assistant's "
-                                "answer or drop the line")
+                skipped += 1
                 continue
-            cut = False
-            if max_length is not None and len(seq) > max_length:
-                if too_long == "error":
-                    problems.append(
-                        f"{path}:{lineno}: {len(seq)} tokens, longer than --model-max-length {max_length}; raise "
-                        "it, or pass --too-long skip (drop such lines) or --too-long truncate"
-                    )
-                    continue
-                if too_long == "skip":
-                    skipped += 1
-                    continue
-                seq = truncate(seq, max_length)
-                if not has_loss(seq):
-                    skipped += 1
-                    continue
-                truncated += 1
-                cut = True
-            samples.append(Sample(line=lineno, source=path, task_type=task, output_type=output_type, seq=seq,
-                                  audio=audio[: len(seq.media)], truncated=cut))
+            truncated += 1
+            cut = True
+        samples.append(Sample(line=lineno, source=path, task_type=task, output_type=output_type, seq=seq,
+                              audio=audio[: len(seq.media)], truncated=cut))
     if problems:
         shown = problems[:MAX_LISTED_PROBLEMS]
         more = len(problems) - len(shown)

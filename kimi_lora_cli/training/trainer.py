@@ -603,6 +603,21 @@ class Trainer:
         return result
 
 
+def preflight(cfg: TrainConfig) -> Any:
+    """Check the data against the model's tokenizer and config without loading weights (what a
+    launcher runs once before starting N processes, so errors are reported once and cleanly)."""
+    from kimi_lora_cli.data.schema import load_samples
+    from kimi_lora_cli.loading import load_model
+
+    weights, base = model_locations(cfg)
+    loaded = load_model(weights, weights=False, load_whisper=False, base_path=base)
+    if not loaded.info.is_kimi:
+        raise ConfigError(f"{weights}: not a Kimi-Audio model ({loaded.info.kind}); `kimi-lora train` trains "
+                          "Kimi-Audio release folders")
+    max_len = cfg.model_max_length or loaded.config.max_position_embeddings
+    return load_samples(cfg.data_path, loaded.tokenizer, loaded.config, max_length=max_len, too_long=cfg.too_long)
+
+
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """Run one training job (in this process; call it in every process of a distributed launch)."""
     trainer = Trainer(cfg, reporter)
