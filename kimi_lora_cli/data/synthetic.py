@@ -59,7 +59,9 @@ def synthetic_clip(index: int, seed: int = 0, min_seconds: float = 0.5, max_seco
     env[:fade] = np.linspace(0.0, 1.0, fade)
     env[n - fade :] = np.linspace(1.0, 0.0, fade)
     wave = 0.5 * wave * env + 0.01 * rng.standard_normal(n)
-    return wave.astype(np.float32)
+    # 16-bit values, so the file written holds exactly this waveform (and the same bytes every time:
+    # float WAV files carry a time-stamped PEAK chunk).
+    return (np.round(wave * 32767.0) / 32767.0).astype(np.float32)
 
 
 def codes_for_wave(wave: np.ndarray, config: Any) -> list[int]:
@@ -88,8 +90,15 @@ def _write_wav(path: Path, wave: np.ndarray) -> None:
     import soundfile as sf
 
     tmp = path.with_name(path.name + ".tmp")
-    sf.write(str(tmp), wave, SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    sf.write(str(tmp), wave, SAMPLE_RATE, format="WAV", subtype="PCM_16")
     os.replace(tmp, path)
+
+
+def _read_back(path: Path) -> np.ndarray:
+    """The clip as a reader decodes it (codes follow the file, not the float waveform before writing)."""
+    from kimi_lora_cli.data.audio import load_audio
+
+    return load_audio(path)
 
 
 def synthetic_sample(
@@ -101,7 +110,8 @@ def synthetic_sample(
     wave = synthetic_clip(index, seed)
     rel = f"{audio_dir}/clip_{index:04d}.wav"
     _write_wav(folder / rel, wave)
-    user_audio = {"role": "user", "message_type": "audio", "content": rel, "audio_tokens": codes_for_wave(wave, config)}
+    user_audio = {"role": "user", "message_type": "audio", "content": rel,
+                  "audio_tokens": codes_for_wave(_read_back(folder / rel), config)}
     if task == "understanding":
         return {
             "task_type": "understanding",
@@ -121,7 +131,7 @@ def synthetic_sample(
             user_audio,
             {"role": "assistant", "message_type": "text", "content": _words(rng, 1, 3)},
             {"role": "assistant", "message_type": "audio", "content": rel_answer,
-             "audio_tokens": codes_for_wave(answer, config)},
+             "audio_tokens": codes_for_wave(_read_back(folder / rel_answer), config)},
         ],
     }
 
