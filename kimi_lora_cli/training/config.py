@@ -138,7 +138,9 @@ class TrainConfig:
     def build(cls, file_values: dict[str, Any] | None = None, flag_values: dict[str, Any] | None = None,
               source: str = "config") -> TrainConfig:
         """Defaults, then the file, then flags; types coerced and every value checked."""
-        merged = {**(file_values or {}), **{k: v for k, v in (flag_values or {}).items() if v is not None}}
+        file_values = cls.from_mapping(file_values or {}, source)
+        flag_values = cls.from_mapping({k: v for k, v in (flag_values or {}).items() if v is not None}, "flags")
+        merged = {**file_values, **flag_values}
         typed = {}
         for f in fields(cls):
             if f.name in merged:
