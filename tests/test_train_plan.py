@@ -67,3 +67,24 @@ def test_config_values_are_checked_and_coerced():
         TrainConfig.build({}, {"model_path": "m"})
     with pytest.raises(ConfigError, match="--lr-scheduler-type must be one of"):
         TrainConfig.build({"lr_scheduler_type": "exp"}, {"data_path": "d", "model_path": "m"})
+
+
+def test_deepspeed_config_autos_are_filled_from_the_flags(tmp_path):
+    import json
+
+    from kimi_lora_cli.training.distributed import deepspeed_config
+
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                              "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+                              "zero_optimization": {"stage": 3, "overlap_comm": True, "reduce_bucket_size": "auto"}}))
+    cfg = TrainConfig.build({}, {"data_path": "d", "model_path": "m", "deepspeed": str(ds), "bf16": True,
+                                 "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4})
+    out = deepspeed_config(cfg, world=8)
+    assert out["train_micro_batch_size_per_gpu"] == 2 and out["gradient_accumulation_steps"] == 4
+    assert out["train_batch_size"] == 64 and out["gradient_clipping"] == 1.0 and out["bf16"]["enabled"] is True
+    assert out["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "reduce_bucket_size" not in out["zero_optimization"]
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ConfigError, match='remove the "optimizer" section'):
+        deepspeed_config(cfg, world=1)
