@@ -34,6 +34,9 @@ class SpeechTokenizerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpeechTokenizerConfig:
+        if not isinstance(data, dict) or "quantize_vocab_size" not in data:
+            raise ValueError("no quantize_vocab_size: this is a plain Whisper config, not the "
+                             "glm-4-voice-tokenizer (Whisper-VQ) config")
         known = {f.name for f in fields(cls)} - {"raw"}
         cfg = cls(**{k: v for k, v in data.items() if k in known}, raw=dict(data))
         cfg.validate()
