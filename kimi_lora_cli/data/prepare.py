@@ -227,8 +227,8 @@ def check_line(text: str, line: int, data_dir: Path, offset: int, vocab_size: in
         chk.audios.append(ref)
         ref.path, ref.via_data_dir = resolve_audio(audio, data_dir)
         if ref.path is None:
-            chk.problems.append(f"{where}: audio file {audio!r} not found (relative paths are read from {data_dir} "
-                                "then the working directory); fix the path")
+            chk.problems.append(f"{where}: audio file {audio!r} not found (relative paths are read from "
+                                f"{data_dir.resolve()} then the working directory); fix the path")
         else:
             ref.samples, problem = probe_audio(ref.path)
             if problem:
@@ -460,6 +460,8 @@ class _Runner:
             res.resumed_at_line = state["next_line"]
         if self.tick.files_total:
             self.load_models()
+        if self.progress_cb:
+            self.progress_cb(self.tick)  # starts the clock for the rates
         out = open(paths.partial, "r+b" if state else "wb")  # noqa: SIM115 - closed in finally
         rej = open(paths.rejects_partial, "r+b" if state and paths.rejects_partial.is_file() else "wb")  # noqa: SIM115
         try:
@@ -575,9 +577,10 @@ class _Runner:
             for _, ref in jobs:
                 digest = file_sha256(ref.path)
                 meta = read_metadata(cache_file(spec.cache_features, digest))
-                if meta is not None and meta.get("whisper_fingerprint") == self.fingerprint:
+                fresh = meta is not None and meta.get("whisper_fingerprint") == self.fingerprint
+                if fresh or digest in todo:  # cached, or the same content earlier in this batch
                     res.features_reused += 1
-                elif digest not in todo:
+                else:
                     todo[digest] = ref.path
             if todo:
                 rows = self.encoder.encode_batch([waves[p] for p in todo.values()], max_pieces=spec.batch_size)
