@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,12 +215,31 @@ def resolve_dtype(dtype: str | torch.dtype | None, info: ModelInfo) -> torch.dty
     return value
 
 
+@contextmanager
+def skip_weight_init():
+    """Build modules without running their random initialisers (weights are loaded or meta anyway).
+
+    On the meta device the initialisers cost more than the build itself (they pull in torch's
+    reference-op machinery, about a second), and on a real device they would be overwritten."""
+    from torch import nn
+
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    saved = [c.reset_parameters for c in classes]
+    try:
+        for c in classes:
+            c.reset_parameters = lambda self: None
+        yield
+    finally:
+        for c, fn in zip(classes, saved):
+            c.reset_parameters = fn
+
+
 def build_kimi_model(config: KimiAudioConfig, device: str | torch.device = "meta"):
     import torch
 
     from kimi_lora_cli.models.kimi_audio.modeling import KimiAudioForCausalLM
 
-    with torch.device(device):
+    with torch.device(device), skip_weight_init():
         return KimiAudioForCausalLM(config)
 
 

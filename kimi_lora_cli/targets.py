@@ -192,9 +192,9 @@ def _split_terms(spec: str) -> list[str]:
 
 def _match_term(term: str, entries: list[ModuleEntry]) -> list[ModuleEntry]:
     layers = None
-    m = re.fullmatch(r"(.+?):([\d,\-]+)", term)
-    if m and not term.startswith("re:"):
-        term, layers = m.group(1), _range_set(m.group(2))
+    if ":" in term and not term.startswith("re:"):
+        term, _, ranges = term.rpartition(":")
+        layers = _range_set(ranges)
     key = COMPONENT_ALIASES.get(term, term)
     if key == "all":
         hits = [e for e in entries if e.component not in EXCLUDED_FROM_ALL]
