@@ -92,6 +92,24 @@ def test_prepare_adds_tokens_that_train_can_use(corpus, tiny_dir, tiny, st_dir, 
     assert not list(out.parent.glob("*.partial*"))
 
 
+def test_audio_text_history_gets_tokens(corpus, tiny_dir, tiny, st_dir, st, offset, tmp_path):
+    from kimi_lora_cli.data.conversation import tokenize_conversation
+
+    line = json.dumps({"task_type": "speech_conversation", "conversation": [
+        {"role": "user", "message_type": "audio", "content": "audio/a.wav"},
+        {"role": "assistant", "message_type": "audio-text", "content": ["audio/c.wav", "hello there"]},
+    ]})
+    data = write_jsonl(corpus / "at.jsonl", [line])
+    out = tmp_path / "at.out.jsonl"
+    assert prepare(PrepareSpec(model=tiny_dir, data=data, output=out, speech_tokenizer=st_dir)).audio_tokenized == 2
+    conv = read_jsonl(out)[0]["conversation"]
+    assert conv[1]["audio_tokens"] == expected_tokens(st, corpus / "audio" / "c.wav", offset)
+    assert (out.parent / conv[1]["content"][0]).resolve() == (corpus / "audio" / "c.wav").resolve()
+    assert conv[1]["content"][1] == "hello there"
+    seq = tokenize_conversation(conv, tiny.tokenizer, tiny.config, "both")
+    assert sum(seq.audio_ids[i] >= offset for i in range(len(seq))) == sum(len(m["audio_tokens"]) for m in conv)
+
+
 def test_existing_tokens_kept_unless_recompute(corpus, tiny_dir, st_dir, st, offset, tmp_path):
     path = corpus / "audio" / "a.wav"
     n = codes_for_samples(len(load_audio(path)))

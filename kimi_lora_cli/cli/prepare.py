@@ -120,7 +120,8 @@ class _Progress:
             rate = f"{p.lines_done / elapsed:.0f} lines/s"
             desc, done, total = f"checking line {p.lines_done}", p.lines_done, None
         else:
-            rate = f"{p.files_done / elapsed:.2f} files/s, {p.seconds_done / 3600 / elapsed:.4f} audio h/s"
+            rate = (f"{p.files_done / elapsed:.2f} files/s, {p.seconds_done / 3600 / elapsed:.4f} audio h/s "
+                    f"({p.seconds_done / elapsed:.0f}x real time)")
             desc, done, total = "preparing", p.files_done, max(p.files_total, 1)
             if not p.files_total:
                 done, total = p.lines_done, max(p.lines_total, 1)
