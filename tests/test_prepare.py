@@ -303,3 +303,18 @@ def test_refusals(corpus, tiny_dir, tmp_path):
     (tmp_path / "done.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="already exists .* pass --overwrite"):
         prepare(PrepareSpec(model=tiny_dir, data=data, output=tmp_path / "done.jsonl", speech_tokenizer=big))
+
+
+@pytest.mark.parametrize("layout", ["release", "finetune"])
+def test_feature_encoder_alone_matches_load_model(tmp_path, layout, corpus):
+    """prepare reads only the Whisper encoder (no LM); it must be the encoder load_model gives."""
+    import torch
+
+    from kimi_lora_cli.loading import load_feature_encoder, load_model
+    from kimi_lora_cli.models.kimi_audio.tiny import build_tiny_checkpoint
+
+    folder = build_tiny_checkpoint(tmp_path / layout, layout=layout)
+    enc = load_feature_encoder(folder, dtype="float32")
+    wave = load_audio(corpus / "audio" / "a.wav")
+    full = load_model(folder, dtype="float32", load_tokenizer_=False).feature_encoder
+    torch.testing.assert_close(enc.encode(wave), full.encode(wave), rtol=0, atol=0)
