@@ -6,6 +6,7 @@ import typer
 
 from kimi_lora_cli import __version__
 from kimi_lora_cli.cli._output import guarded
+from kimi_lora_cli.cli.infer import infer
 from kimi_lora_cli.cli.list_modules import list_modules
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ def _root(
 
 
 app.command("list-modules", rich_help_panel="Inspect")(guarded(list_modules))
+app.command("infer", rich_help_panel="Run")(guarded(infer))
 
 
 def main() -> None:
