@@ -201,3 +201,14 @@ def test_official_step_budget():
         GenerationConfig("speech")
 
 
+
+
+@pytest.mark.parametrize("length", [1, 1279, 40961, 479999])
+def test_short_clip_log_mel_is_bit_exact(length):
+    """Prefill features: skipping the STFT of all-zero padding frames changes no bit."""
+    from kimi_lora_cli.models.kimi_audio.whisper import CHUNK_SAMPLES, SAMPLES_PER_ROW, log_mel
+
+    wave = torch.randn(3, length, generator=torch.Generator().manual_seed(length)) * 0.1
+    pieces = torch.nn.functional.pad(wave, (0, CHUNK_SAMPLES - length))
+    bound = ((length - 1) // SAMPLES_PER_ROW + 1) * SAMPLES_PER_ROW
+    assert torch.equal(log_mel(pieces), log_mel(pieces, signal_samples=bound))
