@@ -84,7 +84,8 @@ def infer(
         "--audio-tokens", help="With --audio: its semantic codes (ints separated by spaces/commas, or a "
         "JSON list; raw codes or codes + kimia_token_offset).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Predictions jsonl, one line per "
-                                                "sample and adapter, written as they come.",
+                                                "sample and adapter, written as they come (replaced "
+                                                "unless --resume).",
                                                 show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the lines already in --output and skip "
                                          "those (sample, adapter) pairs.")] = False,
@@ -180,6 +181,7 @@ def _json_payload(report: Any, rates: dict[str, float]) -> dict[str, Any]:
                 "word_errors": s.counts.word_errors, "ref_words": s.counts.ref_words,
                 "char_errors": s.counts.char_errors, "ref_chars": s.counts.ref_chars,
                 "new_predictions": s.new_samples, "new_tokens": s.new_tokens,
+                "tokens_per_s": round(s.tokens_per_s, 2),
             }
             for name, s in report.summaries.items()
         },

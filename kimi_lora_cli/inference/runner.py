@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
-from kimi_lora_cli.inference.generation import GenerationConfig, StreamTokens, generate
+from kimi_lora_cli.inference.generation import GenerationConfig, StreamTokens, generate, unwrap_model
 from kimi_lora_cli.inference.metrics import ErrorCounts, score
 from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
 from kimi_lora_cli.inference.samples import InferSample, prompt_sample, read_audio_tokens_file, read_samples
@@ -75,6 +75,10 @@ class VariantSummary:
     new_samples: int = 0  # generated in this run
     new_tokens: int = 0
     seconds: float = 0.0  # generation wall time in this run
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -260,6 +264,8 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
     output = Path(spec.output).expanduser() if spec.output is not None else None
     if output is not None and output.is_dir():
         raise ConfigError(f"--output {output}: is a folder; pass a file name such as preds.jsonl")
+    if output is not None and spec.data is not None and output.resolve() == Path(spec.data).expanduser().resolve():
+        raise ConfigError(f"--output {output}: is the --data file; write predictions to another file")
     samples = read_samples(spec.data) if spec.data is not None else None
     if loaded is None:
         from kimi_lora_cli.loading import load_model
@@ -289,7 +295,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
 
     model = loaded.model.eval()
     tokens = StreamTokens.from_model(tokenizer, config)
-    device = loaded.model.device if hasattr(loaded.model, "device") else "cpu"
+    device = unwrap_model(loaded.model).device
     stochastic = not (spec.text_sampling.greedy and spec.audio_sampling.greedy)
     summaries = {v: VariantSummary(v) for v in variants}
     new_records: list[dict[str, Any]] = []
@@ -331,7 +337,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
                     progress.update(samples=len(subset))
     finally:
         writer.close()
-        if isinstance(device, torch.device) and device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.empty_cache()
 
     by_key = {(r["id"], r["adapter"]): r for r in previous if r["id"] in ids}

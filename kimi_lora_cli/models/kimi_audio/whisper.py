@@ -173,7 +173,8 @@ class WhisperFeatureEncoder:
         for start in range(0, len(pieces), max_pieces):
             group = pieces[start : start + max_pieces]
             batch = torch.stack([p for p, _ in group]).to(self.device)
-            mel = log_mel(batch, self.n_mels, signal_samples=max(r for _, r in group) * SAMPLES_PER_ROW).to(self.dtype)
+            signal = max(r for _, r in group) * SAMPLES_PER_ROW  # no piece has audio past this sample
+            mel = log_mel(batch, self.n_mels, signal_samples=signal).to(self.dtype)
             hidden = self.encoder(mel).last_hidden_state
             frames.extend(hidden[k, : rows * FRAMES_PER_ROW] for k, (_, rows) in enumerate(group))
         out: list[list[torch.Tensor]] = [[] for _ in waveforms]
