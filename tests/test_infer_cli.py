@@ -112,6 +112,18 @@ def test_audio_without_audio_tokens_is_a_clear_error(cli, tiny, tiny_dir, tmp_pa
     assert code == 1 and "--audio-tokens" in err and "kimi-lora prepare" in err
 
 
+def test_audio_tokens_longer_than_the_clip_fail_before_anything_is_written(cli, tiny, tiny_dir, tmp_path):
+    data = write_asr_data(tmp_path, tiny.config, n=3)
+    lines = data.read_text().splitlines()
+    third = json.loads(lines[2])
+    third["conversation"][1]["audio_tokens"] *= 10
+    data.write_text("\n".join(lines[:2] + [json.dumps(third)]) + "\n")
+    preds = tmp_path / "preds.jsonl"
+    code, _, err = cli("infer", "-m", tiny_dir, "-d", data, "-o", preds)
+    assert code == 1 and f"{data}:3" in err and "feature rows" in err
+    assert not preds.exists()
+
+
 def test_prompt_with_audio_tokens_file_matches_the_jsonl_run(cli, tiny, tiny_dir, asr_data, tmp_path):
     preds = tmp_path / "preds.jsonl"
     code, _, err = cli("infer", "-m", tiny_dir, "-d", asr_data, "-o", preds, "--max-new-tokens", STEPS)

@@ -76,6 +76,25 @@ def _resolve_audio(content: Any, base: Path, where: str) -> str:
     return str(path.resolve())
 
 
+def _check_rows(path: str, codes: Any, where: str) -> None:
+    """Fail early when a clip is undecodable or has fewer feature rows than audio tokens."""
+    import math
+
+    import soundfile as sf
+
+    from kimi_lora_cli.models.kimi_audio.whisper import SAMPLE_RATE, rows_for_samples
+
+    try:
+        info = sf.info(path)
+    except Exception as e:  # soundfile raises its own error types
+        raise DataError(f"{where}: cannot decode {path} ({str(e).splitlines()[0]}); use wav, flac or ogg") from None
+    rows = rows_for_samples(math.ceil(info.frames * SAMPLE_RATE / info.samplerate))
+    if isinstance(codes, list) and len(codes) > rows:
+        raise DataError(f"{where}: {len(codes)} audio_tokens but {Path(path).name} yields only {rows} feature "
+                        "rows (1 per 80 ms); the tokens belong to another file - regenerate them with "
+                        "`kimi-lora prepare`")
+
+
 def _check_messages(messages: Any, where: str, base: Path) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'conversation' must be a non-empty list of messages")
@@ -97,6 +116,7 @@ def _check_messages(messages: Any, where: str, base: Path) -> list[dict[str, Any
                 )
             if mtype == "audio":
                 m["content"] = _resolve_audio(m.get("content"), base, f"{where}: message {k}")
+                _check_rows(m["content"], m["audio_tokens"], f"{where}: message {k}")
         elif not isinstance(m.get("content"), str):
             raise DataError(f"{where}: message {k} text content must be a string")
         out.append(m)
