@@ -6,7 +6,9 @@ import typer
 
 from kimi_lora_cli import __version__
 from kimi_lora_cli.cli._output import guarded
+from kimi_lora_cli.cli.inspect_adapter import inspect_adapter
 from kimi_lora_cli.cli.list_modules import list_modules
+from kimi_lora_cli.cli.merge import merge
 
 app = typer.Typer(
     name="kimi-lora",
@@ -33,6 +35,8 @@ def _root(
 
 
 app.command("list-modules", rich_help_panel="Inspect")(guarded(list_modules))
+app.command("inspect-adapter", rich_help_panel="Inspect")(guarded(inspect_adapter))
+app.command("merge", rich_help_panel="Adapters")(guarded(merge))
 
 
 def main() -> None:
