@@ -170,14 +170,30 @@ def _check_finite(adapters: list[Adapter]) -> None:
 
 
 def apply_ops(name: str, base: torch.Tensor, ops: _Ops) -> torch.Tensor:
-    """The merged float32 value of one base tensor."""
+    """The merged float32 value of one base tensor.
+
+    Saved whole tensors and token rows first (they are the trained base values), then LoRA deltas
+    and LoRA biases on top, in the order peft's merge_and_unload applies them."""
     import torch
 
-    if len(ops.replace) == 1 and ops.replace[0][0] == 1.0 and not (ops.lora or ops.bias or ops.tokens):
-        _, key, a = ops.replace[0]
-        return a.load()[key].to(torch.float32)
     w32 = base.to(torch.float32)
-    orig = w32.clone() if ops.replace or (ops.tokens and len(ops.lora) + len(ops.tokens) > 1) else w32
+    if ops.replace or ops.tokens:
+        orig = w32.clone()
+        exact = len(ops.replace) + len(ops.tokens) == 1
+        for w, key, a in ops.replace:
+            saved = a.load()[key].to(torch.float32)
+            if exact and w == 1.0:
+                w32 = saved.clone()
+            else:
+                w32 += (saved - orig) * w
+        for w, indices, key, a in ops.tokens:
+            idx = torch.tensor(indices, dtype=torch.long)
+            rows = a.load()[key].to(torch.float32)
+            if exact and w == 1.0:
+                w32.index_copy_(0, idx, rows)
+            else:
+                w32.index_add_(0, idx, (rows - orig.index_select(0, idx)) * w)
+        del orig
     for w, m, a in ops.lora:
         tensors = a.load()
         lora_a = tensors[m.a_key].to(torch.float32)
@@ -196,15 +212,6 @@ def apply_ops(name: str, base: torch.Tensor, ops: _Ops) -> torch.Tensor:
             view[r0:r0 + rows] += (lora_b[r0:r0 + rows] @ lora_a) * coef
     for w, m, a in ops.bias:
         w32 += a.load()[m.bias_key].to(torch.float32) * (m.scaling * w)
-    for w, indices, key, a in ops.tokens:
-        idx = torch.tensor(indices, dtype=torch.long)
-        rows = a.load()[key].to(torch.float32)
-        if w == 1.0 and len(ops.tokens) == 1 and not ops.lora:
-            w32.index_copy_(0, idx, rows)
-        else:
-            w32.index_add_(0, idx, (rows - orig.index_select(0, idx)) * w)
-    for w, key, a in ops.replace:
-        w32 += (a.load()[key].to(torch.float32) - orig) * w
     return w32
 
 
