@@ -268,6 +268,13 @@ _TOKENS_KEY = re.compile(r"^(?P<mod>.+)\.token_adapter\.trainable_tokens_delta$"
 
 
 def _classify(adapter: Adapter) -> None:
+    empty = [k for k, t in adapter.tensors.items() if numel(t.shape) == 0]
+    if empty:
+        adapter.problems.append(
+            f"{len(empty)} of {len(adapter.tensors)} tensors are empty (e.g. {empty[0]} "
+            f"{list(adapter.tensors[empty[0]].shape)}): saved from ZeRO-3 shards without gathering them; "
+            "re-save with the full state dict (stage3_gather_16bit_weights_on_model_save)"
+        )
     parts: dict[str, dict[str, str]] = {}
     for key in adapter.tensors:
         m = _LORA_KEY.match(key)
@@ -292,6 +299,8 @@ def _classify(adapter: Adapter) -> None:
                                     "the adapter file is incomplete")
             continue
         a, b = adapter.tensors[a_key], adapter.tensors[b_key]
+        if a_key in empty or b_key in empty:
+            continue  # reported above
         if len(a.shape) != 2 or len(b.shape) != 2:
             adapter.problems.append(f"{mod}: lora_A {list(a.shape)} / lora_B {list(b.shape)} are not matrices "
                                     "(convolution LoRA is not supported)")
@@ -314,14 +323,7 @@ def _classify(adapter: Adapter) -> None:
             adapter.problems.append(f"{mod}: DoRA magnitude has shape "
                                     f"{list(adapter.tensors[module.magnitude_key].shape)}, expected "
                                     f"[{module.out_features}]")
-    empty = [k for k, t in adapter.tensors.items() if numel(t.shape) == 0]
-    if empty:
-        adapter.problems.append(
-            f"{len(empty)} of {len(adapter.tensors)} tensors are empty (e.g. {empty[0]} {list(adapter.tensors[empty[0]].shape)}): "
-            "saved from ZeRO-3 shards without gathering them; re-save with the full state dict "
-            "(stage3_gather_16bit_weights_on_model_save)"
-        )
-    if not adapter.modules and not adapter.replacements and not adapter.token_adapters:
+    if not empty and not adapter.modules and not adapter.replacements and not adapter.token_adapters:
         adapter.problems.append(f"{adapter.weights_file.name} holds no LoRA tensors")
 
 
