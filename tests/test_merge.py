@@ -237,3 +237,64 @@ def test_pickle_adapter_needs_allow_pickle(tiny_dir, tmp_path):
         merge_adapters(MergeSpec(model=tiny_dir, adapters=(adapter,), output=tmp_path / "o"))
     merge_adapters(MergeSpec(model=tiny_dir, adapters=(adapter,), output=tmp_path / "o", allow_pickle=True))
     _assert_same(peft_merged(tiny_dir, [adapter]), _merged_state(tmp_path / "o"))
+
+
+def _tiny_gpt2(folder: Path) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).save_pretrained(
+        str(folder))
+    return folder
+
+
+def test_row_blocks_and_transposed_weights_stay_exact(tiny_dir, tmp_path, monkeypatch):
+    """float32 stays bit-exact with tiny blocks configured (they apply to 16-bit bases only), for
+    [out, in] weights, embeddings and GPT-2 Conv1D weights stored [in, out] (fan_in_fan_out)."""
+    import kimi_lora_cli.adapters.merge as merge_mod
+
+    monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 100)
+    kimi = make_adapter(tiny_dir, tmp_path / "kimi", ["model.embed_tokens", "model.layers.0.self_attn.q_proj",
+                                                       "model.layers.1.mlp.down_proj"], use_rslora=True)
+    merge_adapters(MergeSpec(model=tiny_dir, adapters=(kimi,), output=tmp_path / "m1"))
+    _assert_same(peft_merged(tiny_dir, [kimi]), _merged_state(tmp_path / "m1"))
+
+    gpt2 = _tiny_gpt2(tmp_path / "gpt2")
+    names = [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")]
+    adapter = make_adapter(gpt2, tmp_path / "gpt2_adapter", names, fan_in_fan_out=True, task_type="CAUSAL_LM")
+    merge_adapters(MergeSpec(model=gpt2, adapters=(adapter,), output=tmp_path / "m2"))
+    from kimi_lora_cli.loading import load_model
+
+    _assert_same(peft_merged(gpt2, [adapter]), load_model(tmp_path / "m2", dtype="float32").model.state_dict())
+
+
+def test_bfloat16_base_single_rounding(tmp_path, monkeypatch):
+    """16-bit bases: W + scaling * B @ A in float32 row blocks, rounded once (within one bf16 step
+    of the float64 result)."""
+    import torch
+
+    import kimi_lora_cli.adapters.merge as merge_mod
+
+    monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 100)  # many blocks per tensor
+    from safetensors.torch import load_file
+
+    from kimi_lora_cli.models.kimi_audio.tiny import TinySpec, build_tiny_checkpoint
+
+    base = build_tiny_checkpoint(tmp_path / "bf16", TinySpec(dtype="bfloat16"))
+    adapter = make_adapter(base, tmp_path / "adapter", "q_proj,mimo")
+    merge_adapters(MergeSpec(model=base, adapters=(adapter,), output=tmp_path / "m"))
+    got = _merged_state(tmp_path / "m")
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    base_state = _merged_state(base)
+    changed = 0
+    for key, w in base_state.items():
+        prefix = "base_model.model." + key.removesuffix(".weight")
+        if prefix + ".lora_A.weight" not in lora:
+            assert torch.equal(got[key], w)
+            continue
+        exact = w.double() + 2.0 * lora[prefix + ".lora_B.weight"].double() @ lora[prefix + ".lora_A.weight"].double()
+        assert got[key].dtype == torch.bfloat16
+        assert ((got[key].double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all(), key
+        changed += 1
+    assert changed == 18

@@ -27,6 +27,7 @@ from kimi_lora_cli.adapters.safetensors_io import (
     FLOAT_DTYPES,
     ShardWriter,
     TensorLoc,
+    all_finite,
     numel,
     read_tensor,
     torch_dtype,
@@ -164,7 +165,7 @@ def _check_finite(adapters: list[Adapter]) -> None:
 
     for a in adapters:
         for key, t in a.load().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise AdapterError(f"{a.weights_file}: tensor {key} holds NaN/Inf; the training diverged - "
                                    "use an earlier checkpoint")
 
@@ -207,12 +208,58 @@ def apply_ops(name: str, base: torch.Tensor, ops: _Ops) -> torch.Tensor:
             factor = tensors[m.magnitude_key].to(torch.float32) / norm
             view.copy_(factor.view(-1, 1) * combined)
             continue
-        rows = max(1, BLOCK_ELEMENTS // max(1, m.in_features))
-        for r0 in range(0, m.out_features, rows):
-            view[r0:r0 + rows] += (lora_b[r0:r0 + rows] @ lora_a) * coef
+        view += (lora_b @ lora_a) * coef
     for w, m, a in ops.bias:
         w32 += a.load()[m.bias_key].to(torch.float32) * (m.scaling * w)
     return w32
+
+
+def _lora_only(ops: _Ops) -> bool:
+    return not (ops.replace or ops.tokens or ops.bias) and not any(m.magnitude_key for _, m, _ in ops.lora)
+
+
+def merge_tensor(name: str, base: torch.Tensor, ops: _Ops, out_dtype: torch.dtype) -> torch.Tensor:
+    """The merged tensor in `out_dtype`; raises AdapterError on a non-finite result.
+
+    Float32 bases use peft's arithmetic, W + (B @ A) * scaling, bit-identical to merge_and_unload.
+    16-bit bases go block by block (a few rows in float32 at a time, so even a merged embedding or
+    head costs little more than its own bytes) with one fused W + scaling * B @ A and a single
+    rounding, at least as accurate as peft (which rounds the delta to 16 bits before adding)."""
+    import torch
+
+    if not _lora_only(ops):
+        value = apply_ops(name, base, ops)
+        _require_finite(name, value)
+        return value.to(out_dtype)
+    exact = base.dtype in (torch.float32, torch.float64)
+    out = base if base.dtype == out_dtype else torch.empty(base.shape, dtype=out_dtype)
+    prepared = []
+    for w, m, a in ops.lora:
+        tensors = a.load()
+        prepared.append((m.transposed, tensors[m.a_key].to(torch.float32), tensors[m.b_key].to(torch.float32),
+                         m.scaling * w))
+    # BLAS sums a small block differently from the whole product, so the bit-exact float32 path
+    # multiplies whole matrices (the base is float32 already, so this at most doubles it).
+    rows = base.shape[0] if exact else max(1, BLOCK_ELEMENTS // max(1, base.shape[1]))
+    for r0 in range(0, base.shape[0], rows):
+        r1 = min(r0 + rows, base.shape[0])
+        block = base[r0:r1].to(torch.float32, copy=True)
+        for transposed, lora_a, lora_b, coef in prepared:
+            # Stored rows are output features, or input features when the weight is stored [in, out].
+            left, right = (lora_a[:, r0:r1].T, lora_b.T) if transposed else (lora_b[r0:r1], lora_a)
+            if exact:
+                block += (left @ right) * coef
+            else:
+                block.addmm_(left, right, alpha=coef)
+        _require_finite(name, block)
+        out[r0:r1] = block
+    return out
+
+
+def _require_finite(name: str, value: torch.Tensor) -> None:
+    if not all_finite(value):
+        raise AdapterError(f"merging into {name} gives NaN/Inf (the base tensor or the adapter overflows); "
+                           "check both with `kimi-lora inspect-adapter --stats`")
 
 
 def _shard_plan(base: BaseCheckpoint, out_dtype: str | None, max_bytes: int) -> list[list[tuple[TensorLoc, str]]]:
@@ -301,10 +348,7 @@ def merge_adapters(spec: MergeSpec, progress: Callable[[str], None] | None = Non
                 else:
                     value = read_tensor(loc)
                     if op is not None:
-                        value = apply_ops(loc.name, value, op)
-                        if not bool(torch.isfinite(value).all()):
-                            raise AdapterError(f"merging into {loc.name} gives NaN/Inf (base {loc.file.name} "
-                                               "or adapter values overflow); check both with inspect-adapter --stats")
+                        value = merge_tensor(loc.name, value, op, torch_dtype(dt))
                         changed.append(loc.name)
                     writer.write_tensor(loc.name, value.to(torch_dtype(dt)))
                     del value

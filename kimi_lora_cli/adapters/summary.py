@@ -11,6 +11,7 @@ from typing import Any
 
 from kimi_lora_cli.adapters.compat import check_against_base, read_base
 from kimi_lora_cli.adapters.reading import Adapter, component_of, looks_like_kimi, read_adapter
+from kimi_lora_cli.adapters.safetensors_io import all_finite
 from kimi_lora_cli.targets import ModuleEntry, group_entries, layer_index
 
 
@@ -158,7 +159,7 @@ def update_norms(adapter: Adapter) -> list[ModuleStat]:
             continue
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
         extra = [tensors[k] for k in (m.bias_key, m.magnitude_key) if k]
-        if not all(bool(torch.isfinite(t).all()) for t in (a, b, *extra)):
+        if not all(all_finite(t) for t in (a, b, *extra)):
             stats.append(ModuleStat(m.name, math.nan, ["nan/inf"]))
             continue
         # ||B A||_F^2 = trace(A^T B^T B A) = sum((A A^T) * (B^T B)) for the symmetric r x r Grams.
@@ -169,7 +170,7 @@ def update_norms(adapter: Adapter) -> list[ModuleStat]:
         stats.append(ModuleStat(m.name, norm, flags))
     for key in [*adapter.replacements.values(), *(t.key for t in adapter.token_adapters.values())]:
         t = tensors[key]
-        if t.numel() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             stats.append(ModuleStat(key, math.nan, ["nan/inf"]))
     stats.sort(key=lambda s: (-(s.norm if not math.isnan(s.norm) else math.inf), s.name))
     return stats
