@@ -315,6 +315,58 @@ def _write_config(base: BaseCheckpoint, tmp: Path, out_dtype: str | None, counts
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
+def _write_shards(tmp: Path, names: list[str], shards, ops: dict[str, _Ops], say):
+    """Stream every tensor into its output shard. Writing runs on a second thread, so the disk
+    works on tensor i while tensor i+1 is merged (at most one tensor waits in memory)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    changed: list[str] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+    pending: Future | None = None
+    writer: ShardWriter | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-lora-writer") as pool:
+
+        def submit(fn, *args) -> None:
+            nonlocal pending
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(fn, *args)
+
+        try:
+            for i, (shard_name, shard) in enumerate(zip(names, shards)):
+                writer = ShardWriter(tmp / shard_name, [(loc.name, dt, loc.shape) for loc, dt in shard])
+                for loc, dt in shard:
+                    op = ops.get(loc.name)
+                    if op is None and dt == loc.dtype:
+                        submit(writer.copy_bytes, loc.name, loc)
+                    else:
+                        target = torch_dtype(dt)
+                        value = read_tensor(loc)
+                        if op is not None:
+                            value = merge_tensor(loc.name, value, op, target)
+                            changed.append(loc.name)
+                        submit(writer.write_tensor, loc.name, value.to(target))
+                        del value
+                    weight_map[loc.name] = shard_name
+                submit(writer.close)
+                pending.result()
+                total += writer.total
+                writer = None
+                say(f"wrote {shard_name} ({i + 1}/{len(names)})")
+        except BaseException:
+            if pending is not None:
+                pending.cancel()
+                try:
+                    pending.result()
+                except BaseException:  # noqa: BLE001 - the first error is the one to report
+                    pass
+            if writer is not None:
+                writer.abort()
+            raise
+    return changed, weight_map, total
+
+
 def merge_adapters(spec: MergeSpec, progress: Callable[[str], None] | None = None) -> MergeResult:
     """Write base + adapters as a complete model folder at spec.output (see module docstring)."""
     import torch
@@ -333,30 +385,12 @@ def merge_adapters(spec: MergeSpec, progress: Callable[[str], None] | None = Non
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    changed: list[str] = []
-    weight_map: dict[str, str] = {}
-    total = 0
     counts = {"linked": 0, "copied": 0}
-    writer: ShardWriter | None = None
     try:
-        for i, (shard_name, shard) in enumerate(zip(names, shards)):
-            writer = ShardWriter(tmp / shard_name, [(loc.name, dt, loc.shape) for loc, dt in shard])
-            for loc, dt in shard:
-                op = ops.get(loc.name)
-                if op is None and dt == loc.dtype:
-                    writer.copy_bytes(loc.name, loc)
-                else:
-                    value = read_tensor(loc)
-                    if op is not None:
-                        value = merge_tensor(loc.name, value, op, torch_dtype(dt))
-                        changed.append(loc.name)
-                    writer.write_tensor(loc.name, value.to(torch_dtype(dt)))
-                    del value
-                weight_map[loc.name] = shard_name
-            writer.close()
-            total += writer.total
-            writer = None
-            say(f"wrote {shard_name} ({i + 1}/{n})")
+        changed, weight_map, total = _write_shards(tmp, names, shards, ops, say)
+        missing = sorted(set(ops) - set(changed))
+        if missing:  # cannot happen after check_against_base; a guard against silent no-ops
+            raise AdapterError(f"adapter tensors {missing[:3]} were not applied")
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         _write_config(base, tmp, out_dtype, counts)
@@ -367,13 +401,8 @@ def merge_adapters(spec: MergeSpec, progress: Callable[[str], None] | None = Non
         checked = _verify(spec, base, weights, tmp, say) if spec.verify else None
         _swap_into_place(tmp, out)
     except BaseException:
-        if writer is not None:
-            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    missing = sorted(set(ops) - set(changed))
-    if missing:  # cannot happen after check_against_base; kept as a guard against silent no-ops
-        raise AdapterError(f"adapter tensors {missing[:3]} were not applied")
     say(f"merged {len(changed)} tensors, copied {len(weight_map) - len(changed)} unchanged")
     return MergeResult(output=out, shards=names, tensors=len(weight_map), changed=changed, total_bytes=total,
                        linked_files=counts["linked"], copied_files=counts["copied"],
