@@ -53,6 +53,7 @@ def peft_path(base: str, adapter: str, out: str) -> None:
 
     loaded = load_model(base, dtype="bfloat16", load_whisper=False, load_tokenizer_=False)
     model = PeftModel.from_pretrained(loaded.model, adapter).merge_and_unload()
+    Path(out).mkdir(parents=True)
     save_torch_state_dict(model.state_dict(), out, max_shard_size="5GB")
 
 

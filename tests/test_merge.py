@@ -298,3 +298,15 @@ def test_bfloat16_base_single_rounding(tmp_path, monkeypatch):
         assert ((got[key].double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all(), key
         changed += 1
     assert changed == 18
+
+
+def test_verify_detects_a_wrong_merge(tiny_dir, tmp_path):
+    """The --verify comparison fails when the folder is not base + adapter (here: weight 0.5)."""
+    from kimi_lora_cli.adapters.verify import verify_merged
+
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter", "all")
+    merge_adapters(MergeSpec(model=tiny_dir, adapters=(adapter,), output=tmp_path / "half", weights=(0.5,)))
+    wrong = verify_merged(tiny_dir, [adapter], [1.0], tmp_path / "half")
+    assert not wrong.ok and set(wrong.diffs) == {"text_logits", "audio_logits"}
+    right = verify_merged(tiny_dir, [adapter], [0.5], tmp_path / "half")
+    assert right.ok and max(right.diffs.values()) < 1e-4

@@ -157,13 +157,17 @@ def update_norms(adapter: Adapter) -> list[ModuleStat]:
         if a.numel() == 0 or b.numel() == 0:
             stats.append(ModuleStat(m.name, 0.0, ["empty"]))
             continue
-        a64, b64 = a.to(torch.float64), b.to(torch.float64)
+        # ||B A||_F^2 = trace(A^T B^T B A) = sum((A A^T) * (B^T B)) for the symmetric r x r Grams:
+        # r^2 (in + out) work instead of r * in * out. Grams in float32, their product in float64.
+        a32, b32 = a.to(torch.float32), b.to(torch.float32)
+        gram_a, gram_b = (a32 @ a32.T).double(), (b32.T @ b32).double()
         extra = [tensors[k] for k in (m.bias_key, m.magnitude_key) if k]
-        if not all(all_finite(t) for t in (a, b, *extra)):
+        # A NaN/Inf anywhere in A or B reaches its Gram's diagonal; the exact check runs only then.
+        suspect = not (bool(torch.isfinite(gram_a).all()) and bool(torch.isfinite(gram_b).all()))
+        if (suspect and not (all_finite(a) and all_finite(b))) or not all(all_finite(t) for t in extra):
             stats.append(ModuleStat(m.name, math.nan, ["nan/inf"]))
             continue
-        # ||B A||_F^2 = trace(A^T B^T B A) = sum((A A^T) * (B^T B)) for the symmetric r x r Grams.
-        sq = float(((a64 @ a64.T) * (b64.T @ b64)).sum())
+        sq = float((gram_a * gram_b).sum())
         norm = abs(m.scaling) * math.sqrt(max(sq, 0.0))
         if norm == 0.0:
             flags.append("zero")
