@@ -6,7 +6,8 @@ For each adapted module X with adapters i (weights w_i), in float32:
 DoRA (one adapter, weight 1): X.weight = m / ||W + dW||_row * (W + dW), as peft merges it.
 Whole tensors an adapter saved (modules_to_save, trained biases) and trainable-token rows
 replace the base values (weighted: W + sum_i w_i * (R_i - W)). Every other tensor is copied
-byte for byte. Peak memory: the adapters plus about two copies of the largest adapted tensor.
+byte for byte. Peak memory: the adapters, two adapted tensors (one merging, one being written)
+and a 64 MB float32 work block - never a whole shard, whatever the model size.
 """
 
 from __future__ import annotations
@@ -161,8 +162,6 @@ def _plan_ops(adapters: list[Adapter], weights: list[float]) -> dict[str, _Ops]:
 
 
 def _check_finite(adapters: list[Adapter]) -> None:
-    import torch
-
     for a in adapters:
         for key, t in a.load().items():
             if not all_finite(t):
@@ -369,8 +368,6 @@ def _write_shards(tmp: Path, names: list[str], shards, ops: dict[str, _Ops], say
 
 def merge_adapters(spec: MergeSpec, progress: Callable[[str], None] | None = None) -> MergeResult:
     """Write base + adapters as a complete model folder at spec.output (see module docstring)."""
-    import torch
-
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     base, adapters, weights, out_dtype, out = prepare_merge(spec)

@@ -46,6 +46,8 @@ def merge(
     """
     from kimi_lora_cli.adapters.merge import MergeSpec, merge_adapters
     from kimi_lora_cli.adapters.safetensors_io import parse_size
+    from rich.markup import escape
+
     from kimi_lora_cli.cli._output import err, fail, human_bytes, out
     from kimi_lora_cli.errors import ConfigError
 
@@ -68,9 +70,9 @@ def merge(
     spec = MergeSpec(model=model, adapters=tuple(adapter), output=output, weights=parsed_weights, dtype=dtype,
                      max_shard_size=shard_bytes, overwrite=overwrite, allow_pickle=allow_pickle, verify=verify,
                      device=device)
-    result = merge_adapters(spec, progress=lambda msg: err.print(msg, highlight=False))
+    result = merge_adapters(spec, progress=lambda msg: err.print(escape(msg), highlight=False))
     n = len(adapter)
-    out.print(f"Merged {n} adapter{'s' if n > 1 else ''} into [bold]{result.output}[/]: "
+    out.print(f"Merged {n} adapter{'s' if n > 1 else ''} into [bold]{escape(str(result.output))}[/]: "
               f"{len(result.shards)} shards, {len(result.changed)} of {result.tensors} tensors changed, "
               f"{human_bytes(result.total_bytes)} ({result.dtype}), {result.linked_files + result.copied_files} "
               f"other files ({result.linked_files} hard-linked), {result.seconds:.1f} s.")
