@@ -206,8 +206,10 @@ def _strip(key: str) -> str:
 def read_config(folder: Path) -> dict[str, Any]:
     cfg_file = folder / "adapter_config.json"
     if not cfg_file.is_file():
-        raise AdapterError(f"{cfg_file}: not found; pass a peft adapter folder (the output folder of "
-                           "`kimi-lora train` or `save_pretrained`)")
+        inside = sorted((p.parent for p in folder.glob("*/adapter_config.json")), key=lambda d: d.stat().st_mtime)
+        hint = (f"; did you mean {inside[-1]}?" if inside else
+                "; pass a peft adapter folder (the output folder of `kimi-lora train` or `save_pretrained`)")
+        raise AdapterError(f"{cfg_file}: not found{hint}")
     try:
         data = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
