@@ -195,3 +195,10 @@ def test_pickle_adapter(cli, tiny_dir, tmp_path):
     assert code == 1 and "--allow-pickle" in err
     code, data, _ = _json(cli, folder, "--allow-pickle", "--stats", "--base", tiny_dir)
     assert code == 0 and data["format"] == "pickle" and len(data["stats"]) == 6 and data["base"]["compatible"]
+
+
+def test_recorded_base_gives_components_without_base_flag(cli, tiny_dir, kimi_adapter):
+    """Adapters made on a loader-built model record its folder; inspect uses it to split components."""
+    code, data, _ = _json(cli, kimi_adapter)
+    assert code == 0 and data["base_model_recorded"] == str(tiny_dir) and data["base"] is None
+    assert {g["component"] for g in data["groups"]} == {"backbone", "text", "mimo", "adaptor"}
