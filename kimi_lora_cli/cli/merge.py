@@ -11,17 +11,17 @@ from kimi_lora_cli.cli._options import AllowPickleOpt, DtypeOpt
 
 
 def merge(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Base model folder (the Kimi-Audio release "
+    model: Annotated[Path, typer.Option("--model", "-m", metavar="DIR", help="Base model folder (the Kimi-Audio release "
                                         "folder, or any Hugging Face causal LM folder).", show_default=False)],
-    adapter: Annotated[list[Path], typer.Option("--adapter", "-a", help="Adapter folder; repeat for a "
+    adapter: Annotated[list[Path], typer.Option("--adapter", "-a", metavar="DIR", help="Adapter folder; repeat for a "
                                                 "weighted sum of several.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write (must be empty or absent "
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="Folder to write (must be empty or absent "
                                          "unless --overwrite).", show_default=False)],
-    weights: Annotated[str | None, typer.Option("--weights", "-w", help="One weight per --adapter, "
+    weights: Annotated[str | None, typer.Option("--weights", "-w", metavar="W1,W2", help="One weight per --adapter, "
                                                 "comma-separated (default 1 each), e.g. 0.7,0.3.",
                                                 show_default=False)] = None,
     dtype: DtypeOpt = "auto",
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, "
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Largest output shard, e.g. 5GB, "
                                                 "500MB, 2GiB.")] = "5GB",
     verify: Annotated[bool, typer.Option("--verify", help="Run a probe through base + adapters (peft) and "
                                          "through the merged weights; fail if the logits differ beyond the "
