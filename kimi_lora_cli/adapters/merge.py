@@ -286,16 +286,19 @@ def _is_weight_file(path: Path, base: BaseCheckpoint) -> bool:
             or (name.startswith("pytorch_model") and (name.endswith(".bin") or name.endswith(".bin.index.json"))))
 
 
-def _link_or_copy(src: Path, dst: Path, counts: dict[str, int]) -> None:
+def _link_or_copy(src: Path, dst: Path, counts: dict[str, int], say=None) -> None:
     if src.is_dir():
         dst.mkdir()
         for child in sorted(src.iterdir()):
-            _link_or_copy(child, dst / child.name, counts)
+            _link_or_copy(child, dst / child.name, counts, say)
         return
     try:
         os.link(src, dst)
         counts["linked"] += 1
     except OSError:
+        size = src.stat().st_size
+        if say and size > 64 << 20:
+            say(f"copying {src.name} ({size / 1e9:.1f} GB; hard links need --output on the same filesystem)")
         shutil.copy2(src, dst)
         counts["copied"] += 1
 
@@ -394,7 +397,7 @@ def merge_adapters(spec: MergeSpec, progress: Callable[[str], None] | None = Non
         for entry in sorted(base.path.iterdir()):
             if entry.name.startswith(".") or entry.name == "config.json" or _is_weight_file(entry, base):
                 continue
-            _link_or_copy(entry, tmp / entry.name, counts)
+            _link_or_copy(entry, tmp / entry.name, counts, say)
         checked = _verify(spec, base, weights, tmp, say) if spec.verify else None
         _swap_into_place(tmp, out)
     except BaseException:
