@@ -31,14 +31,15 @@ def make_adapter(base_dir: Path, out: Path, target: str | list[str] = "all", *, 
     return out
 
 
-def peft_merged(base_dir: Path, adapters: list[Path], weights: list[float] | None = None) -> dict:
-    """State dict of base + adapters after peft's merge_and_unload (weights scale each adapter)."""
+def peft_merged(base_dir: Path, adapters: list[Path], weights: list[float] | None = None,
+                dtype: str = "auto") -> dict:
+    """State dict of base + adapters (base dtype) after peft's merge_and_unload (weights scale each)."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     from kimi_lora_cli.loading import load_model
 
-    loaded = load_model(base_dir, dtype="float32", load_whisper=False, load_tokenizer_=False)
+    loaded = load_model(base_dir, dtype=dtype, load_whisper=False, load_tokenizer_=False)
     names = [f"a{i}" for i in range(len(adapters))]
     model = PeftModel.from_pretrained(loaded.model, str(adapters[0]), adapter_name=names[0])
     for name, path in zip(names[1:], adapters[1:]):

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 INDEX_NAME = "model.safetensors.index.json"
 # Rows per matmul block: keeps the float32 work buffer small for huge matrices (embeddings, heads).
 BLOCK_ELEMENTS = 1 << 24
+MIN_BLOCK_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -220,36 +221,42 @@ def _lora_only(ops: _Ops) -> bool:
 def merge_tensor(name: str, base: torch.Tensor, ops: _Ops, out_dtype: torch.dtype) -> torch.Tensor:
     """The merged tensor in `out_dtype`; raises AdapterError on a non-finite result.
 
-    Float32 bases use peft's arithmetic, W + (B @ A) * scaling, bit-identical to merge_and_unload.
-    16-bit bases go block by block (a few rows in float32 at a time, so even a merged embedding or
-    head costs little more than its own bytes) with one fused W + scaling * B @ A and a single
-    rounding, at least as accurate as peft (which rounds the delta to 16 bits before adding)."""
+    The arithmetic is peft's, W + (B @ A) * scaling in float32, so the result is bit-identical to
+    merge_and_unload (float32 bases; 16-bit bases with peft's default float32 adapter weights,
+    where peft also adds a float32 delta and rounds once). Several adapters on a 16-bit base are
+    summed in float32 and rounded once, where peft rounds after each. Plain LoRA updates go a block of rows
+    at a time (about 64 MB of float32), so even a merged embedding or head costs little more than
+    its own bytes; blocks are balanced and never under MIN_BLOCK_ROWS rows, because BLAS sums a
+    very thin slice differently from the whole product."""
+    import math
+
     import torch
 
     if not _lora_only(ops):
         value = apply_ops(name, base, ops)
         _require_finite(name, value)
         return value.to(out_dtype)
-    exact = base.dtype in (torch.float32, torch.float64)
     out = base if base.dtype == out_dtype else torch.empty(base.shape, dtype=out_dtype)
     prepared = []
     for w, m, a in ops.lora:
         tensors = a.load()
         prepared.append((m.transposed, tensors[m.a_key].to(torch.float32), tensors[m.b_key].to(torch.float32),
                          m.scaling * w))
-    # BLAS sums a small block differently from the whole product, so the bit-exact float32 path
-    # multiplies whole matrices (the base is float32 already, so this at most doubles it).
-    rows = base.shape[0] if exact else max(1, BLOCK_ELEMENTS // max(1, base.shape[1]))
-    for r0 in range(0, base.shape[0], rows):
-        r1 = min(r0 + rows, base.shape[0])
+    n_rows, n_cols = base.shape
+    cap = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, n_cols))
+    rows = math.ceil(n_rows / math.ceil(n_rows / cap))
+    product = torch.empty((min(rows, n_rows), n_cols), dtype=torch.float32)
+    for r0 in range(0, n_rows, rows):
+        r1 = min(r0 + rows, n_rows)
         block = base[r0:r1].to(torch.float32, copy=True)
+        prod = product[: r1 - r0]
         for transposed, lora_a, lora_b, coef in prepared:
             # Stored rows are output features, or input features when the weight is stored [in, out].
-            left, right = (lora_a[:, r0:r1].T, lora_b.T) if transposed else (lora_b[r0:r1], lora_a)
-            if exact:
-                block += (left @ right) * coef
+            if transposed:
+                torch.mm(lora_a[:, r0:r1].T, lora_b.T, out=prod)
             else:
-                block.addmm_(left, right, alpha=coef)
+                torch.mm(lora_b[r0:r1], lora_a, out=prod)
+            block += prod.mul_(coef)
         _require_finite(name, block)
         out[r0:r1] = block
     return out
