@@ -165,6 +165,14 @@ class Adapter:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
     # -- tensor data ---------------------------------------------------------------------------
+    def tensor(self, key: str) -> torch.Tensor:
+        """One adapter tensor, read on its own unless everything is loaded already."""
+        if self._loaded is not None:
+            return self._loaded[key]
+        from kimi_lora_cli.adapters.safetensors_io import read_tensor
+
+        return read_tensor(self.tensors[key])
+
     def load(self) -> dict[str, torch.Tensor]:
         """All adapter tensors (prefix-stripped names); an adapter is small next to its base."""
         if self._loaded is None:

@@ -146,13 +146,13 @@ def _groups(adapter: Adapter, kimi: bool, mimo_from: int | None) -> list[GroupRo
 
 
 def update_norms(adapter: Adapter) -> list[ModuleStat]:
-    """||scaling * B @ A||_F per module, via r x r Gram matrices (never the full out x in product)."""
+    """||scaling * B @ A||_F per module, via r x r Gram matrices (never the full out x in product);
+    tensors are read one module at a time, so memory stays at one module's A and B."""
     import torch
 
-    tensors = adapter.load()
     stats = []
     for m in adapter.modules.values():
-        a, b = tensors[m.a_key], tensors[m.b_key]
+        a, b = adapter.tensor(m.a_key), adapter.tensor(m.b_key)
         flags = []
         if a.numel() == 0 or b.numel() == 0:
             stats.append(ModuleStat(m.name, 0.0, ["empty"]))
@@ -161,7 +161,7 @@ def update_norms(adapter: Adapter) -> list[ModuleStat]:
         # r^2 (in + out) work instead of r * in * out. Grams in float32, their product in float64.
         a32, b32 = a.to(torch.float32), b.to(torch.float32)
         gram_a, gram_b = (a32 @ a32.T).double(), (b32.T @ b32).double()
-        extra = [tensors[k] for k in (m.bias_key, m.magnitude_key) if k]
+        extra = [adapter.tensor(k) for k in (m.bias_key, m.magnitude_key) if k]
         # A NaN/Inf anywhere in A or B reaches its Gram's diagonal; the exact check runs only then.
         suspect = not (bool(torch.isfinite(gram_a).all()) and bool(torch.isfinite(gram_b).all()))
         if (suspect and not (all_finite(a) and all_finite(b))) or not all(all_finite(t) for t in extra):
@@ -173,7 +173,7 @@ def update_norms(adapter: Adapter) -> list[ModuleStat]:
             flags.append("zero")
         stats.append(ModuleStat(m.name, norm, flags))
     for key in [*adapter.replacements.values(), *(t.key for t in adapter.token_adapters.values())]:
-        t = tensors[key]
+        t = adapter.tensor(key)
         if not all_finite(t):
             stats.append(ModuleStat(key, math.nan, ["nan/inf"]))
     stats.sort(key=lambda s: (-(s.norm if not math.isnan(s.norm) else math.inf), s.name))
