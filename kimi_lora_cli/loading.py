@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,12 +215,31 @@ def resolve_dtype(dtype: str | torch.dtype | None, info: ModelInfo) -> torch.dty
     return value
 
 
+@contextmanager
+def skip_weight_init():
+    """Build modules without running their random initialisers (weights are loaded or meta anyway).
+
+    On the meta device the initialisers cost more than the build itself (they pull in torch's
+    reference-op machinery, about a second), and on a real device they would be overwritten."""
+    from torch import nn
+
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    saved = [c.reset_parameters for c in classes]
+    try:
+        for c in classes:
+            c.reset_parameters = lambda self: None
+        yield
+    finally:
+        for c, fn in zip(classes, saved):
+            c.reset_parameters = fn
+
+
 def build_kimi_model(config: KimiAudioConfig, device: str | torch.device = "meta"):
     import torch
 
     from kimi_lora_cli.models.kimi_audio.modeling import KimiAudioForCausalLM
 
-    with torch.device(device):
+    with torch.device(device), skip_weight_init():
         return KimiAudioForCausalLM(config)
 
 
@@ -466,3 +486,87 @@ def check_adapter_folder(folder: Path, allow_pickle: bool = False) -> None:
             )
         return
     raise AdapterError(f"{folder}: no adapter_model.safetensors; the adapter folder is incomplete")
+
+
+# -------------------------------------------------------------------------------------------
+# Audio front ends without the language model (prepare, on-the-fly tokenization)
+# -------------------------------------------------------------------------------------------
+
+SPEECH_TOKENIZER_PREFIXES = ("model.encoder.", "encoder.")
+
+
+def load_feature_encoder(path: str | Path, *, dtype: str | torch.dtype | None = "auto",
+                         device: str | torch.device = "cpu", base_path: str | Path | None = None,
+                         allow_pickle: bool = False):
+    """Only the Whisper feature encoder of a Kimi-Audio folder (any layout); the LM is not read."""
+    import torch
+
+    info = inspect_folder(path, allow_pickle=allow_pickle, base_path=base_path)
+    if not info.is_kimi:
+        raise ModelLoadError(f"{info.path}: not a Kimi-Audio folder; Whisper features need the Kimi-Audio "
+                             "release folder (it holds whisper-large-v3/)")
+    state: dict[str, torch.Tensor] = {}
+    if info.layout == "finetune":
+        prefix = "whisper_model.speech_encoder."
+        files = sorted({f for k, f in info.weight_map.items() if k.startswith(prefix)}, key=lambda p: p.name)
+        for _, key, get in _iter_tensors(files):
+            if key.startswith(prefix):
+                state[key[len(prefix):]] = get()
+    return _load_whisper(info, state, resolve_dtype(dtype, info), torch.device(device), base_path)
+
+
+def load_speech_tokenizer(path: str | Path, *, dtype: str | torch.dtype | None = "float32",
+                          device: str | torch.device = "cpu"):
+    """The GLM-4-Voice speech tokenizer from a local `glm-4-voice-tokenizer` folder (config.json +
+    model.safetensors; tensor names bare or under `model.encoder.`; unused tensors ignored)."""
+    import torch
+    from safetensors import safe_open
+
+    from kimi_lora_cli.models.speech_tokenizer.configuration import SpeechTokenizerConfig
+    from kimi_lora_cli.models.speech_tokenizer.modeling import SpeechTokenizer, build_encoder, expected_state_shapes
+
+    folder = Path(path).expanduser()
+    fix = "pass the glm-4-voice-tokenizer folder (config.json + model.safetensors of THUDM/glm-4-voice-tokenizer)"
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: no such folder; {fix}")
+    cfg_file, wfile = folder / "config.json", folder / "model.safetensors"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{cfg_file}: not found; {fix}")
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+        cfg = SpeechTokenizerConfig.from_dict(data)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg}); restore the original file") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{cfg_file}: {e}; {fix}") from None
+    if not wfile.is_file():
+        raise ModelLoadError(f"{wfile}: not found; {fix}")
+    header = read_safetensors_header(wfile)
+    expected = expected_state_shapes(cfg)
+    chosen: dict[str, str] = {}
+    for key in header:
+        name = next((key[len(p):] for p in SPEECH_TOKENIZER_PREFIXES if key.startswith(p)), key)
+        if name in expected:
+            chosen.setdefault(name, key)
+    missing = [k for k in expected if k not in chosen]
+    if missing:
+        raise ModelLoadError(
+            f"{wfile}: missing {len(missing)} encoder tensors ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}); the file does not match config.json (quantize_position "
+            f"{cfg.quantize_position}, d_model {cfg.d_model}): {fix}"
+        )
+    for name, key in chosen.items():
+        shape = tuple(header[key]["shape"])
+        if shape != expected[name]:
+            raise ModelLoadError(f"{wfile}: tensor {key} has shape {shape} but config.json implies "
+                                 f"{expected[name]}; the config and the weights come from different models")
+    info = ModelInfo(path=folder, kind="speech-tokenizer", layout="single-file", config=data,
+                     dtype=data.get("torch_dtype") or data.get("dtype"))
+    torch_dtype = resolve_dtype(dtype, info)
+    try:
+        with safe_open(str(wfile), framework="pt", device="cpu") as f:
+            state = {name: f.get_tensor(key) for name, key in chosen.items()}
+    except Exception as e:  # safetensors raises its own error type
+        raise ModelLoadError(f"{wfile}: unreadable safetensors file ({e}); re-download it") from None
+    encoder = build_encoder(cfg, state, torch_dtype, torch.device(device))
+    return SpeechTokenizer(encoder, source=str(folder))

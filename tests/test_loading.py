@@ -162,3 +162,14 @@ def test_plain_hf_causal_lm(tmp_path):
     assert loaded.info.kind == "causal-lm" and loaded.feature_encoder is None
     meta = load_model(tmp_path / "qwen", weights=False)
     assert all(p.is_meta for p in meta.model.parameters())
+
+
+def test_tiny_builder_is_deterministic(tmp_path):
+    a = build_tiny_checkpoint(tmp_path / "a")
+    b = build_tiny_checkpoint(tmp_path / "b")
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    index = json.loads((a / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in a.glob("model-*.safetensors")}

@@ -21,7 +21,7 @@ def list_modules(
 
     Reads config.json only (the model is built on the meta device; no weight is read).
 
-    [bold]Examples[/]
+    Examples:
 
       $ kimi-lora list-modules ./Kimi-Audio-7B-Instruct
 

@@ -1,0 +1,1 @@
+complete --command kimi-lora --no-files --arguments "(env _KIMI_LORA_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) kimi-lora)" --condition "env _KIMI_LORA_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) kimi-lora"

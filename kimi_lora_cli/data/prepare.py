@@ -1,0 +1,617 @@
+"""`prepare`: check a fine-tuning jsonl line by line, add semantic codes, cache Whisper features.
+
+Input: the official format (reference document, section 2): one JSON object per line with a
+`conversation` list of messages (`role`, `message_type`, `content`, optional `audio_tokens`).
+Output: the same lines, each audio message carrying `audio_tokens` = GLM-4-Voice codes +
+`kimia_token_offset`. Every line is checked first and all problems are reported with their line
+numbers before any model is loaded; with `skip_bad` the bad lines go to a rejects file instead
+(one JSON object per line: `line`, `problems`, `text`). A line never gets an empty token list.
+
+Resuming: the output is written to `OUT.partial` with a state file `OUT.partial.json` (next input
+line, byte sizes of the partial files, a hash of the input lines already done). Rerunning the
+same command continues after the last committed batch as long as those input lines are
+unchanged; lines after it may be edited (e.g. to fix a bad file). On success the partial file is
+renamed to OUT and the state file removed.
+
+Audio paths: absolute, else relative to the jsonl's folder, else to the working directory.
+When OUT lives in another folder, paths found relative to the jsonl's folder are rewritten
+relative to OUT's folder so the output reads the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kimi_lora_cli.data.audio import TARGET_SR, AudioError, load_audio
+from kimi_lora_cli.data.conversation import MESSAGE_TYPES, ROLES
+from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
+
+STATE_VERSION = 1
+SAMPLES_PER_CODE = 1280
+CHUNK_SAMPLES = 30 * TARGET_SR
+
+
+def codes_for_samples(num_samples: int) -> int:
+    """GLM-4-Voice codes for a 16 kHz waveform: ceil(L / 1280) per 30 s piece."""
+    return sum(-(-min(CHUNK_SAMPLES, num_samples - s) // SAMPLES_PER_CODE)
+               for s in range(0, num_samples, CHUNK_SAMPLES))
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    model: Path
+    data: Path
+    output: Path
+    speech_tokenizer: Path | None = None
+    recompute: bool = False
+    cache_features: Path | None = None
+    skip_bad: bool = False
+    rejects: Path | None = None
+    batch_size: int = 8
+    device: str | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class Finding:
+    line: int
+    message: str
+
+    def render(self, data: Path | str) -> str:
+        return f"{data}:{self.line}: {self.message}"
+
+
+class DataProblems(DataError):
+    """Every problem found in a data file; `str()` is the one-line summary, `.findings` the list."""
+
+    def __init__(self, data: Path, findings: list[Finding], hint: str = "") -> None:
+        self.data = data
+        self.findings = findings
+        n_lines = len({f.line for f in findings})
+        super().__init__(f"{data}: {len(findings)} problem{'s' if len(findings) != 1 else ''} in {n_lines} "
+                         f"line{'s' if n_lines != 1 else ''}{hint}")
+
+
+@dataclass
+class AudioRef:
+    """One audio message of a line: where its file is and what it needs."""
+
+    index: int
+    content: str
+    path: Path | None = None
+    via_data_dir: bool = False
+    samples: int = 0  # 16 kHz length from the file header
+    needs_tokens: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / TARGET_SR
+
+
+@dataclass
+class LineCheck:
+    line: int
+    record: dict[str, Any] | None
+    audios: list[AudioRef] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PrepareProgress:
+    stage: str  # "check" | "prepare"
+    lines_done: int = 0
+    lines_total: int = 0
+    files_done: int = 0
+    files_total: int = 0
+    seconds_done: float = 0.0
+    seconds_total: float = 0.0
+
+
+@dataclass
+class PrepareResult:
+    output: Path
+    rejects: Path | None = None
+    lines_written: int = 0
+    lines_rejected: int = 0
+    audio_tokenized: int = 0
+    audio_kept: int = 0
+    seconds_tokenized: float = 0.0
+    features_written: int = 0
+    features_reused: int = 0
+    resumed_at_line: int = 0
+    paths_rewritten: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------------------
+# Line checks (kept small; train's pre-flight has the same rules)
+# -------------------------------------------------------------------------------------------
+
+
+def resolve_audio(content: str, data_dir: Path) -> tuple[Path | None, bool]:
+    """(existing path, found relative to the jsonl's folder?) or (None, False)."""
+    p = Path(content).expanduser()
+    if p.is_absolute():
+        return (p, False) if p.exists() else (None, False)
+    if (data_dir / p).exists():
+        return data_dir / p, True
+    if p.exists():
+        return p.resolve(), False
+    return None, False
+
+
+def probe_audio(path: Path) -> tuple[int, str | None]:
+    """(16 kHz length from the header, problem or None) without decoding the samples."""
+    import soundfile as sf
+
+    if path.is_dir():
+        return 0, "is a folder, not an audio file"
+    if path.stat().st_size == 0:
+        return 0, "is empty (0 bytes); re-export the audio"
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return 0, f"cannot be decoded ({reason}); convert it to wav, flac or ogg"
+    if info.frames <= 0 or info.samplerate <= 0:
+        return 0, "holds no samples (zero length); remove the message or re-export the audio"
+    return -(-info.frames * TARGET_SR // int(info.samplerate)), None
+
+
+def check_tokens(tokens: Any, offset: int, vocab_size: int) -> str | None:
+    if not isinstance(tokens, list) or not tokens:
+        return "audio_tokens must be a non-empty list of ints"
+    for c in tokens:
+        if not isinstance(c, int) or isinstance(c, bool) or not offset <= c < vocab_size:
+            return (f"audio token {c!r} outside [{offset}, {vocab_size}) (codes must include kimia_token_offset "
+                    f"{offset})")
+    return None
+
+
+def check_line(text: str, line: int, data_dir: Path, offset: int, vocab_size: int, *, recompute: bool,
+               have_tokenizer: bool) -> LineCheck:
+    """Parse one jsonl line and list every problem it has (each message, each audio file)."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return LineCheck(line, None, problems=[f"invalid JSON ({e.msg} at column {e.colno}); each line must be "
+                                               "one JSON object"])
+    chk = LineCheck(line, record if isinstance(record, dict) else None)
+    if not isinstance(record, dict):
+        chk.problems.append(f"expected a JSON object with a conversation list, got {type(record).__name__}")
+        return chk
+    conv = record.get("conversation")
+    if not isinstance(conv, list) or not conv:
+        chk.problems.append("no conversation: add a non-empty \"conversation\" list of messages")
+        return chk
+    if record.get("task_type") is not None and not isinstance(record.get("task_type"), str):
+        chk.problems.append("task_type must be a string (\"understanding\" for audio-to-text tasks)")
+    has_assistant = False
+    for i, msg in enumerate(conv):
+        where = f"message {i}"
+        if not isinstance(msg, dict):
+            chk.problems.append(f"{where}: expected an object with role, message_type and content")
+            continue
+        role = msg.get("role")
+        if role not in ROLES:
+            chk.problems.append(f"{where}: role {role!r}; use 'user' or 'assistant'")
+        has_assistant = has_assistant or role == "assistant"
+        mtype = msg.get("message_type", "text")
+        content = msg.get("content")
+        if mtype not in MESSAGE_TYPES:
+            chk.problems.append(f"{where}: message_type {mtype!r}; use 'text', 'audio' or 'audio-text'")
+            continue
+        if mtype == "text":
+            if not isinstance(content, str):
+                chk.problems.append(f"{where}: text content must be a string")
+            continue
+        if mtype == "audio-text":
+            if role != "assistant":
+                chk.problems.append(f"{where}: audio-text messages are assistant history only")
+            if not (isinstance(content, list) and len(content) == 2 and all(isinstance(c, str) for c in content)):
+                chk.problems.append(f"{where}: audio-text content must be [audio_path, text]")
+                continue
+            audio = content[0]
+        else:
+            if not isinstance(content, str) or not content.strip():
+                chk.problems.append(f"{where}: audio content must be the audio file's path")
+                continue
+            audio = content
+        ref = AudioRef(i, audio)
+        chk.audios.append(ref)
+        ref.path, ref.via_data_dir = resolve_audio(audio, data_dir)
+        if ref.path is None:
+            chk.problems.append(f"{where}: audio file {audio!r} not found (relative paths are read from "
+                                f"{data_dir.resolve()} then the working directory); fix the path")
+        else:
+            ref.samples, problem = probe_audio(ref.path)
+            if problem:
+                chk.problems.append(f"{where}: audio file {audio!r} {problem}")
+        tokens = msg.get("audio_tokens")
+        if tokens is None or recompute:
+            ref.needs_tokens = True
+            if not have_tokenizer:
+                chk.problems.append(f"{where}: no audio_tokens; pass --speech-tokenizer DIR (the "
+                                    "glm-4-voice-tokenizer folder) to compute them")
+            continue
+        problem = check_tokens(tokens, offset, vocab_size)
+        if problem:
+            chk.problems.append(f"{where}: {problem}; pass --recompute --speech-tokenizer DIR to regenerate them")
+        elif ref.samples and len(tokens) != codes_for_samples(ref.samples):
+            chk.problems.append(
+                f"{where}: {len(tokens)} audio_tokens but the audio ({ref.seconds:.2f} s) yields "
+                f"{codes_for_samples(ref.samples)} (1 per 80 ms per 30 s piece); the tokens belong to another "
+                "file: pass --recompute --speech-tokenizer DIR"
+            )
+    if not has_assistant:
+        chk.problems.append("no assistant message: the line has nothing to learn; add the assistant answer")
+    return chk
+
+
+# -------------------------------------------------------------------------------------------
+# The command's core
+# -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Paths:
+    output: Path
+    partial: Path
+    state: Path
+    rejects: Path
+    rejects_partial: Path
+
+    @classmethod
+    def of(cls, spec: PrepareSpec) -> _Paths:
+        out = spec.output
+        rejects = spec.rejects or out.with_name(f"{out.stem}.rejects{out.suffix or '.jsonl'}")
+        return cls(out, out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json"),
+                   rejects, rejects.with_name(rejects.name + ".partial"))
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            yield number, raw
+
+
+def _decode(raw: bytes, line: int) -> tuple[str | None, Finding | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, Finding(line, f"not UTF-8 (byte {e.start}); save the file as UTF-8")
+
+
+def _model_vocab(model: Path) -> tuple[int, int]:
+    from kimi_lora_cli.loading import inspect_folder
+
+    info = inspect_folder(model, need_weights=False)
+    if not info.is_kimi:
+        raise ModelLoadError(f"{model / 'config.json'}: not a Kimi-Audio config (no kimia_* keys); pass the "
+                             "Kimi-Audio model folder as --model")
+    return int(info.config.get("kimia_token_offset", 152064)), int(info.config.get("vocab_size", 168448))
+
+
+def _options_key(spec: PrepareSpec, offset: int) -> dict[str, Any]:
+    st = str(spec.speech_tokenizer.expanduser().resolve()) if spec.speech_tokenizer else None
+    return {"data": str(spec.data.resolve()), "recompute": spec.recompute, "speech_tokenizer": st, "offset": offset}
+
+
+def _load_state(paths: _Paths, options: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    if overwrite or not (paths.state.is_file() and paths.partial.is_file()):
+        return None
+    try:
+        state = json.loads(paths.state.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if state.get("version") != STATE_VERSION or state.get("options") != options:
+        return None
+    if paths.partial.stat().st_size < state.get("output_bytes", -1):
+        return None
+    if state.get("rejects_bytes", 0) and (not paths.rejects_partial.is_file()
+                                          or paths.rejects_partial.stat().st_size < state["rejects_bytes"]):
+        return None
+    return state
+
+
+def _write_state(paths: _Paths, state: dict[str, Any]) -> None:
+    tmp = paths.state.with_name(paths.state.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
+    os.replace(tmp, paths.state)
+
+
+def _scan(spec: PrepareSpec, offset: int, vocab: int, resume_line: int,
+          progress: Callable[[PrepareProgress], None] | None) -> tuple[list[Finding], dict[int, list[str]], dict]:
+    """Check every line. Returns (findings, problems by line, totals of the work left after resume)."""
+    data_dir = spec.data.parent
+    findings: list[Finding] = []
+    bad: dict[int, list[str]] = {}
+    totals = {"lines": 0, "files": 0, "seconds": 0.0, "tokens": 0, "prefix_sha256": hashlib.sha256()}
+    have_tokenizer = spec.speech_tokenizer is not None
+    tick = PrepareProgress("check")
+    for number, raw in _read_lines(spec.data):
+        if number < resume_line:
+            totals["prefix_sha256"].update(raw)
+        tick.lines_done = number
+        if progress and number % 200 == 0:
+            progress(tick)
+        text, finding = _decode(raw, number)
+        if finding:
+            findings.append(finding)
+            bad[number] = [finding.message]
+            continue
+        if not text.strip():
+            continue
+        chk = check_line(text, number, data_dir, offset, vocab, recompute=spec.recompute,
+                         have_tokenizer=have_tokenizer)
+        if chk.problems:
+            findings.extend(Finding(number, p) for p in chk.problems)
+            bad[number] = chk.problems
+            continue
+        if number >= resume_line:
+            totals["lines"] += 1
+            for ref in chk.audios:
+                if ref.needs_tokens or spec.cache_features:
+                    totals["files"] += 1
+                    totals["seconds"] += ref.seconds
+                totals["tokens"] += ref.needs_tokens
+    totals["prefix_sha256"] = totals["prefix_sha256"].hexdigest()
+    return findings, bad, totals
+
+
+def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | None = None,
+            log: Callable[[str], None] | None = None) -> PrepareResult:
+    """Run `kimi-lora prepare` (see module docstring). Raises DataProblems listing every bad line."""
+    log = log or (lambda _msg: None)
+    if not spec.data.is_file():
+        raise DataError(f"{spec.data}: no such data file; pass the jsonl with --data")
+    if spec.output.resolve() == spec.data.resolve():
+        raise ConfigError(f"{spec.output}: --output must differ from --data (the input is never rewritten)")
+    if spec.batch_size < 1:
+        raise ConfigError(f"--batch-size {spec.batch_size}: must be at least 1")
+    if spec.recompute and spec.speech_tokenizer is None:
+        raise ConfigError("--recompute needs --speech-tokenizer DIR (the glm-4-voice-tokenizer folder)")
+    paths = _Paths.of(spec)
+    if paths.output.exists() and not spec.overwrite:
+        raise ConfigError(f"{paths.output}: already exists (a finished prepare run); pass --overwrite to rebuild "
+                          "it or choose another --output")
+    offset, vocab = _model_vocab(spec.model)
+    options = _options_key(spec, offset)
+    state = _load_state(paths, options, spec.overwrite)
+    resume_line = state["next_line"] if state else 1
+
+    findings, bad, totals = _scan(spec, offset, vocab, resume_line, progress)
+    if state and totals["prefix_sha256"] != state["prefix_sha256"]:
+        log(f"{paths.partial}: the first {resume_line - 1} lines of {spec.data} changed since the interrupted run; "
+            "starting over")
+        state, resume_line = None, 1
+        findings, bad, totals = _scan(spec, offset, vocab, 1, progress)
+    if findings and not spec.skip_bad:
+        raise DataProblems(spec.data, findings, "; fix them (or pass --skip-bad to write the bad lines to a "
+                                                "rejects file and go on)")
+
+    result = PrepareResult(output=paths.output, resumed_at_line=resume_line if state else 0)
+    if spec.speech_tokenizer is not None and not totals["tokens"] and not state:
+        result.notes.append("every audio message already has audio_tokens: --speech-tokenizer was not needed")
+    runner = _Runner(spec, paths, offset, vocab, totals, result, progress)
+    runner.run(state, bad)
+    return result
+
+
+class _Runner:
+    """The writing pass: batches of lines, tokenized and/or featurized together, committed in order."""
+
+    def __init__(self, spec: PrepareSpec, paths: _Paths, offset: int, vocab: int, totals: dict,
+                 result: PrepareResult, progress: Callable[[PrepareProgress], None] | None) -> None:
+        self.spec, self.paths, self.offset, self.vocab = spec, paths, offset, vocab
+        self.result, self.progress_cb = result, progress
+        self.tick = PrepareProgress("prepare", lines_total=totals["lines"], files_total=totals["files"],
+                                    seconds_total=totals["seconds"])
+        self.need_tokens = totals["tokens"] > 0
+        self.tokenizer = None
+        self.encoder = None
+        self.fingerprint = ""
+        self.out_dir = paths.output.parent.resolve()
+        self.data_dir = spec.data.parent
+
+    # -- models ------------------------------------------------------------------------------
+
+    def _device(self) -> str:
+        if self.spec.device:
+            return self.spec.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def load_models(self) -> None:
+        from kimi_lora_cli.loading import load_feature_encoder, load_speech_tokenizer
+
+        device = self._device()
+        if self.need_tokens:
+            self.tokenizer = load_speech_tokenizer(self.spec.speech_tokenizer, device=device)
+            codes = self.tokenizer.vocab_size
+            if self.offset + codes > self.vocab:
+                raise ConfigError(
+                    f"{self.spec.speech_tokenizer}: {codes} codes + kimia_token_offset {self.offset} exceed the "
+                    f"model's vocab_size {self.vocab}; use the speech tokenizer that belongs to {self.spec.model}"
+                )
+        if self.spec.cache_features and self.tick.files_total:
+            from kimi_lora_cli.data.feature_cache import encoder_fingerprint
+
+            self.encoder = load_feature_encoder(self.spec.model, device=device,
+                                                dtype="float32" if device == "cpu" else "auto")
+            self.fingerprint = encoder_fingerprint(self.encoder)
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def run(self, state: dict[str, Any] | None, bad: dict[int, list[str]]) -> None:
+        spec, paths, res = self.spec, self.paths, self.result
+        paths.output.parent.mkdir(parents=True, exist_ok=True)
+        paths.rejects.parent.mkdir(parents=True, exist_ok=True)
+        if state:
+            for name, value in state.get("counters", {}).items():
+                setattr(res, name, value)
+            res.resumed_at_line = state["next_line"]
+        if self.tick.files_total:
+            self.load_models()
+        if self.progress_cb:
+            self.progress_cb(self.tick)  # starts the clock for the rates
+        out = open(paths.partial, "r+b" if state else "wb")  # noqa: SIM115 - closed in finally
+        rej = open(paths.rejects_partial, "r+b" if state and paths.rejects_partial.is_file() else "wb")  # noqa: SIM115
+        try:
+            if state:
+                out.truncate(state["output_bytes"])
+                rej.truncate(state.get("rejects_bytes", 0))
+                out.seek(0, os.SEEK_END)
+                rej.seek(0, os.SEEK_END)
+            prefix = hashlib.sha256()
+            start = state["next_line"] if state else 1
+            pending: list[tuple[int, bytes, LineCheck | None]] = []
+            work = 0
+            for number, raw in _read_lines(spec.data):
+                if number < start:
+                    prefix.update(raw)
+                    continue
+                if number in bad:
+                    pending.append((number, raw, None))
+                else:
+                    text = raw.decode("utf-8")
+                    chk = None
+                    if text.strip():
+                        chk = check_line(text, number, self.data_dir, self.offset, self.vocab,
+                                         recompute=spec.recompute, have_tokenizer=spec.speech_tokenizer is not None)
+                        if chk.problems:  # the files changed since the check pass
+                            if not spec.skip_bad:
+                                raise DataProblems(spec.data, [Finding(number, p) for p in chk.problems],
+                                                   "; fix them and rerun to continue where it stopped")
+                            bad[number] = chk.problems
+                        work += sum(1 for a in chk.audios if a.needs_tokens or self.encoder is not None)
+                    pending.append((number, raw, chk))
+                if work >= spec.batch_size or len(pending) >= 512:
+                    self._commit(pending, bad, out, rej, prefix)
+                    pending, work = [], 0
+            self._commit(pending, bad, out, rej, prefix)
+        finally:
+            out.close()
+            rej.close()
+        os.replace(paths.partial, paths.output)
+        if res.lines_rejected:
+            os.replace(paths.rejects_partial, paths.rejects)
+            res.rejects = paths.rejects
+        else:
+            paths.rejects_partial.unlink(missing_ok=True)
+            if spec.overwrite:
+                paths.rejects.unlink(missing_ok=True)
+        paths.state.unlink(missing_ok=True)
+
+    def _commit(self, pending, bad, out, rej, prefix) -> None:
+        """Process a group of lines and append them (or their rejects) in input order, then save state."""
+        if not pending:
+            return
+        failed = self._process([chk for n, _, chk in pending if chk is not None and n not in bad])
+        res = self.result
+        for number, raw, chk in pending:
+            prefix.update(raw)
+            problems = bad.get(number) or (failed.get(number) if chk is not None else None)
+            if problems:
+                rej.write((json.dumps({"line": number, "problems": problems,
+                                       "text": raw.decode("utf-8", "replace").rstrip("\n")},
+                                      ensure_ascii=False) + "\n").encode())
+                res.lines_rejected += 1
+            elif chk is not None:
+                out.write((json.dumps(chk.record, ensure_ascii=False) + "\n").encode())
+                res.lines_written += 1
+        out.flush()
+        rej.flush()
+        counters = {k: getattr(res, k) for k in ("lines_written", "lines_rejected", "audio_tokenized", "audio_kept",
+                                                 "seconds_tokenized", "features_written", "features_reused",
+                                                 "paths_rewritten")}
+        _write_state(self.paths, {
+            "version": STATE_VERSION, "options": _options_key(self.spec, self.offset),
+            "next_line": pending[-1][0] + 1, "prefix_sha256": prefix.copy().hexdigest(),
+            "output_bytes": out.tell(), "rejects_bytes": rej.tell(), "counters": counters,
+        })
+
+    def _process(self, checks: list[LineCheck]) -> dict[int, list[str]]:
+        """Fill audio_tokens (and the feature cache) for these lines; returns failures by line."""
+        from kimi_lora_cli.data.feature_cache import cache_file, file_sha256, read_metadata, save_features
+
+        failed: dict[int, list[str]] = {}
+        res, spec = self.result, self.spec
+        jobs = [(chk, ref) for chk in checks for ref in chk.audios if ref.needs_tokens or self.encoder is not None]
+        waves: dict[Path, Any] = {}
+        for chk, ref in jobs:
+            if ref.path in waves:
+                continue
+            try:
+                waves[ref.path] = load_audio(ref.path)
+            except AudioError as e:
+                failed.setdefault(chk.line, []).append(f"message {ref.index}: {e}")
+        if failed and not spec.skip_bad:
+            raise DataProblems(spec.data, [Finding(line, p) for line, ps in failed.items() for p in ps],
+                               "; fix them (or pass --skip-bad to write the bad lines to a rejects file); "
+                               "rerun to continue where it stopped")
+        jobs = [(chk, ref) for chk, ref in jobs if chk.line not in failed]
+
+        token_paths = list(dict.fromkeys(ref.path for _, ref in jobs if ref.needs_tokens))
+        if token_paths:
+            codes = dict(zip(token_paths, self.tokenizer.tokenize_batch([waves[p] for p in token_paths],
+                                                                        batch_size=spec.batch_size)))
+            for chk, ref in jobs:
+                if ref.needs_tokens:
+                    ids = codes[ref.path]
+                    if not ids:  # never write an empty token list
+                        failed.setdefault(chk.line, []).append(f"message {ref.index}: the audio yields no codes")
+                        continue
+                    chk.record["conversation"][ref.index]["audio_tokens"] = [c + self.offset for c in ids]
+                    res.audio_tokenized += 1
+                    res.seconds_tokenized += ref.seconds
+        if self.encoder is not None:
+            todo: dict[str, Path] = {}
+            for _, ref in jobs:
+                digest = file_sha256(ref.path)
+                meta = read_metadata(cache_file(spec.cache_features, digest))
+                fresh = meta is not None and meta.get("whisper_fingerprint") == self.fingerprint
+                if fresh or digest in todo:  # cached, or the same content earlier in this batch
+                    res.features_reused += 1
+                else:
+                    todo[digest] = ref.path
+            if todo:
+                rows = self.encoder.encode_batch([waves[p] for p in todo.values()], max_pieces=spec.batch_size)
+                for (digest, path), r in zip(todo.items(), rows):
+                    save_features(spec.cache_features, digest, r, samples=len(waves[path]),
+                                  whisper=str(self.encoder.source), fingerprint=self.fingerprint)
+                    res.features_written += 1
+        for chk in checks:
+            if chk.line in failed:
+                continue
+            for ref in chk.audios:
+                msg = chk.record["conversation"][ref.index]
+                if not ref.needs_tokens:
+                    res.audio_kept += 1
+                if ref.via_data_dir and self.data_dir.resolve() != self.out_dir:
+                    rel = os.path.relpath(ref.path.resolve(), self.out_dir)
+                    if msg.get("message_type") == "audio-text":
+                        msg["content"][0] = rel
+                    else:
+                        msg["content"] = rel
+                    res.paths_rewritten += 1
+        self.tick.lines_done += len(checks)
+        self.tick.files_done += len(jobs)
+        self.tick.seconds_done += sum(ref.seconds for _, ref in jobs)
+        if self.progress_cb:
+            self.progress_cb(self.tick)
+        return failed
+
+
+def result_json(result: PrepareResult) -> dict[str, Any]:
+    out = asdict(result)
+    out["output"] = str(result.output)
+    out["rejects"] = str(result.rejects) if result.rejects else None
+    return out

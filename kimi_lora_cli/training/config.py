@@ -1,0 +1,248 @@
+"""`TrainConfig`: every training setting, readable from YAML, flags overriding the file.
+
+Keys use the LoRA guide's (Hugging Face Trainer) names; a YAML file may spell them with dashes or
+underscores (`lora-rank` = `lora_rank`), and a few guide aliases are understood (`lora_r`,
+`lora_target_modules`). The resolved configuration is written next to the adapter as
+`train_config.yaml`, so a run can be repeated with `--config OUTPUT/train_config.yaml`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from kimi_lora_cli.errors import ConfigError
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+REPORT_TO = ("none", "tensorboard", "wandb")
+ALIASES = {
+    "lora_r": "lora_rank",
+    "lora_target_modules": "lora_target",
+    "target": "lora_target",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "eval_strategy": "evaluation_strategy",
+}
+# Accepted for compatibility with the guide's command line; they change nothing here.
+IGNORED_KEYS = ("lazy_preprocess", "save_strategy", "lora_bias_type", "dataloader_num_workers",
+                "remove_unused_columns", "ddp_find_unused_parameters")
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "modules_to_save", "train_embeddings",
+             "use_dora", "use_rslora")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to train
+    data_path: str | None = None
+    model_name_or_path: str | None = None  # release folder: tokenizer + whisper-large-v3/ (and weights)
+    model_path: str | None = None  # weights to train, when they live elsewhere
+    output_dir: str = "output/kimi-lora"
+    eval_ratio: float = 0.0
+    evaluation_strategy: str = "steps"  # no | steps | epoch (only with eval_ratio > 0)
+    eval_steps: int | None = None  # default: every save_steps and at the end
+    per_device_eval_batch_size: int | None = None
+    # LoRA
+    use_lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target: str = "all"
+    lora_bias: str = "none"
+    use_dora: bool = False
+    use_rslora: bool = False
+    modules_to_save: tuple[str, ...] = ()
+    train_embeddings: bool = False
+    # loss
+    text_loss_weight: float = 1.0
+    audio_loss_weight: float = 1.0
+    # optimisation
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    seed: int = 42
+    # data
+    model_max_length: int | None = None
+    too_long: str = "error"  # error | skip | truncate
+    group_by_length: bool = False
+    feature_cache_dir: str | None = None
+    # precision and memory
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    device: str | None = None  # default: the accelerator's (cuda if available)
+    # saving, logging, resuming
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    logging_steps: int = 10
+    resume_from_checkpoint: str | None = None
+    deepspeed: str | None = None
+    report_to: str = "none"
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def normalise_key(cls, key: str) -> str:
+        key = key.strip().lstrip("-").replace("-", "_")
+        return ALIASES.get(key, key)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+        """Validated field values from a mapping (YAML or flags); unknown keys are errors."""
+        names = set(cls.field_names())
+        out: dict[str, Any] = {}
+        for raw_key, value in data.items():
+            key = cls.normalise_key(str(raw_key))
+            if key in IGNORED_KEYS:
+                continue
+            if key not in names:
+                close = difflib.get_close_matches(key, sorted(names), n=3, cutoff=0.6)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"{source}: unknown setting {raw_key!r}{hint}")
+            out[key] = value
+        return out
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> dict[str, Any]:
+        import yaml
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings (key: value)")
+        return cls.from_mapping(data, str(path))
+
+    @classmethod
+    def build(cls, file_values: dict[str, Any] | None = None, flag_values: dict[str, Any] | None = None,
+              source: str = "config") -> TrainConfig:
+        """Defaults, then the file, then flags; types coerced and every value checked."""
+        file_values = cls.from_mapping(file_values or {}, source)
+        flag_values = cls.from_mapping({k: v for k, v in (flag_values or {}).items() if v is not None}, "flags")
+        merged = {**file_values, **flag_values}
+        typed = {}
+        for f in fields(cls):
+            if f.name in merged:
+                typed[f.name] = _coerce(f.name, merged[f.name], getattr(cls, f.name, None), source)
+        cfg = cls(**typed)
+        cfg.validate()
+        return cfg
+
+    def with_(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+    # -- checks ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.data_path is not None, "no training data: pass --data-path FILE.jsonl (or data_path in --config)")
+        need(self.model_name_or_path is not None or self.model_path is not None,
+             "no model: pass --model-name-or-path (the Kimi-Audio release folder) or --model-path")
+        need(self.lora_rank >= 1, f"--lora-rank must be at least 1 (got {self.lora_rank})")
+        need(0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
+        need(self.lora_bias in ("none", "all", "lora_only"), f"--lora-bias must be none, all or lora_only "
+             f"(got {self.lora_bias!r})")
+        need(self.per_device_train_batch_size >= 1, "--per-device-train-batch-size must be at least 1")
+        need(self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be at least 1")
+        need(self.learning_rate >= 0, "--learning-rate must not be negative")
+        need(self.num_train_epochs > 0 or self.max_steps > 0, "--num-train-epochs must be positive (or set --max-steps)")
+        need(0.0 <= self.eval_ratio < 1.0, f"--eval-ratio must be in [0, 1) (got {self.eval_ratio})")
+        need(self.evaluation_strategy in ("no", "steps", "epoch"),
+             f"--evaluation-strategy must be no, steps or epoch (got {self.evaluation_strategy!r})")
+        need(self.lr_scheduler_type in SCHEDULERS,
+             f"--lr-scheduler-type must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler_type!r})")
+        need(0.0 <= self.warmup_ratio <= 1.0, "--warmup-ratio must be in [0, 1]")
+        need(self.warmup_steps >= 0, "--warmup-steps must not be negative")
+        need(self.too_long in ("error", "skip", "truncate"), f"--too-long must be error, skip or truncate "
+             f"(got {self.too_long!r})")
+        need(self.model_max_length is None or self.model_max_length >= 8, "--model-max-length must be at least 8")
+        need(self.save_steps >= 1 and self.logging_steps >= 1, "--save-steps and --logging-steps must be at least 1")
+        need(self.save_total_limit is None or self.save_total_limit >= 1, "--save-total-limit must be at least 1")
+        need(not (self.bf16 and self.fp16), "pick one of --bf16 and --fp16")
+        need(self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)} (got {self.report_to!r})")
+        need(self.text_loss_weight >= 0 and self.audio_loss_weight >= 0, "loss weights must not be negative")
+        need(self.text_loss_weight + self.audio_loss_weight > 0, "at least one loss weight must be positive")
+        if not self.lora_enabled:
+            need(not self.modules_to_save and not self.train_embeddings,
+                 "--modules-to-save / --train-embeddings are LoRA options; add --use-lora (full fine-tuning "
+                 "trains every weight anyway)")
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.use_lora or self.use_dora or self.use_rslora
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size or self.per_device_train_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modules_to_save"] = list(self.modules_to_save)
+        return d
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
+    """Turn YAML / flag values into the field's type (bools accept true/false/1/0/yes/no)."""
+    hint = {f.name: f.type for f in fields(TrainConfig)}[name]
+    try:
+        if hint == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if value is None:
+            if "None" in hint:
+                return None
+            raise ValueError("a value is required")
+        if hint.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(x).strip() for x in items if str(x).strip())
+        if hint.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected a whole number")
+            return int(value)
+        if hint.startswith("float"):
+            return float(value)
+        if hint.startswith("str"):
+            if isinstance(value, (list, tuple)):
+                return ",".join(str(v) for v in value)
+            return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {name} = {value!r} is not valid ({e})") from None
+    return value

@@ -1,0 +1,102 @@
+"""peft wrapping (LoRA / DoRA / rsLoRA) with targets from `targets.resolve_targets`, and the
+trainable-parameter report per component."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kimi_lora_cli.errors import ConfigError
+from kimi_lora_cli.targets import TargetSelection, kimi_component, linear_entries, resolve_targets
+from kimi_lora_cli.training.config import TrainConfig
+
+_PEFT_PREFIX = re.compile(r"^base_model\.model\.")
+EMBEDDING_NAMES = ("embed_tokens",)
+
+
+def lora_config(cfg: TrainConfig, selection: TargetSelection):
+    from peft import LoraConfig
+
+    modules_to_save = list(cfg.modules_to_save)
+    if cfg.train_embeddings:
+        modules_to_save += [n for n in EMBEDDING_NAMES if n not in modules_to_save]
+    clash = sorted(set(modules_to_save) & {n.rsplit(".", 1)[-1] for n in selection.names})
+    if clash:
+        raise ConfigError(f"{', '.join(clash)} cannot be both a LoRA target and fully trained (--modules-to-save)")
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(selection.names),
+        bias=cfg.lora_bias,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        modules_to_save=modules_to_save or None,
+    )
+
+
+def wrap_lora(model: Any, cfg: TrainConfig, base_path: str | None = None) -> tuple[Any, TargetSelection]:
+    """Freeze the base model and add adapters on the modules `cfg.lora_target` selects."""
+    from peft import get_peft_model
+
+    entries = linear_entries(model)
+    selection = resolve_targets(entries, cfg.lora_target)
+    model.requires_grad_(False)
+    if base_path:
+        model.name_or_path = base_path  # peft records it as base_model_name_or_path
+    peft_model = get_peft_model(model, lora_config(cfg, selection))
+    return peft_model, selection
+
+
+def base_name(param_name: str) -> str:
+    """Module path of a parameter in the unwrapped model (peft prefixes and adapter parts removed)."""
+    out, skip = [], False
+    for part in _PEFT_PREFIX.sub("", param_name).split("."):
+        if skip:  # the adapter name after lora_A / modules_to_save
+            skip = False
+        elif part.startswith("lora_") or part == "modules_to_save":
+            skip = True
+        elif part not in ("base_layer", "original_module"):
+            out.append(part)
+    return ".".join(out[:-1])
+
+
+def component_of(param_name: str, mimo_from: int) -> str:
+    module = base_name(param_name)
+    if module.split(".")[-1] in EMBEDDING_NAMES:
+        return "embeddings"
+    comp = kimi_component(module, mimo_from)
+    return "norms" if comp == "other" and module.endswith("norm") else comp
+
+
+@dataclass
+class ParamRow:
+    component: str
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def parameter_rows(model: Any, mimo_from: int, whisper_params: int = 0) -> list[ParamRow]:
+    """Trainable / total parameters per component (adapter weights counted with their module's)."""
+    rows: dict[str, ParamRow] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        comp = component_of(name, mimo_from)
+        row = rows.setdefault(comp, ParamRow(comp, 0, 0))
+        row.total += n
+        if p.requires_grad:
+            row.trainable += n
+    order = ["embeddings", "adaptor", "backbone", "text", "mimo", "norms", "heads", "other"]
+    out = sorted(rows.values(), key=lambda r: order.index(r.component) if r.component in order else 99)
+    if whisper_params:
+        out.append(ParamRow("whisper (frozen)", 0, whisper_params))
+    return out

@@ -1,0 +1,54 @@
+"""The official Kimi-Audio loss, computed per sample so a micro-batch equals the mean of its samples.
+
+Per sample: text CE (lm_head) over its masked positions divided by (mask sum + 1e-4), the same for
+audio (mimo_output); total = text_weight * text + audio_weight * audio. The heads run only on masked
+rows (`text_logits_mask` / `audio_logits_mask`), which is what makes large vocabularies affordable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-4
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor  # [B] per-sample weighted loss (differentiable)
+    text: torch.Tensor  # [B] per-sample text loss (detached)
+    audio: torch.Tensor  # [B] per-sample audio loss (detached)
+    tokens: int  # real (non-padding) positions
+
+
+def _per_sample(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, bsz: int) -> torch.Tensor:
+    """Masked CE summed per sample / (mask count + EPS). `logits` holds only the masked rows."""
+    sample_of_row = mask.nonzero(as_tuple=True)[0]
+    ce = F.cross_entropy(logits.float(), labels[mask], reduction="none")
+    sums = torch.zeros(bsz, dtype=ce.dtype, device=ce.device).index_add(0, sample_of_row, ce)
+    return sums / (mask.sum(dim=1).to(ce.dtype) + EPS)
+
+
+def model_forward(model: Any, batch: dict[str, Any]):
+    return model(
+        input_ids=batch["input_ids"],
+        text_input_ids=batch["text_input_ids"],
+        is_continuous_mask=batch["is_continuous_mask"],
+        continuous_features=batch.get("continuous_features"),
+        attention_mask=batch["attention_mask"],
+        text_logits_mask=batch["text_loss_mask"],
+        audio_logits_mask=batch["audio_loss_mask"],
+    )
+
+
+def compute_loss(model: Any, batch: dict[str, Any], text_weight: float = 1.0, audio_weight: float = 1.0) -> LossParts:
+    out = model_forward(model, batch)
+    bsz = batch["input_ids"].shape[0]
+    text = _per_sample(out.text_logits, batch["text_labels"], batch["text_loss_mask"], bsz)
+    audio = _per_sample(out.audio_logits, batch["audio_labels"], batch["audio_loss_mask"], bsz)
+    total = text_weight * text + audio_weight * audio
+    return LossParts(total=total, text=text.detach(), audio=audio.detach(),
+                     tokens=int(batch["attention_mask"].sum()))

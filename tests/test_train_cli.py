@@ -1,0 +1,240 @@
+"""`kimi-lora train` as a user runs it: the guide's command line, YAML + flags, readable errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from kimi_lora_cli.cli.train import normalise_args
+from kimi_lora_cli.data.synthetic import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("cli-data"), tiny.config, n=4, seed=1)
+
+
+def test_guide_spellings_are_normalised():
+    args = ["--model_name_or_path", "m", "--bf16", "True", "--use_lora", "--gradient_checkpointing", "false",
+            "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj", "--lora_r", "8",
+            "--lazy_preprocess=True", "--data_path=x.jsonl"]
+    assert normalise_args(args) == [
+        "--model-name-or-path", "m", "--bf16", "--use-lora", "--no-gradient-checkpointing",
+        "--lora-target-modules", "q_proj,k_proj,v_proj,o_proj", "--lora-r", "8", "--lazy-preprocess",
+        "--data-path=x.jsonl"]
+
+
+def test_the_guides_command_trains_an_adapter(cli, tiny_dir, data, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = cli(
+        "train", "--model_name_or_path", tiny_dir, "--data_path", data, "--output_dir", out, "--eval_ratio", "0.25",
+        "--bf16", "False", "--num_train_epochs", "2", "--per_device_train_batch_size", "1",
+        "--gradient_accumulation_steps", "2", "--save_steps", "2", "--save_total_limit", "10",
+        "--learning_rate", "1e-3", "--weight_decay", "0.1", "--adam_beta2", "0.95", "--warmup_ratio", "0.01",
+        "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--report_to", "none", "--model_max_length", "512",
+        "--gradient_checkpointing", "True", "--lazy_preprocess", "True", "--use_lora", "--lora_r", "4",
+        "--lora_alpha", "8", "--lora_dropout", "0.05", "--lora_target_modules", "q_proj", "k_proj", "v_proj",
+        "o_proj", "--device", "cpu")
+    assert code == 0, stderr
+    assert "Saved the adapter to" in stdout and "Trained 4 steps on 3 samples" in stdout
+    assert "Component" in stderr and "Trainable" in stderr and "step 4/4" in stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert {k.split(".")[-3] for k in saved} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    resolved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert resolved["gradient_checkpointing"] is True and resolved["lora_target"] == "q_proj,k_proj,v_proj,o_proj"
+    assert resolved["adam_beta2"] == 0.95 and resolved["model_max_length"] == 512
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["step"] for r in evals] == [2, 4] and "eval_text_loss" in evals[0]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_yaml_config_with_flags_overriding(cli, tiny_dir, data, tmp_path):
+    out = tmp_path / "out"
+    conf = tmp_path / "train.yaml"
+    conf.write_text(yaml.safe_dump({"model-name-or-path": str(tiny_dir), "data_path": str(data), "output_dir": str(out),
+                                    "use_lora": True, "lora_rank": 16, "lora-target": "mimo", "max_steps": 1,
+                                    "device": "cpu", "use_rslora": True}))
+    code, _, stderr = cli("train", "--config", conf, "--lora-rank", "2")
+    assert code == 0, stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["use_rslora"] is True
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["lora_rank"] == 2
+    assert all("mimo_layers" in k for k in load_file(str(out / "adapter_model.safetensors")))
+    # the written config repeats the run
+    code, _, stderr = cli("train", "--config", out / "train_config.yaml", "--output-dir", tmp_path / "again")
+    assert code == 0, stderr
+    a = load_file(str(out / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora-rank", "4"], "--lora-rank is a LoRA option but --use-lora is not set"),
+    (["--use-lora", "--lora-target", "nothing_here"], "target 'nothing_here' matches no linear layer"),
+    (["--use-lora", "--too-long", "maybe"], "--too-long must be error, skip or truncate"),
+    (["--use-lora", "--resume-from-checkpoint", "latest"], "no checkpoint-N folder to resume from"),
+])
+def test_bad_options_give_one_line_errors(cli, tiny_dir, data, tmp_path, args, message):
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir",
+                          tmp_path / "o", "--device", "cpu", *args)
+    assert code == 1
+    assert message in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+def test_unknown_yaml_key_is_named_with_a_suggestion(cli, tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("lora_rnak: 4\n")
+    code, _, stderr = cli("train", "--config", conf)
+    assert code == 1 and "unknown setting 'lora_rnak'; did you mean lora_rank" in stderr
+
+
+def test_bad_data_is_reported_line_by_line_before_training(cli, tiny_dir, data, tmp_path):
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for r in rows:  # make the relative paths valid from the new folder
+        for m in r["conversation"]:
+            if m["message_type"] == "audio":
+                m["content"] = str(data.parent / m["content"])
+    rows[1]["conversation"][1]["audio_tokens"] = rows[1]["conversation"][1]["audio_tokens"][:-2]
+    rows[2]["conversation"][1]["content"] = "gone.wav"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n{oops\n" + json.dumps(rows[2]) + "\n")
+    out = tmp_path / "o"
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", bad, "--output-dir", out,
+                          "--use-lora", "--device", "cpu")
+    assert code == 1
+    text = " ".join(stderr.split())  # rich wraps long lines
+    assert "3 problems in the training data" in text
+    assert "bad.jsonl:2: message 1:" in text and "audio_tokens but" in text
+    assert "bad.jsonl:3: invalid JSON" in text
+    assert "bad.jsonl:4: message 1: audio file 'gone.wav' not found" in text
+    assert "Traceback" not in stderr and not out.exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_give_the_same_adapter_as_one(tiny_dir, data, tmp_path):
+    common = ["--model-name-or-path", str(tiny_dir), "--data-path", str(data), "--use-lora", "--lora-dropout", "0",
+              "--learning-rate", "1e-2", "--num-train-epochs", "2", "--logging-steps", "1", "--device", "cpu",
+              "--lora-target", "all,heads"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    one = subprocess.run([sys.executable, "-m", "kimi_lora_cli", "train", *common, "--output-dir", str(tmp_path / "one"),
+                          "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "kimi_lora_cli", "train", *common, "--output-dir", str(tmp_path / "two"),
+                          "--per-device-train-batch-size", "2", "--num-processes", "2"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("Component") == 1  # only rank 0 prints
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), (k, (a[k] - b[k]).abs().max())
+    la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, abs=1e-4) and len(la) == 2
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--use-dora"], "lora_magnitude_vector"),
+    (["--use-lora", "--train-embeddings", "--modules-to-save", "lm_head", "--lora-target", "mimo:0"],
+     "embed_tokens"),
+])
+def test_adapter_variants_load_with_plain_peft(cli, tiny_dir, data, tmp_path, extra, expect):
+    from peft import PeftModel
+
+    from kimi_lora_cli.loading import load_model
+
+    out = tmp_path / "v"
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                          "--max-steps", "1", "--device", "cpu", *extra)
+    assert code == 0, stderr
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert any(expect in k for k in saved)
+    base = load_model(tiny_dir, load_whisper=False, load_tokenizer_=False).model
+    loaded = PeftModel.from_pretrained(base, str(out))
+    state = loaded.state_dict()
+    assert any(expect in k for k in state)
+
+
+def test_full_fine_tuning_from_the_command_line(cli, tiny_dir, data, tmp_path):
+    out = tmp_path / "full"
+    code, stdout, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                               "--max-steps", "1", "--device", "cpu")
+    assert code == 0, stderr
+    assert "Full fine-tuning (Whisper frozen)" in stderr and "Saved the model to" in stdout
+    assert (out / "config.json").is_file() and (out / "whisper-large-v3" / "model.safetensors").is_file()
+    assert not (out / "adapter_config.json").exists()
+    code, stdout, _ = cli("list-modules", out)
+    assert code == 0
+
+
+def test_rich_progress_bar_on_a_terminal(tiny_dir, data, tmp_path):
+    import importlib.util
+    import io
+
+    from rich.console import Console
+
+    from kimi_lora_cli.training.config import TrainConfig
+    from kimi_lora_cli.training.reporting import Reporter
+    from kimi_lora_cli.training.trainer import train
+
+    buf = io.StringIO()
+    reporter = Reporter(console=Console(file=buf, force_terminal=True, width=160), rich_progress=True)
+    cfg = TrainConfig.build(flag_values=dict(data_path=str(data), model_name_or_path=str(tiny_dir), use_lora=True,
+                                             output_dir=str(tmp_path / "o"), max_steps=3, logging_steps=1,
+                                             device="cpu"))
+    result = train(cfg, reporter)
+    text = buf.getvalue()
+    assert "3/3" in text and "tok/s" in text and "loss" in text and "step 1/3" not in text
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    assert (result.plot == tmp_path / "o" / "loss_curve.png") if has_mpl else result.plot is None
+
+
+def test_loss_curve_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kimi_lora_cli.training.reporting import plot_losses
+
+    records = [{"step": i, "loss": 5 - i / 10, "text_loss": 3.0, "audio_loss": 2 - i / 10} for i in range(1, 11)]
+    records.append({"step": 10, "eval_loss": 4.2})
+    path = plot_losses(records, tmp_path / "curve.png")
+    assert path == tmp_path / "curve.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_path_for_weights_and_release_folder_for_the_rest(cli, tiny_dir, data, tmp_path):
+    from kimi_lora_cli.models.kimi_audio.tiny import build_tiny_checkpoint
+
+    weights = build_tiny_checkpoint(tmp_path / "finetuned", layout="finetune")  # no tokenizer, no whisper folder
+    code, _, stderr = cli("train", "--model-path", weights, "--data-path", data, "--output-dir", tmp_path / "a",
+                          "--use-lora", "--max-steps", "1", "--device", "cpu")
+    assert code == 1 and "tiktoken.model" in stderr and "--model-name-or-path" in stderr
+    code, _, stderr = cli("train", "--model_path", weights, "--model_name_or_path", tiny_dir, "--data_path", data,
+                          "--output_dir", tmp_path / "b", "--use_lora", "--max_steps", "1", "--device", "cpu")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(weights)
