@@ -202,3 +202,37 @@ def test_recorded_base_gives_components_without_base_flag(cli, tiny_dir, kimi_ad
     code, data, _ = _json(cli, kimi_adapter)
     assert code == 0 and data["base_model_recorded"] == str(tiny_dir) and data["base"] is None
     assert {g["component"] for g in data["groups"]} == {"backbone", "text", "mimo", "adaptor"}
+
+
+def test_adapter_trained_by_kimi_lora_train(cli, tiny_dir, tiny, tmp_path):
+    """The real train loop's output (targets all + heads): report, stats, base check, merge --verify."""
+    import torch
+
+    from kimi_lora_cli.data.synthetic import write_synthetic_dataset
+    from kimi_lora_cli.training.config import TrainConfig
+    from kimi_lora_cli.training.reporting import Reporter
+    from kimi_lora_cli.training.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = write_synthetic_dataset(tmp_path / "data", tiny.config, n=3, seed=0, task="mixed")
+        values = dict(data_path=str(data), model_name_or_path=str(tiny_dir), output_dir=str(tmp_path / "run"),
+                      use_lora=True, lora_target="all,heads", lora_dropout=0.0, learning_rate=1e-2,
+                      per_device_train_batch_size=3, max_steps=2, logging_steps=1, save_steps=1000,
+                      device="cpu", seed=7)
+        trainer = Trainer(TrainConfig.build(flag_values=values), Reporter(enabled=False))
+        trainer.setup()
+        trainer.run()
+    finally:
+        torch.set_num_threads(threads)
+    adapter = tmp_path / "run"
+    code, data, err = _json(cli, adapter, "--base", tiny_dir, "--stats")
+    assert code == 0, err
+    assert data["base"]["compatible"] and data["base_model_recorded"] == str(tiny_dir)
+    assert {g["component"] for g in data["groups"]} == {"backbone", "text", "mimo", "adaptor", "heads"}
+    assert all(s["norm"] > 0 and not s["flags"] for s in data["stats"])
+    code, out, err = cli("merge", "-m", tiny_dir, "-a", adapter, "-o", tmp_path / "merged", "--verify",
+                         "--device", "cpu")
+    assert code == 0, err
+    assert out.count(" ok") == 2 and f"{len(data['modules'])} of" in out
