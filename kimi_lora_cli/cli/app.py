@@ -6,6 +6,7 @@ import typer
 
 from kimi_lora_cli import __version__
 from kimi_lora_cli.cli._output import guarded
+from kimi_lora_cli.cli.demo import demo
 from kimi_lora_cli.cli.infer import infer
 from kimi_lora_cli.cli.inspect_adapter import inspect_adapter
 from kimi_lora_cli.cli.list_modules import list_modules
@@ -43,6 +44,7 @@ app.command("prepare", rich_help_panel="Data")(guarded(prepare))
 app.command("train", rich_help_panel="Train", cls=TrainCommand)(guarded(train))
 app.command("merge", rich_help_panel="Train")(guarded(merge))
 app.command("infer", rich_help_panel="Run")(guarded(infer))
+app.command("demo", rich_help_panel="Run")(guarded(demo))
 
 
 def main() -> None:

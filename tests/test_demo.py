@@ -1,0 +1,48 @@
+"""`kimi-lora demo` end to end; its claims are checked from the files it wrote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.mark.slow
+def test_demo_runs_and_its_claims_hold(cli, tmp_path):
+    from kimi_lora_cli.inference.metrics import score
+    from kimi_lora_cli.loading import load_model
+
+    work = tmp_path / "demo"
+    code, out, err = cli("demo", "--workdir", work)
+    assert code == 0, err
+    for step in ("list-modules", "train", "inspect-adapter", "merge", "infer"):
+        assert f"$ kimi-lora {step} " in err  # each step shows its standalone command
+
+    # loss fell (from the training log)
+    metrics = [json.loads(x) for x in (work / "adapter" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < 0.1 * metrics[0]["loss"]
+
+    # WER from the predictions file, recomputed here
+    per: dict[str, list[int]] = {}
+    for line in (work / "predictions.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        c = score(rec["reference"], rec["prediction"])
+        e = per.setdefault(rec["adapter"], [0, 0])
+        e[0] += c.word_errors
+        e[1] += c.ref_words
+    assert per["base"][0] / per["base"][1] > 0.8
+    assert per["demo"][0] / per["demo"][1] <= 0.05
+
+    # merged folder loads strictly and equals base + adapter on a probe
+    model_dir = work / "Kimi-Audio-tiny"
+    merged = load_model(work / "merged", dtype="float32", load_whisper=False)
+    tuned = load_model(model_dir, dtype="float32", load_whisper=False, adapters=[("demo", work / "adapter")])
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        a, b = merged.model(ids, text_input_ids=ids), tuned.model(ids, text_input_ids=ids)
+    torch.testing.assert_close(a.text_logits, b.text_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.audio_logits, b.audio_logits, atol=1e-4, rtol=1e-4)
+
+    summary = json.loads((work / "demo_summary.json").read_text())
+    assert summary["wer"]["demo"] == pytest.approx(per["demo"][0] / per["demo"][1])
