@@ -139,9 +139,10 @@ def train(
     group_by_length: Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length",
                                                          help="Batch samples of similar length (less padding).",
                                                          rich_help_panel=P_DATA)] = None,
-    feature_cache_dir: Annotated[str | None, typer.Option("--feature-cache-dir", help="Also keep Whisper features "
-                                                          "on disk here (reused by later runs).",
-                                                          rich_help_panel=P_DATA)] = None,
+    feature_cache_dir: Annotated[str | None, typer.Option(
+        "--feature-cache-dir", "--cache-features", help="Also keep Whisper features on disk here, reused by later "
+        "runs; the folder `kimi-lora prepare --cache-features` filled is reused as is.",
+        rich_help_panel=P_DATA)] = None,
     use_lora: Annotated[bool | None, typer.Option("--use-lora/--no-use-lora", help="Train a LoRA adapter "
                                                   "(without it: full fine-tuning).", rich_help_panel=P_LORA)] = None,
     lora_rank: Annotated[int | None, typer.Option("--lora-rank", "--lora-r", help="\\[default: 8]",

@@ -30,6 +30,7 @@ from typing import Any
 
 from kimi_lora_cli.data.audio import TARGET_SR, AudioError, load_audio
 from kimi_lora_cli.data.conversation import MESSAGE_TYPES, ROLES
+from kimi_lora_cli.data.features import CodeStore, FeatureStore
 from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
 
 STATE_VERSION = 1
@@ -414,9 +415,8 @@ class _Runner:
         self.tick = PrepareProgress("prepare", lines_total=totals["lines"], files_total=totals["files"],
                                     seconds_total=totals["seconds"])
         self.need_tokens = totals["tokens"] > 0
-        self.tokenizer = None
-        self.encoder = None
-        self.fingerprint = ""
+        self.codes: CodeStore | None = None
+        self.features: FeatureStore | None = None
         self.out_dir = paths.output.parent.resolve()
         self.data_dir = spec.data.parent
 
@@ -434,19 +434,14 @@ class _Runner:
 
         device = self._device()
         if self.need_tokens:
-            self.tokenizer = load_speech_tokenizer(self.spec.speech_tokenizer, device=device)
-            codes = self.tokenizer.vocab_size
-            if self.offset + codes > self.vocab:
-                raise ConfigError(
-                    f"{self.spec.speech_tokenizer}: {codes} codes + kimia_token_offset {self.offset} exceed the "
-                    f"model's vocab_size {self.vocab}; use the speech tokenizer that belongs to {self.spec.model}"
-                )
+            # Memory only: the codes go into the output; a file repeated across batches is tokenized once.
+            self.codes = CodeStore(load_speech_tokenizer(self.spec.speech_tokenizer, device=device), self.offset,
+                                   self.vocab, batch_size=self.spec.batch_size)
         if self.spec.cache_features and self.tick.files_total:
-            from kimi_lora_cli.data.feature_cache import encoder_fingerprint
-
-            self.encoder = load_feature_encoder(self.spec.model, device=device,
-                                                dtype="float32" if device == "cpu" else "auto")
-            self.fingerprint = encoder_fingerprint(self.encoder)
+            encoder = load_feature_encoder(self.spec.model, device=device,
+                                           dtype="float32" if device == "cpu" else "auto")
+            self.features = FeatureStore(encoder, cache_dir=self.spec.cache_features, memory_budget_bytes=0,
+                                         batch_size=self.spec.batch_size)
 
     # -- main loop ---------------------------------------------------------------------------
 
@@ -491,7 +486,7 @@ class _Runner:
                                 raise DataProblems(spec.data, [Finding(number, p) for p in chk.problems],
                                                    "; fix them and rerun to continue where it stopped")
                             bad[number] = chk.problems
-                        work += sum(1 for a in chk.audios if a.needs_tokens or self.encoder is not None)
+                        work += sum(1 for a in chk.audios if a.needs_tokens or self.features is not None)
                     pending.append((number, raw, chk))
                 if work >= spec.batch_size or len(pending) >= 512:
                     self._commit(pending, bad, out, rej, prefix)
@@ -540,11 +535,9 @@ class _Runner:
 
     def _process(self, checks: list[LineCheck]) -> dict[int, list[str]]:
         """Fill audio_tokens (and the feature cache) for these lines; returns failures by line."""
-        from kimi_lora_cli.data.feature_cache import cache_file, file_sha256, read_metadata, save_features
-
         failed: dict[int, list[str]] = {}
         res, spec = self.result, self.spec
-        jobs = [(chk, ref) for chk in checks for ref in chk.audios if ref.needs_tokens or self.encoder is not None]
+        jobs = [(chk, ref) for chk in checks for ref in chk.audios if ref.needs_tokens or self.features is not None]
         waves: dict[Path, Any] = {}
         for chk, ref in jobs:
             if ref.path in waves:
@@ -561,33 +554,20 @@ class _Runner:
 
         token_paths = list(dict.fromkeys(ref.path for _, ref in jobs if ref.needs_tokens))
         if token_paths:
-            codes = dict(zip(token_paths, self.tokenizer.tokenize_batch([waves[p] for p in token_paths],
-                                                                        batch_size=spec.batch_size)))
+            codes = dict(zip(token_paths, self.codes.codes(token_paths, waves)))
             for chk, ref in jobs:
                 if ref.needs_tokens:
                     ids = codes[ref.path]
                     if not ids:  # never write an empty token list
                         failed.setdefault(chk.line, []).append(f"message {ref.index}: the audio yields no codes")
                         continue
-                    chk.record["conversation"][ref.index]["audio_tokens"] = [c + self.offset for c in ids]
+                    chk.record["conversation"][ref.index]["audio_tokens"] = ids
                     res.audio_tokenized += 1
                     res.seconds_tokenized += ref.seconds
-        if self.encoder is not None:
-            todo: dict[str, Path] = {}
-            for _, ref in jobs:
-                digest = file_sha256(ref.path)
-                meta = read_metadata(cache_file(spec.cache_features, digest))
-                fresh = meta is not None and meta.get("whisper_fingerprint") == self.fingerprint
-                if fresh or digest in todo:  # cached, or the same content earlier in this batch
-                    res.features_reused += 1
-                else:
-                    todo[digest] = ref.path
-            if todo:
-                rows = self.encoder.encode_batch([waves[p] for p in todo.values()], max_pieces=spec.batch_size)
-                for (digest, path), r in zip(todo.items(), rows):
-                    save_features(spec.cache_features, digest, r, samples=len(waves[path]),
-                                  whisper=str(self.encoder.source), fingerprint=self.fingerprint)
-                    res.features_written += 1
+        if self.features is not None and jobs:
+            written = self.features.fill([ref.path for _, ref in jobs], waves)
+            res.features_written += written
+            res.features_reused += len(jobs) - written  # cached, or the same content earlier in this batch
         for chk in checks:
             if chk.line in failed:
                 continue

@@ -25,6 +25,7 @@ ALIASES = {
     "epochs": "num_train_epochs",
     "batch_size": "per_device_train_batch_size",
     "eval_strategy": "evaluation_strategy",
+    "cache_features": "feature_cache_dir",  # prepare's name for the same folder
 }
 # Accepted for compatibility with the guide's command line; they change nothing here.
 IGNORED_KEYS = ("lazy_preprocess", "save_strategy", "lora_bias_type", "dataloader_num_workers",
