@@ -136,7 +136,7 @@ def test_preflight_lists_every_problem_with_its_line(tiny, tmp_path, synth):
     expect = {
         2: "invalid JSON", 3: "missing key 'conversation'", 4: "unknown role 'robot'",
         5: "unknown message_type 'video'", 6: "missing key content", 7: "'missing/nowhere.wav' not found",
-        8: "cannot decode audio", 9: "audio message without audio_tokens", 10: "outside [",
+        8: "cannot be decoded", 9: "no audio_tokens; pass --speech-tokenizer", 10: "outside [",
         11: f"{len(codes) - 3} audio_tokens but", 12: "nothing to learn",
     }
     for line, text in expect.items():
