@@ -6,6 +6,7 @@ import typer
 
 from kimi_lora_cli import __version__
 from kimi_lora_cli.cli._output import guarded
+from kimi_lora_cli.cli.infer import infer
 from kimi_lora_cli.cli.list_modules import list_modules
 from kimi_lora_cli.cli.prepare import prepare
 from kimi_lora_cli.cli.train import TrainCommand, train
@@ -37,6 +38,7 @@ def _root(
 app.command("list-modules", rich_help_panel="Inspect")(guarded(list_modules))
 app.command("prepare", rich_help_panel="Data")(guarded(prepare))
 app.command("train", rich_help_panel="Train", cls=TrainCommand)(guarded(train))
+app.command("infer", rich_help_panel="Run")(guarded(infer))
 
 
 def main() -> None:

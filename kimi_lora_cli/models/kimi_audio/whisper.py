@@ -63,13 +63,24 @@ def mel_filters(n_mels: int) -> torch.Tensor:
     return _FILTER_CACHE[n_mels]
 
 
-def log_mel(pieces: torch.Tensor, n_mels: int = 128) -> torch.Tensor:
-    """[N, 480000] float32 pieces -> [N, n_mels, 3000] Whisper log-mel features."""
+def log_mel(pieces: torch.Tensor, n_mels: int = 128, signal_samples: int | None = None) -> torch.Tensor:
+    """[N, 480000] float32 pieces -> [N, n_mels, 3000] Whisper log-mel features.
+
+    `signal_samples` (optional): no piece has a non-zero sample at or after this index. Frames that
+    see only the zero padding have zero power, so they are filled in directly (log10(1e-10))
+    instead of being transformed; the result is bit-for-bit the same, and a short clip costs
+    a short STFT."""
     window = torch.hann_window(N_FFT, device=pieces.device)
-    stft = torch.stft(pieces, N_FFT, HOP, window=window, return_complex=True)
-    power = stft[..., :-1].abs() ** 2
+    frames = pieces.shape[-1] // HOP
+    need = frames if signal_samples is None else min(frames, max(signal_samples // HOP + 3, 256))
+    cut = min(pieces.shape[-1], (need + 2) * HOP + N_FFT)
+    stft = torch.stft(pieces[:, :cut], N_FFT, HOP, window=window, return_complex=True)
+    power = stft[..., :need].abs() ** 2
     mel = mel_filters(n_mels).to(pieces.device) @ power
     log_spec = torch.clamp(mel, min=1e-10).log10()
+    if need < frames:
+        floor = torch.tensor(1e-10, dtype=mel.dtype, device=pieces.device).log10()
+        log_spec = torch.cat([log_spec, floor.expand(*log_spec.shape[:-1], frames - need)], dim=-1)
     log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
     return (log_spec + 4.0) / 4.0
 
@@ -162,7 +173,8 @@ class WhisperFeatureEncoder:
         for start in range(0, len(pieces), max_pieces):
             group = pieces[start : start + max_pieces]
             batch = torch.stack([p for p, _ in group]).to(self.device)
-            mel = log_mel(batch, self.n_mels).to(self.dtype)
+            signal = max(r for _, r in group) * SAMPLES_PER_ROW  # no piece has audio past this sample
+            mel = log_mel(batch, self.n_mels, signal_samples=signal).to(self.dtype)
             hidden = self.encoder(mel).last_hidden_state
             frames.extend(hidden[k, : rows * FRAMES_PER_ROW] for k, (_, rows) in enumerate(group))
         out: list[list[torch.Tensor]] = [[] for _ in waveforms]

@@ -1,0 +1,262 @@
+"""`kimi-lora infer`: generate with the base model and/or adapters, stream predictions, score WER/CER."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kimi_lora_cli.cli._options import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt
+
+_GEN = "Generation"
+_SAMPLING = "Sampling (official sampler; temperature 0 = greedy)"
+MAX_TABLE_ROWS = 20
+
+
+class _Progress:
+    """Rich bar with samples/s and tokens/s on a terminal; plain lines on stderr otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        from kimi_lora_cli.cli._output import err, is_tty
+
+        self.console = err
+        self.enabled = enabled
+        self.tty = is_tty()
+        self.bar = None
+        self.task = None
+        self.samples = 0
+        self.tokens = 0
+        self.total = 0
+        self.t0 = time.perf_counter()
+
+    def _rates(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return f"{self.samples / dt:.2f} samples/s, {self.tokens / dt:.1f} tokens/s"
+
+    def start(self, total_samples: int) -> None:
+        self.total = total_samples
+        self.t0 = time.perf_counter()
+        if not self.enabled or total_samples == 0:
+            return
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rates]}"), TimeElapsedColumn(),
+                                console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("infer", total=total_samples, rates="")
+
+    def update(self, samples: int = 0, tokens: int = 0) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, advance=samples, rates=self._rates())
+        elif samples:
+            self.console.print(f"infer: {self.samples}/{self.total} predictions, {self._rates()}")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def infer(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Base model folder (the Kimi-Audio release "
+                                        "folder), or a merged folder from `kimi-lora merge`.",
+                                        show_default=False)],
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", "-a", help="Adapter folder, as DIR or NAME=DIR; repeat to compare several (all are "
+        "loaded once onto one base).", show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="jsonl file in the fine-tuning format; "
+                                              "the trailing assistant message is the reference.",
+                                              show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="One text prompt (user message).",
+                                               show_default=False)] = None,
+    audio: Annotated[Path | None, typer.Option("--audio", help="With --prompt: an audio file appended as a "
+                                               "user audio message.", show_default=False)] = None,
+    audio_tokens: Annotated[Path | None, typer.Option(
+        "--audio-tokens", help="With --audio: its semantic codes (ints separated by spaces/commas, or a "
+        "JSON list; raw codes or codes + kimia_token_offset).", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Predictions jsonl, one line per "
+                                                "sample and adapter, written as they come (replaced "
+                                                "unless --resume).",
+                                                show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the lines already in --output and skip "
+                                         "those (sample, adapter) pairs.")] = False,
+    compare_base: Annotated[bool, typer.Option("--compare-base", help="Also run the base model (adapters "
+                                               "disabled) on every sample.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples generated together "
+                                            "(left padding; outputs equal batch size 1).",
+                                            rich_help_panel=_GEN)] = 8,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", help="Step budget per sample; -1 = official (7500 - prompt length for text, "
+        "1500 - prompt length for both).", rich_help_panel=_GEN)] = -1,
+    output_type: Annotated[str | None, typer.Option(
+        "--output-type", help="text or both (text + audio codes). Default: from each line's task_type "
+        "('understanding' -> text); text for --prompt.", rich_help_panel=_GEN, show_default=False)] = None,
+    text_temperature: Annotated[float, typer.Option("--text-temperature", rich_help_panel=_SAMPLING)] = 0.0,
+    text_top_k: Annotated[int, typer.Option("--text-top-k", help="0 = no top-k.",
+                                            rich_help_panel=_SAMPLING)] = 5,
+    text_repetition_penalty: Annotated[float, typer.Option("--text-repetition-penalty",
+                                                           rich_help_panel=_SAMPLING)] = 1.0,
+    text_repetition_window: Annotated[int, typer.Option("--text-repetition-window",
+                                                        rich_help_panel=_SAMPLING)] = 16,
+    audio_temperature: Annotated[float, typer.Option("--audio-temperature", rich_help_panel=_SAMPLING)] = 0.0,
+    audio_top_k: Annotated[int, typer.Option("--audio-top-k", rich_help_panel=_SAMPLING)] = 5,
+    audio_repetition_penalty: Annotated[float, typer.Option("--audio-repetition-penalty",
+                                                            rich_help_panel=_SAMPLING)] = 1.0,
+    audio_repetition_window: Annotated[int, typer.Option("--audio-repetition-window",
+                                                         rich_help_panel=_SAMPLING)] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the per-sample generators (temperature > 0).",
+                                      rich_help_panel=_SAMPLING)] = 0,
+    no_kv_cache: Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the whole sequence every "
+                                              "step (slow; for checking).", rich_help_panel=_GEN)] = False,
+    device: DeviceOpt = "",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Generate answers with the base model and/or LoRA adapters; score them (WER/CER) when the data
+    has references.
+
+    Decoding follows the official Kimi-Audio loop (text and audio streams, audio delay, text eos).
+    Audio messages need their semantic codes (audio_tokens); a speech tokenizer is not built in yet.
+
+    [bold]Examples[/]
+
+      $ kimi-lora infer --model ./Kimi-Audio-7B-Instruct --adapter out/asr --data test.jsonl -o preds.jsonl
+
+      $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct -a a=out/a -a b=out/b --compare-base -d test.jsonl
+
+      $ kimi-lora infer -m ./merged --prompt 'Please transcribe the following audio:' --audio clip.wav --audio-tokens clip.codes
+    """
+    from kimi_lora_cli.errors import ConfigError
+    from kimi_lora_cli.inference.runner import InferSpec, parse_adapter_args, run_inference
+    from kimi_lora_cli.inference.sampler import SamplingParams
+
+    try:
+        text_sampling = SamplingParams(text_temperature, text_top_k, text_repetition_penalty, text_repetition_window)
+        audio_sampling = SamplingParams(audio_temperature, audio_top_k, audio_repetition_penalty,
+                                        audio_repetition_window)
+    except ValueError as e:
+        raise ConfigError(f"sampling option: {e}") from None
+    spec = InferSpec(
+        model=model, adapters=parse_adapter_args(adapter or []), compare_base=compare_base, data=data,
+        prompt=prompt, audio=audio, audio_tokens=audio_tokens, output=output, resume=resume,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, output_type=output_type,
+        text_sampling=text_sampling, audio_sampling=audio_sampling, seed=seed, device=device or None,
+        dtype=dtype, use_cache=not no_kv_cache, allow_pickle=allow_pickle,
+    )
+    progress = _Progress(enabled=True)
+    try:
+        report = run_inference(spec, progress=progress)
+    finally:
+        progress.stop()
+    rates = {"samples_per_s": progress.samples / max(time.perf_counter() - progress.t0, 1e-9),
+             "tokens_per_s": progress.tokens / max(time.perf_counter() - progress.t0, 1e-9)}
+    if as_json:
+        typer.echo(json.dumps(_json_payload(report, rates), indent=1, ensure_ascii=False))
+    else:
+        _print_report(report, rates)
+
+
+def _json_payload(report: Any, rates: dict[str, float]) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": report.model,
+        "output": report.output,
+        "adapters": report.variants,
+        "samples": len(report.samples),
+        "skipped": report.skipped,
+        "output_types": list(report.output_types),
+        "metrics": {
+            name: {
+                "predictions": s.samples, "scored": s.scored,
+                "wer": s.counts.wer if s.scored else None, "cer": s.counts.cer if s.scored else None,
+                "word_errors": s.counts.word_errors, "ref_words": s.counts.ref_words,
+                "char_errors": s.counts.char_errors, "ref_chars": s.counts.ref_chars,
+                "new_predictions": s.new_samples, "new_tokens": s.new_tokens,
+                "tokens_per_s": round(s.tokens_per_s, 2),
+            }
+            for name, s in report.summaries.items()
+        },
+        **{k: round(v, 3) for k, v in rates.items()},
+        "notes": report.notes,
+    }
+    if report.output is None:
+        payload["predictions"] = report.records
+    return payload
+
+
+def _shown(text: str | None) -> str:
+    """Printable form of a prediction: control characters as \\xNN, rich markup escaped."""
+    from rich.markup import escape
+
+    text = "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" for ch in (text or ""))
+    return escape(text)
+
+
+def _print_report(report: Any, rates: dict[str, float]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from kimi_lora_cli.cli._output import out
+
+    by_key = {(r["id"], r["adapter"]): r for r in report.records}
+    single = len(report.samples) == 1 and report.samples[0].source == "--prompt"
+    if single:
+        s = report.samples[0]
+        for v in report.variants:
+            r = by_key.get((s.id, v))
+            if r is None:
+                continue
+            label = f"[bold]{escape(v)}[/]: " if len(report.variants) > 1 else ""
+            out.print(f"{label}{_shown(r['prediction'])}")
+            if "audio_tokens" in r:
+                out.print(f"[dim]{escape(v)} audio codes ({len(r['audio_tokens'])}): "
+                          f"{' '.join(map(str, r['audio_tokens'][:40]))}{' ...' if len(r['audio_tokens']) > 40 else ''}[/]")
+    else:
+        shown = report.samples[:MAX_TABLE_ROWS]
+        table = Table(title="Predictions", title_justify="left", show_lines=True)
+        table.add_column("id", overflow="fold")
+        if any(s.reference is not None for s in shown):
+            table.add_column("reference", overflow="fold")
+        for v in report.variants:
+            table.add_column(v, overflow="fold")
+        with_ref = len(table.columns) > len(report.variants) + 1
+        for s in shown:
+            row = [_shown(s.id)] + ([_shown(s.reference)] if with_ref else [])
+            row += [_shown(by_key[(s.id, v)]["prediction"]) if (s.id, v) in by_key else "[dim]-[/]"
+                    for v in report.variants]
+            table.add_row(*row)
+        out.print(table)
+        if len(report.samples) > len(shown):
+            more = len(report.samples) - len(shown)
+            where = f" (all in {escape(report.output)})" if report.output else ""
+            out.print(f"[dim]... {more} more samples{where}[/]")
+
+    if any(s.scored for s in report.summaries.values()):
+        table = Table(title="Scores (normalised: lower-case, punctuation stripped, whitespace collapsed, "
+                      "CJK per character)", title_justify="left")
+        for col in ("adapter", "predictions", "scored", "WER", "CER", "word errors / words"):
+            table.add_column(col, justify="left" if col == "adapter" else "right")
+        for name, s in report.summaries.items():
+            table.add_row(escape(name), str(s.samples), str(s.scored),
+                          f"{100 * s.counts.wer:.2f}%" if s.scored else "-",
+                          f"{100 * s.counts.cer:.2f}%" if s.scored else "-",
+                          f"{s.counts.word_errors} / {s.counts.ref_words}")
+        out.print(table)
+    new = sum(s.new_samples for s in report.summaries.values())
+    line = f"{new} new predictions ({rates['samples_per_s']:.2f} samples/s, {rates['tokens_per_s']:.1f} tokens/s)"
+    if report.skipped:
+        line += f", {report.skipped} already in {escape(report.output or '')} (skipped)"
+    if report.output:
+        line += f"; predictions in {escape(report.output)}"
+    out.print(line)
+    for note in report.notes:
+        out.print(f"[yellow]Note:[/] {escape(note)}")

@@ -1,0 +1,361 @@
+"""`infer` core: samples x (base, adapters) -> generation -> streamed predictions jsonl + WER/CER.
+
+Python API (what `kimi-lora infer` calls)::
+
+    report = run_inference(InferSpec(model="Kimi-Audio-7B-Instruct", adapters=(("asr", "out/asr"),),
+                                     data="test.jsonl", output="preds.jsonl"))
+    report.summaries["asr"].counts.wer
+
+The base model is loaded once with every adapter attached (peft); adapters are switched with
+`set_adapter`, and the plain base is run inside peft's `disable_adapter()`, so the base weights
+are never reloaded. Each (sample, adapter) pair becomes one jsonl line, written and flushed as
+soon as its batch finishes; `resume=True` keeps the lines already in the file and skips those
+pairs. Random draws (temperature > 0) use one generator per sample seeded from (seed, sample
+id), so every adapter sees the same draws and a resumed run continues identically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
+from kimi_lora_cli.inference.generation import GenerationConfig, StreamTokens, generate, unwrap_model
+from kimi_lora_cli.inference.metrics import ErrorCounts, score
+from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
+from kimi_lora_cli.inference.samples import InferSample, prompt_sample, read_audio_tokens_file, read_samples
+
+BASE = "base"
+DETOKENIZER_NOTE = (
+    "audio_tokens are GLM-4-Voice semantic codes (offset removed); writing a waveform needs the "
+    "Kimi-Audio detokenizer (audio_detokenizer/ + vocoder/), which kimi-lora does not run yet"
+)
+
+
+@dataclass(frozen=True)
+class InferSpec:
+    model: str | Path
+    adapters: tuple[tuple[str, str | Path], ...] = ()
+    compare_base: bool = False
+    data: str | Path | None = None
+    prompt: str | None = None
+    audio: str | Path | None = None
+    audio_tokens: str | Path | None = None
+    output: str | Path | None = None
+    resume: bool = False
+    batch_size: int = 8
+    max_new_tokens: int = -1
+    output_type: str | None = None  # None: each sample's task_type decides ("text" for --prompt)
+    text_sampling: SamplingParams = TEXT_DEFAULTS
+    audio_sampling: SamplingParams = AUDIO_DEFAULTS
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "auto"
+    use_cache: bool = True
+    allow_pickle: bool = False
+
+
+class ProgressSink(Protocol):
+    def start(self, total_samples: int) -> None: ...
+
+    def update(self, samples: int = 0, tokens: int = 0) -> None: ...
+
+
+@dataclass
+class VariantSummary:
+    name: str
+    counts: ErrorCounts = field(default_factory=ErrorCounts)
+    samples: int = 0  # predictions for this run's samples (resumed ones included)
+    scored: int = 0  # of which with a reference
+    new_samples: int = 0  # generated in this run
+    new_tokens: int = 0
+    seconds: float = 0.0  # generation wall time in this run
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class InferReport:
+    model: str
+    variants: list[str]
+    samples: list[InferSample]
+    records: list[dict[str, Any]]  # one per (sample, variant), sample order then variant order
+    summaries: dict[str, VariantSummary]
+    output: str | None
+    skipped: int = 0  # pairs found in the output file and not regenerated
+    output_types: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
+    """`DIR` (named after the folder) or `NAME=DIR`; names unique and not 'base'."""
+    out: list[tuple[str, Path]] = []
+    for v in values:
+        name, sep, folder = v.partition("=")
+        if not sep:
+            folder, name = v, Path(v).expanduser().resolve().name
+        if not name or not folder:
+            raise ConfigError(f"--adapter {v!r}: use DIR or NAME=DIR")
+        if name == BASE:
+            raise ConfigError(f"--adapter {v!r}: the name 'base' is reserved for the model without adapter; "
+                              "pick another NAME=DIR")
+        if any(n == name for n, _ in out):
+            raise ConfigError(f"--adapter {v!r}: two adapters named {name!r}; name them with NAME=DIR")
+        out.append((name, Path(folder).expanduser()))
+    return tuple(out)
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_spec(spec: InferSpec) -> None:
+    if (spec.data is None) == (spec.prompt is None):
+        raise ConfigError("pass exactly one of --data FILE.jsonl or --prompt TEXT")
+    if spec.data is not None and (spec.audio is not None or spec.audio_tokens is not None):
+        raise ConfigError("--audio/--audio-tokens go with --prompt; in --data files the messages carry them")
+    if spec.resume and spec.output is None:
+        raise ConfigError("--resume needs --output FILE (the predictions file to continue)")
+    if spec.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, not {spec.batch_size}")
+    if spec.output_type not in (None, "text", "both"):
+        raise ConfigError(f"--output-type must be text or both, not {spec.output_type!r}")
+    if spec.max_new_tokens == 0 or spec.max_new_tokens < -1:
+        raise ConfigError(f"--max-new-tokens must be > 0 (or -1 for the official budget), not {spec.max_new_tokens}")
+    if spec.compare_base and not spec.adapters:
+        raise ConfigError("--compare-base needs at least one --adapter (without one, the base is all that runs)")
+
+
+# -------------------------------------------------------------------------------------------
+# Predictions file
+# -------------------------------------------------------------------------------------------
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """Records already in a predictions file. A cut-off last line (crash mid-write) is dropped
+    from the file; any other bad line is an error."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records, good_end, pos = [], 0, 0
+    for k, line in enumerate(lines):
+        end = pos + len(line) + (1 if k < len(lines) - 1 else 0)
+        if line.strip():
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or "id" not in obj or "adapter" not in obj:
+                    raise ValueError("not a prediction record")
+            except ValueError:
+                if all(not rest.strip() for rest in lines[k + 1 :]):
+                    with open(path, "r+b") as f:  # drop the torn tail so new lines append cleanly
+                        f.truncate(good_end)
+                    break
+                raise DataError(f"{path}:{k + 1}: not a prediction line written by `kimi-lora infer`; "
+                                "remove the line or write to a new --output file") from None
+            records.append(obj)
+            good_end = end
+        pos = end
+    else:
+        if raw and not raw.endswith(b"\n"):
+            with open(path, "ab") as f:
+                f.write(b"\n")
+    return records
+
+
+class PredictionWriter:
+    """Appends one JSON line per prediction and flushes it to disk at once."""
+
+    def __init__(self, path: Path | None, resume: bool) -> None:
+        self.path = path
+        self._f = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "a" if resume else "w", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is None:
+            return
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+# -------------------------------------------------------------------------------------------
+# Running
+# -------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def activate(model: Any, name: str, adapter_names: list[str]):
+    """Run `model` as adapter `name`, or as the plain base (peft's disable_adapter) for 'base'."""
+    if not adapter_names:
+        yield
+    elif name == BASE:
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(name)
+        yield
+
+
+def sample_generators(samples: list[InferSample], seed: int, device: Any, needed: bool):
+    if not needed:
+        return None
+    import torch
+
+    gens = []
+    for s in samples:
+        g = torch.Generator(device=device)
+        g.manual_seed(zlib.crc32(f"{seed}:{s.id}".encode()))
+        gens.append(g)
+    return gens
+
+
+def make_record(sample: InferSample, variant: str, output_type: str, result: Any, tokenizer: Any) -> dict[str, Any]:
+    prediction = tokenizer.decode(result.text_tokens)
+    rec: dict[str, Any] = {
+        "id": sample.id,
+        "adapter": variant,
+        "output_type": output_type,
+        "prompt": sample.summary,
+        "prediction": prediction,
+        "reference": sample.reference,
+        "text_tokens": result.text_tokens,
+    }
+    if output_type == "both":
+        rec["audio_tokens"] = result.audio_tokens
+    rec["new_tokens"] = result.steps
+    rec["finish"] = result.finish
+    rec["time_s"] = round(result.seconds, 4)
+    if sample.reference is not None:
+        c = score(sample.reference, prediction)
+        rec["wer"], rec["cer"] = round(c.wer, 6), round(c.cer, 6)
+    return rec
+
+
+def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded: Any = None) -> InferReport:
+    """Run every (sample, variant) pair not already in the output file; see the module docstring.
+
+    `loaded` reuses an already loaded model (its adapters must be the spec's)."""
+    import torch
+
+    from kimi_lora_cli.inference.prompts import build_prompts, tokenize_prompt
+
+    _check_spec(spec)
+    output = Path(spec.output).expanduser() if spec.output is not None else None
+    if output is not None and output.is_dir():
+        raise ConfigError(f"--output {output}: is a folder; pass a file name such as preds.jsonl")
+    if output is not None and spec.data is not None and output.resolve() == Path(spec.data).expanduser().resolve():
+        raise ConfigError(f"--output {output}: is the --data file; write predictions to another file")
+    samples = read_samples(spec.data) if spec.data is not None else None
+    if loaded is None:
+        from kimi_lora_cli.loading import load_model
+
+        loaded = load_model(spec.model, dtype=spec.dtype, device=resolve_device(spec.device),
+                            adapters=[(n, str(p)) for n, p in spec.adapters] or None,
+                            allow_pickle=spec.allow_pickle)
+    if not loaded.info.is_kimi:
+        raise ModelLoadError(f"{loaded.info.path}: `infer` runs Kimi-Audio models (config.json with kimia_* keys); "
+                             "this folder holds another architecture")
+    tokenizer, config = loaded.tokenizer, loaded.config
+    if samples is None:
+        codes = None
+        if spec.audio_tokens is not None:
+            codes = read_audio_tokens_file(spec.audio_tokens, config.kimia_token_offset, config.vocab_size)
+        samples = [prompt_sample(spec.prompt or "", spec.audio, codes, spec.output_type or "text")]
+    out_type = {s.id: spec.output_type or s.output_type for s in samples}
+    lengths = {s.id: len(tokenize_prompt(s.messages, tokenizer, config, out_type[s.id], s.source)) for s in samples}
+
+    adapter_names = list(loaded.adapter_names)
+    variants = ([BASE] if spec.compare_base or not adapter_names else []) + adapter_names
+    previous = read_predictions(output) if (spec.resume and output is not None) else []
+    ids = {s.id for s in samples}
+    done = {(r["id"], r["adapter"]) for r in previous if r["id"] in ids}
+    todo = [s for s in samples if any((s.id, v) not in done for v in variants)]
+    skipped = sum(1 for s in samples for v in variants if (s.id, v) in done)
+
+    model = loaded.model.eval()
+    tokens = StreamTokens.from_model(tokenizer, config)
+    device = unwrap_model(loaded.model).device
+    stochastic = not (spec.text_sampling.greedy and spec.audio_sampling.greedy)
+    summaries = {v: VariantSummary(v) for v in variants}
+    new_records: list[dict[str, Any]] = []
+
+    # Similar lengths in one batch waste less compute on padding; each output type on its own.
+    order = sorted(todo, key=lambda s: (out_type[s.id], lengths[s.id]))
+    batches = []
+    for otype in ("text", "both"):
+        group = [s for s in order if out_type[s.id] == otype]
+        batches += [(otype, group[i : i + spec.batch_size]) for i in range(0, len(group), spec.batch_size)]
+
+    writer = PredictionWriter(output, spec.resume)
+    if progress is not None:
+        progress.start(sum(1 for s in todo for v in variants if (s.id, v) not in done))
+    try:
+        for otype, batch in batches:
+            prompts = build_prompts([s.messages for s in batch], tokenizer, config, loaded.feature_encoder,
+                                    otype, [s.source for s in batch])
+            gcfg = GenerationConfig(output_type=otype, max_new_tokens=spec.max_new_tokens,
+                                    text=spec.text_sampling, audio=spec.audio_sampling, use_cache=spec.use_cache)
+            for v in variants:
+                picks = [k for k, s in enumerate(batch) if (s.id, v) not in done]
+                if not picks:
+                    continue
+                subset = [batch[k] for k in picks]
+                gens = sample_generators(subset, spec.seed, device, stochastic)
+                step_cb = (lambda n: progress.update(tokens=n)) if progress is not None else None
+                with activate(model, v, adapter_names):
+                    results = generate(model, [prompts[k] for k in picks], gcfg, tokens, gens, on_step=step_cb)
+                summary = summaries[v]
+                summary.seconds += max((r.seconds for r in results), default=0.0)
+                for s, r in zip(subset, results):
+                    rec = make_record(s, v, otype, r, tokenizer)
+                    writer.write(rec)
+                    new_records.append(rec)
+                    summary.new_samples += 1
+                    summary.new_tokens += r.steps
+                if progress is not None:
+                    progress.update(samples=len(subset))
+    finally:
+        writer.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    by_key = {(r["id"], r["adapter"]): r for r in previous if r["id"] in ids}
+    by_key.update({(r["id"], r["adapter"]): r for r in new_records})
+    records = [by_key[(s.id, v)] for s in samples for v in variants if (s.id, v) in by_key]
+    sample_by_id = {s.id: s for s in samples}
+    for r in records:
+        summary = summaries.get(r["adapter"])
+        if summary is None:
+            continue
+        summary.samples += 1
+        ref = sample_by_id[r["id"]].reference
+        if ref is not None:
+            summary.scored += 1
+            summary.counts.add(score(ref, r.get("prediction") or ""))
+    otypes = tuple(sorted({out_type[s.id] for s in samples}))
+    notes = [DETOKENIZER_NOTE] if "both" in otypes else []
+    return InferReport(model=str(loaded.info.path), variants=variants, samples=samples, records=records,
+                       summaries=summaries, output=str(output) if output else None, skipped=skipped,
+                       output_types=otypes, notes=notes)
+
