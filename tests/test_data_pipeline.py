@@ -234,3 +234,51 @@ def test_json_array_files_and_non_jsonl_files(tiny, synth, tmp_path):
     toml.write_text("[project]\nname = 'x'\nversion = '1'\n[tool]\nx = 1\n[more]\n")
     with pytest.raises(DataError, match="not a jsonl file"):
         load_samples(toml, tiny.tokenizer, tiny.config)
+
+
+def _without_tokens(rows):
+    """The rows with every audio_tokens removed (what a user has before tokenizing)."""
+    rows = json.loads(json.dumps(rows))
+    for r in rows:
+        for m in r["conversation"]:
+            m.pop("audio_tokens", None)
+    return rows
+
+
+def test_speech_tokenizer_fills_missing_audio_tokens_once_per_file(tiny, synth, tmp_path,
+                                                                   tiny_speech_tokenizer_dir):
+    from kimi_lora_cli.data.audio import load_audio
+    from kimi_lora_cli.data.features import CodeStore
+    from kimi_lora_cli.loading import load_speech_tokenizer
+
+    path, rows = synth
+    st = load_speech_tokenizer(tiny_speech_tokenizer_dir)
+    offset = tiny.config.kimia_token_offset
+    raw = _write(path.parent / "raw.jsonl", _without_tokens(rows))
+    with pytest.raises(DataError, match=r"raw\.jsonl:1: message 1: no audio_tokens; pass --speech-tokenizer DIR"):
+        load_samples(raw, tiny.tokenizer, tiny.config)
+    stores = []
+
+    def speech_codes():
+        stores.append(CodeStore(st, offset, tiny.config.vocab_size, cache_dir=tmp_path / "cache"))
+        return stores[-1]
+
+    data = load_samples(raw, tiny.tokenizer, tiny.config, speech_codes=speech_codes)
+    n_files = sum(m["message_type"] == "audio" for r in rows for m in r["conversation"])
+    assert data.audio_tokenized == n_files and stores[0].stats.computed == n_files
+    # The codes are the tokenizer's, offset; the streams are what the same jsonl with those tokens gives.
+    filled = json.loads(json.dumps(rows))
+    for r in filled:
+        for m in r["conversation"]:
+            if m["message_type"] == "audio":
+                m["audio_tokens"] = [c + offset for c in st.tokenize(load_audio(path.parent / m["content"]))]
+    expected = load_samples(_write(path.parent / "filled.jsonl", filled), tiny.tokenizer, tiny.config)
+    assert [s.seq for s in data.samples] == [s.seq for s in expected.samples]
+    assert [s.audio for s in data.samples] == [s.audio for s in expected.samples]
+    # A later run reads the codes from the cache folder; data that has its tokens never loads the tokenizer.
+    again = load_samples(raw, tiny.tokenizer, tiny.config, speech_codes=speech_codes)
+    assert stores[1].stats.computed == 0 and stores[1].stats.disk_hits == n_files
+    assert [s.seq for s in again.samples] == [s.seq for s in expected.samples]
+    assert len(list((tmp_path / "cache").glob("*.codes.safetensors"))) == n_files
+    load_samples(path, tiny.tokenizer, tiny.config, speech_codes=speech_codes)
+    assert len(stores) == 2

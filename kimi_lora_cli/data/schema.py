@@ -13,9 +13,9 @@
     audio's duration (one code per 1280 samples at 16 kHz, per 30 s piece: `rows_for_samples`);
   * conversations with nothing to learn (no assistant message).
 
-`load_samples(path, tokenizer, config, max_length=..., too_long="error", codes=None)` reads the
-official format (JSON lines, or one JSON array), checks every line, fills missing audio_tokens from
-`codes` (a CodeStore) when given, and either returns the tokenized samples or raises one DataError
+`load_samples(path, tokenizer, config, max_length=..., too_long="error", speech_codes=None)` reads
+the official format (JSON lines, or one JSON array), checks every line, fills missing audio_tokens
+from `speech_codes()` (a CodeStore) when given, and either returns the tokenized samples or raises one DataError
 listing every problem as `FILE:LINE: ...`, sequences longer than `max_length` included (policy
 "error", "skip" with a count, or "truncate").
 """
@@ -347,12 +347,13 @@ def load_samples(
     max_length: int | None = None,
     too_long: str = "error",
     cwd: str | Path | None = None,
-    codes: CodeStore | None = None,
+    speech_codes: Callable[[], CodeStore] | None = None,
 ) -> LoadedData:
     """Read and check the whole jsonl; raise one DataError listing every problem (file:line).
 
-    With `codes`, audio messages without audio_tokens get them from the speech tokenizer (each
-    file once, cached like features) instead of being a problem."""
+    With `speech_codes` (called only when some audio message lacks audio_tokens, so the speech
+    tokenizer loads only then), those messages get their codes from it (each file once, cached like
+    features) instead of being a problem."""
     if too_long not in TOO_LONG_POLICIES:
         raise DataError(f"too-long policy {too_long!r} is unknown; use error, skip or truncate")
     path = Path(path).expanduser()
@@ -373,7 +374,7 @@ def load_samples(
                                 "pass the jsonl with one conversation per line")
             continue
         chk = check_record(obj, jsonl_dir, config.kimia_token_offset, config.vocab_size, line=lineno,
-                           speech_tokenizer=codes is not None, probe=probe, cwd=cwd)
+                           speech_tokenizer=speech_codes is not None, probe=probe, cwd=cwd)
         if chk.problems:
             problems.extend((lineno, f"{where}: {p}") for p in chk.problems)
         else:
@@ -382,7 +383,7 @@ def load_samples(
     needed = [ref for _, _, chk in checked for ref in chk.audios if ref.needs_tokens]
     if needed and not problems:  # the speech tokenizer runs only on data that is otherwise sound
         paths = list(dict.fromkeys(ref.path for ref in needed))
-        found = dict(zip(paths, codes.codes(paths)))
+        found = dict(zip(paths, speech_codes().codes(paths)))
         for _, obj, chk in checked:
             for ref in chk.audios:
                 if ref.needs_tokens:

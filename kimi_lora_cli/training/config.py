@@ -79,6 +79,7 @@ class TrainConfig:
     too_long: str = "error"  # error | skip | truncate
     group_by_length: bool = False
     feature_cache_dir: str | None = None
+    speech_tokenizer: str | None = None  # glm-4-voice-tokenizer folder: audio_tokens for messages lacking them
     # precision and memory
     bf16: bool = False
     fp16: bool = False
