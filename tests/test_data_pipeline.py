@@ -282,3 +282,26 @@ def test_speech_tokenizer_fills_missing_audio_tokens_once_per_file(tiny, synth, 
     assert len(list((tmp_path / "cache").glob("*.codes.safetensors"))) == n_files
     load_samples(path, tiny.tokenizer, tiny.config, speech_codes=speech_codes)
     assert len(stores) == 2
+
+
+def test_audio_text_history_needs_its_file_only_to_compute_tokens(tiny, synth):
+    from kimi_lora_cli.data.schema import check_record
+
+    path, rows = synth
+    user_audio, answer = rows[1]["conversation"][0], rows[1]["conversation"][2]
+    history = {"role": "assistant", "message_type": "audio-text", "content": ["gone.wav", "hi"],
+               "audio_tokens": answer["audio_tokens"]}
+    line = {"task_type": "speech_conversation", "conversation": [
+        user_audio, history, {"role": "user", "message_type": "text", "content": "and then"},
+        {"role": "assistant", "message_type": "text", "content": "fine"}]}
+    off, vocab = tiny.config.kimia_token_offset, tiny.config.vocab_size
+    chk = check_record(line, path.parent, off, vocab)
+    assert chk.problems == [] and [(a.index, a.continuous) for a in chk.audios] == [(0, True)]
+    del history["audio_tokens"]
+    assert check_record(line, path.parent, off, vocab, speech_tokenizer=True).problems == [
+        "message 1: audio file 'gone.wav' not found (looked at it as given, in "
+        f"{path.parent.resolve()} and in the current folder); fix the path or run from the folder it is relative to"]
+    history["content"][0] = answer["content"]
+    chk = check_record(line, path.parent, off, vocab, speech_tokenizer=True)
+    assert chk.problems == [] and [(a.index, a.continuous, a.needs_tokens) for a in chk.audios] == [
+        (0, True, False), (1, False, True)]

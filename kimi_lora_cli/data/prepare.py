@@ -426,7 +426,7 @@ class _Runner:
                     res.audio_kept += 1
                 if ref.via_data_dir and self.data_dir.resolve() != self.out_dir:
                     rel = os.path.relpath(ref.path.resolve(), self.out_dir)
-                    if msg.get("message_type") == "audio-text":
+                    if isinstance(msg["content"], list):  # audio-text: [audio_path, text]
                         msg["content"][0] = rel
                     else:
                         msg["content"] = rel
