@@ -418,6 +418,8 @@ def load_model(
             info.num_parameters = sum(p.numel() for p in model.parameters())
     else:
         model, cfg = _load_hf(info, torch_dtype, device, weights, allow_pickle)
+    if info.is_kimi:
+        model.name_or_path = str(info.path)  # peft saves it as the adapter's base_model_name_or_path
     tokenizer = load_tokenizer(info) if load_tokenizer_ else None
     loaded = LoadedModel(model=model, tokenizer=tokenizer, feature_encoder=encoder, info=info, config=cfg)
     if adapters:

@@ -88,3 +88,14 @@ def test_deepspeed_config_autos_are_filled_from_the_flags(tmp_path):
     ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
     with pytest.raises(ConfigError, match='remove the "optimizer" section'):
         deepspeed_config(cfg, world=1)
+
+
+@pytest.mark.parametrize(("name", "stage"), [("zero2", 2), ("zero3", 3), ("ds_zero3.json", 3)])
+def test_shipped_deepspeed_configs_by_name(name, stage):
+    from kimi_lora_cli.training.distributed import deepspeed_config
+
+    cfg = TrainConfig.build({}, {"data_path": "d", "model_path": "m", "deepspeed": name, "bf16": True,
+                                 "per_device_train_batch_size": 2, "gradient_accumulation_steps": 3})
+    out = deepspeed_config(cfg, world=4)
+    assert out["zero_optimization"]["stage"] == stage
+    assert out["train_batch_size"] == 24 and out["bf16"]["enabled"] is True

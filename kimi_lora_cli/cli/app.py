@@ -7,7 +7,9 @@ import typer
 from kimi_lora_cli import __version__
 from kimi_lora_cli.cli._output import guarded
 from kimi_lora_cli.cli.infer import infer
+from kimi_lora_cli.cli.inspect_adapter import inspect_adapter
 from kimi_lora_cli.cli.list_modules import list_modules
+from kimi_lora_cli.cli.merge import merge
 from kimi_lora_cli.cli.prepare import prepare
 from kimi_lora_cli.cli.train import TrainCommand, train
 
@@ -36,8 +38,10 @@ def _root(
 
 
 app.command("list-modules", rich_help_panel="Inspect")(guarded(list_modules))
+app.command("inspect-adapter", rich_help_panel="Inspect")(guarded(inspect_adapter))
 app.command("prepare", rich_help_panel="Data")(guarded(prepare))
 app.command("train", rich_help_panel="Train", cls=TrainCommand)(guarded(train))
+app.command("merge", rich_help_panel="Train")(guarded(merge))
 app.command("infer", rich_help_panel="Run")(guarded(infer))
 
 

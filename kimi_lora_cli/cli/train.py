@@ -215,8 +215,8 @@ def train(
     resume_from_checkpoint: Annotated[str | None, typer.Option(
         "--resume-from-checkpoint", help="latest (newest checkpoint in --output-dir) or a checkpoint-N folder.",
         rich_help_panel=P_RUN)] = None,
-    deepspeed: Annotated[str | None, typer.Option("--deepspeed", help="DeepSpeed JSON config (ZeRO-2/3); \"auto\" "
-                                                  "values are filled from the flags.", rich_help_panel=P_RUN)] = None,
+    deepspeed: Annotated[str | None, typer.Option("--deepspeed", help="DeepSpeed config: zero2 or zero3 (shipped "
+                                                  "with kimi-lora) or a JSON path; \"auto\" values are filled from the flags.", rich_help_panel=P_RUN)] = None,
     report_to: Annotated[str | None, typer.Option("--report-to", help="none, tensorboard or wandb. \\[default: none]",
                                                   rich_help_panel=P_RUN)] = None,
     num_processes: Annotated[int | None, typer.Option("--num-processes", "--nproc-per-node", help="Launch N "

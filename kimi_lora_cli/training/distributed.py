@@ -20,9 +20,18 @@ def env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+SHIPPED_DEEPSPEED = {"zero2": "ds_zero2.json", "zero3": "ds_zero3.json"}
+
+
+def shipped_deepspeed_config(name: str) -> Path | None:
+    """`--deepspeed zero2|zero3` names the configs shipped in kimi_lora_cli/configs/."""
+    file = SHIPPED_DEEPSPEED.get(name.lower().removesuffix(".json").replace("ds_", ""))
+    return Path(__file__).resolve().parents[1] / "configs" / file if file else None
+
+
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     """The user's DeepSpeed JSON with every "auto" filled from the flags (so no dataloader is needed)."""
-    path = Path(cfg.deepspeed).expanduser()
+    path = shipped_deepspeed_config(cfg.deepspeed) or Path(cfg.deepspeed).expanduser()
     try:
         ds = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

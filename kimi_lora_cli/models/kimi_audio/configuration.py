@@ -77,6 +77,11 @@ class KimiAudioConfig:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **_: Any) -> KimiAudioConfig:
+        """config.json of a local model folder (peft calls this on the base recorded in an adapter)."""
+        return cls.from_json_file(Path(folder) / "config.json")
+
     def validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
