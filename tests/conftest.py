@@ -40,3 +40,11 @@ def cli():
         return result.exit_code, result.stdout, result.stderr
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_speech_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tiny GLM-4-Voice tokenizer folder whose 128 codes fill the tiny checkpoint's audio vocabulary."""
+    from kimi_lora_cli.models.speech_tokenizer.tiny import build_tiny_speech_tokenizer
+
+    return build_tiny_speech_tokenizer(tmp_path_factory.mktemp("glm") / "glm-4-voice-tokenizer", vocab=128)

@@ -136,7 +136,7 @@ def test_preflight_lists_every_problem_with_its_line(tiny, tmp_path, synth):
     expect = {
         2: "invalid JSON", 3: "missing key 'conversation'", 4: "unknown role 'robot'",
         5: "unknown message_type 'video'", 6: "missing key content", 7: "'missing/nowhere.wav' not found",
-        8: "cannot decode audio", 9: "audio message without audio_tokens", 10: "outside [",
+        8: "cannot be decoded", 9: "no audio_tokens; pass --speech-tokenizer", 10: "outside [",
         11: f"{len(codes) - 3} audio_tokens but", 12: "nothing to learn",
     }
     for line, text in expect.items():
@@ -234,3 +234,74 @@ def test_json_array_files_and_non_jsonl_files(tiny, synth, tmp_path):
     toml.write_text("[project]\nname = 'x'\nversion = '1'\n[tool]\nx = 1\n[more]\n")
     with pytest.raises(DataError, match="not a jsonl file"):
         load_samples(toml, tiny.tokenizer, tiny.config)
+
+
+def _without_tokens(rows):
+    """The rows with every audio_tokens removed (what a user has before tokenizing)."""
+    rows = json.loads(json.dumps(rows))
+    for r in rows:
+        for m in r["conversation"]:
+            m.pop("audio_tokens", None)
+    return rows
+
+
+def test_speech_tokenizer_fills_missing_audio_tokens_once_per_file(tiny, synth, tmp_path,
+                                                                   tiny_speech_tokenizer_dir):
+    from kimi_lora_cli.data.audio import load_audio
+    from kimi_lora_cli.data.features import CodeStore
+    from kimi_lora_cli.loading import load_speech_tokenizer
+
+    path, rows = synth
+    st = load_speech_tokenizer(tiny_speech_tokenizer_dir)
+    offset = tiny.config.kimia_token_offset
+    raw = _write(path.parent / "raw.jsonl", _without_tokens(rows))
+    with pytest.raises(DataError, match=r"raw\.jsonl:1: message 1: no audio_tokens; pass --speech-tokenizer DIR"):
+        load_samples(raw, tiny.tokenizer, tiny.config)
+    stores = []
+
+    def speech_codes():
+        stores.append(CodeStore(st, offset, tiny.config.vocab_size, cache_dir=tmp_path / "cache"))
+        return stores[-1]
+
+    data = load_samples(raw, tiny.tokenizer, tiny.config, speech_codes=speech_codes)
+    n_files = sum(m["message_type"] == "audio" for r in rows for m in r["conversation"])
+    assert data.audio_tokenized == n_files and stores[0].stats.computed == n_files
+    # The codes are the tokenizer's, offset; the streams are what the same jsonl with those tokens gives.
+    filled = json.loads(json.dumps(rows))
+    for r in filled:
+        for m in r["conversation"]:
+            if m["message_type"] == "audio":
+                m["audio_tokens"] = [c + offset for c in st.tokenize(load_audio(path.parent / m["content"]))]
+    expected = load_samples(_write(path.parent / "filled.jsonl", filled), tiny.tokenizer, tiny.config)
+    assert [s.seq for s in data.samples] == [s.seq for s in expected.samples]
+    assert [s.audio for s in data.samples] == [s.audio for s in expected.samples]
+    # A later run reads the codes from the cache folder; data that has its tokens never loads the tokenizer.
+    again = load_samples(raw, tiny.tokenizer, tiny.config, speech_codes=speech_codes)
+    assert stores[1].stats.computed == 0 and stores[1].stats.disk_hits == n_files
+    assert [s.seq for s in again.samples] == [s.seq for s in expected.samples]
+    assert len(list((tmp_path / "cache").glob("*.codes.safetensors"))) == n_files
+    load_samples(path, tiny.tokenizer, tiny.config, speech_codes=speech_codes)
+    assert len(stores) == 2
+
+
+def test_audio_text_history_needs_its_file_only_to_compute_tokens(tiny, synth):
+    from kimi_lora_cli.data.schema import check_record
+
+    path, rows = synth
+    user_audio, answer = rows[1]["conversation"][0], rows[1]["conversation"][2]
+    history = {"role": "assistant", "message_type": "audio-text", "content": ["gone.wav", "hi"],
+               "audio_tokens": answer["audio_tokens"]}
+    line = {"task_type": "speech_conversation", "conversation": [
+        user_audio, history, {"role": "user", "message_type": "text", "content": "and then"},
+        {"role": "assistant", "message_type": "text", "content": "fine"}]}
+    off, vocab = tiny.config.kimia_token_offset, tiny.config.vocab_size
+    chk = check_record(line, path.parent, off, vocab)
+    assert chk.problems == [] and [(a.index, a.continuous) for a in chk.audios] == [(0, True)]
+    del history["audio_tokens"]
+    assert check_record(line, path.parent, off, vocab, speech_tokenizer=True).problems == [
+        "message 1: audio file 'gone.wav' not found (looked at it as given, in "
+        f"{path.parent.resolve()} and in the current folder); fix the path or run from the folder it is relative to"]
+    history["content"][0] = answer["content"]
+    chk = check_record(line, path.parent, off, vocab, speech_tokenizer=True)
+    assert chk.problems == [] and [(a.index, a.continuous, a.needs_tokens) for a in chk.audios] == [
+        (0, True, False), (1, False, True)]

@@ -11,9 +11,10 @@ import pytest
 import soundfile as sf
 
 from kimi_lora_cli.data.audio import load_audio
-from kimi_lora_cli.data.prepare import DataProblems, PrepareSpec, codes_for_samples, prepare
+from kimi_lora_cli.data.prepare import DataProblems, PrepareSpec, prepare
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.loading import load_speech_tokenizer
+from kimi_lora_cli.models.kimi_audio.whisper import rows_for_samples
 from kimi_lora_cli.models.speech_tokenizer.tiny import build_tiny_speech_tokenizer, synthetic_speech
 
 
@@ -83,7 +84,7 @@ def test_prepare_adds_tokens_that_train_can_use(corpus, tiny_dir, tiny, st_dir, 
         path = corpus / "audio" / name
         msg = row["conversation"][1]
         assert msg["audio_tokens"] == expected_tokens(st, path, offset)
-        assert len(msg["audio_tokens"]) == codes_for_samples(len(load_audio(path)))
+        assert len(msg["audio_tokens"]) == rows_for_samples(len(load_audio(path)))
         # The relative path now reads the same file from the output's folder; the rest is untouched.
         assert (out.parent / msg["content"]).resolve() == path.resolve()
         assert row["conversation"][0] == orig["conversation"][0] and row["conversation"][2] == orig["conversation"][2]
@@ -112,7 +113,7 @@ def test_audio_text_history_gets_tokens(corpus, tiny_dir, tiny, st_dir, st, offs
 
 def test_existing_tokens_kept_unless_recompute(corpus, tiny_dir, st_dir, st, offset, tmp_path):
     path = corpus / "audio" / "a.wav"
-    n = codes_for_samples(len(load_audio(path)))
+    n = rows_for_samples(len(load_audio(path)))
     given = [offset + (i % 7) for i in range(n)]
     data = write_jsonl(corpus / "given.jsonl", [asr_line("audio/a.wav", audio_tokens=given)])
     # Complete data: no speech tokenizer needed, the checks still run and the line is copied.
@@ -153,8 +154,8 @@ def test_bad_lines_all_reported_with_line_numbers(corpus, tiny_dir, st_dir, cli,
         "bad.jsonl:4: message 1: audio file 'audio/corrupt.wav' cannot be decoded",
         "bad.jsonl:5: message 1: audio file 'audio/zero.wav' holds no samples",
         "bad.jsonl:6: invalid JSON",
-        "bad.jsonl:7: message 0: role 'robot'",
-        "bad.jsonl:7: message 0: audio content must be the audio file's path",
+        "bad.jsonl:7: message 0: missing key content",
+        "bad.jsonl:7: message 0: unknown role 'robot'",
         "bad.jsonl:7: no assistant message",
         f"bad.jsonl:8: message 1: audio token 5 outside [{offset},",
         "bad.jsonl:9: message 1: 3 audio_tokens but the audio (2.00 s) yields 25",
@@ -270,8 +271,9 @@ def test_resume_starts_over_when_done_lines_changed(corpus, tiny_dir, st_dir):
 
 def test_cache_features_keyed_by_content(corpus, tiny_dir, tiny, st_dir, tmp_path):
     import torch
+    from safetensors import safe_open
 
-    from kimi_lora_cli.data.feature_cache import encoder_fingerprint, file_sha256, load_features
+    from kimi_lora_cli.data.features import FeatureStore, file_sha256
 
     data = write_jsonl(corpus / "feat.jsonl", [asr_line("audio/a.wav"), asr_line("audio/b.flac"),
                                                asr_line("audio/a.wav")])
@@ -282,16 +284,47 @@ def test_cache_features_keyed_by_content(corpus, tiny_dir, tiny, st_dir, tmp_pat
     assert result.features_written == 2 and result.features_reused == 1  # a.wav twice, one file
     files = sorted(p.name for p in cache.iterdir())
     assert files == sorted(f"{file_sha256(corpus / 'audio' / n)}.safetensors" for n in ("a.wav", "b.flac"))
-    fingerprint = encoder_fingerprint(tiny.feature_encoder)
+    store = FeatureStore(tiny.feature_encoder, cache_dir=cache)
+    with safe_open(str(cache / files[0]), framework="pt") as f:
+        assert f.keys() == ["features"] and f.metadata()["whisper_fingerprint"] == store.fingerprint
     rows = read_jsonl(tmp_path / "f.jsonl")
-    for row, name in zip(rows, ["a.wav", "b.flac"]):
-        feats = load_features(cache, corpus / "audio" / name, fingerprint=fingerprint)
+    paths = [corpus / "audio" / name for name in ("a.wav", "b.flac")]
+    for row, feats, path in zip(rows, store.rows(paths), paths):
         assert feats.shape == (len(row["conversation"][1]["audio_tokens"]), tiny.feature_encoder.row_dim)
-        torch.testing.assert_close(feats, tiny.feature_encoder.encode(load_audio(corpus / "audio" / name)))
-    assert load_features(cache, corpus / "audio" / "a.wav", fingerprint="another-encoder") is None
+        torch.testing.assert_close(feats, tiny.feature_encoder.encode(load_audio(path)))
+    assert store.stats.disk_hits == 2 and store.stats.computed == 0
+    store.fingerprint = "another-encoder"  # entries made by other Whisper weights are not used
+    assert store._read_disk(file_sha256(paths[0])) is None
     again = prepare(PrepareSpec(**{**spec.__dict__, "overwrite": True}))
     assert again.features_written == 0 and again.features_reused == 3
 
+
+def test_train_reuses_the_features_prepare_cached(corpus, tiny_dir, tiny, st_dir, tmp_path, cli):
+    """prepare --cache-features DIR, then train --cache-features DIR: Whisper never runs in train."""
+    from kimi_lora_cli.training.config import TrainConfig
+    from kimi_lora_cli.training.reporting import Reporter
+    from kimi_lora_cli.training.trainer import Trainer
+
+    data = write_jsonl(corpus / "reuse.jsonl", [asr_line("audio/a.wav"), asr_line("audio/b.flac"),
+                                                asr_line("audio/c.wav"), asr_line("audio/a.wav")])
+    cache, prepared = tmp_path / "features", tmp_path / "prepared.jsonl"
+    code, _, stderr = cli("prepare", "-m", tiny_dir, "--speech-tokenizer", st_dir, "-d", data, "-o", prepared,
+                          "--cache-features", cache)
+    assert code == 0, stderr
+    assert len(list(cache.glob("*.safetensors"))) == 3
+    cfg = TrainConfig.build(flag_values=dict(data_path=str(prepared), model_name_or_path=str(tiny_dir),
+                                             output_dir=str(tmp_path / "run"), use_lora=True, max_steps=2,
+                                             per_device_train_batch_size=2, device="cpu", cache_features=str(cache)))
+    trainer = Trainer(cfg, Reporter(enabled=False))
+    trainer.setup()
+    encoder = trainer.loaded.feature_encoder
+    calls = []
+    real = encoder.encode_batch
+    encoder.encode_batch = lambda waves, **kw: calls.append(len(waves)) or real(waves, **kw)
+    result = trainer.run()
+    assert result.global_step == 2 and not result.interrupted
+    assert calls == [] and trainer.store.stats.computed == 0
+    assert trainer.store.stats.disk_hits == 3  # one read per file; later batches hit memory
 
 def test_refusals(corpus, tiny_dir, tmp_path):
     big = build_tiny_speech_tokenizer(tmp_path / "big", vocab=256)

@@ -238,3 +238,30 @@ def test_model_path_for_weights_and_release_folder_for_the_rest(cli, tiny_dir, d
                           "--output_dir", tmp_path / "b", "--use_lora", "--max_steps", "1", "--device", "cpu")
     assert code == 0, stderr
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(weights)
+
+
+def test_speech_tokenizer_trains_on_audio_without_tokens(cli, tiny_dir, data, tmp_path, tiny_speech_tokenizer_dir):
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    files = set()
+    for r in rows:
+        for m in r["conversation"]:
+            m.pop("audio_tokens", None)
+            if m["message_type"] == "audio":
+                m["content"] = str(data.parent / m["content"])
+                files.add(m["content"])
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["train", "--model-name-or-path", tiny_dir, "--data-path", raw, "--use-lora", "--max-steps", "1",
+              "--per-device-train-batch-size", "4", "--device", "cpu"]
+    code, _, stderr = cli(*common, "--output-dir", tmp_path / "no")
+    assert code == 1 and "raw.jsonl:1: message 1: no audio_tokens; pass --speech-tokenizer DIR" in " ".join(stderr.split())
+    cache = tmp_path / "cache"
+    code, stdout, stderr = cli(*common, "--output-dir", tmp_path / "out", "--speech_tokenizer",
+                               tiny_speech_tokenizer_dir, "--cache_features", cache)
+    assert code == 0, stderr
+    assert f"audio_tokens for {len(files)} files" in " ".join(stderr.split())
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert len(list(cache.glob("*.codes.safetensors"))) == len(files)  # codes and features share the folder
+    assert len([p for p in cache.glob("*.safetensors") if not p.name.endswith(".codes.safetensors")]) == len(files)
+    resolved = yaml.safe_load((tmp_path / "out" / "train_config.yaml").read_text())
+    assert resolved["speech_tokenizer"] == str(tiny_speech_tokenizer_dir) and resolved["feature_cache_dir"] == str(cache)

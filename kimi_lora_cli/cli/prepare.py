@@ -27,7 +27,7 @@ def prepare(
                                             "there.")] = False,
     cache_features: Annotated[Path | None, typer.Option(
         "--cache-features", help="Folder for Whisper features, DIR/<sha256 of the audio file>.safetensors "
-        "(tensor 'features'); train reuses them.", show_default=False)] = None,
+        "(tensor 'features'); `kimi-lora train --cache-features DIR` reuses them.", show_default=False)] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines (recorded in the rejects file) "
                                            "instead of stopping.")] = False,
     rejects: Annotated[Path | None, typer.Option("--rejects", help="Rejects file for --skip-bad "

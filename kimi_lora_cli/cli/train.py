@@ -117,7 +117,7 @@ def train(
         "and Whisper come from --model-name-or-path when it lacks them.", rich_help_panel=P_DATA)] = None,
     data_path: Annotated[str | None, typer.Option(
         "--data-path", help="Training jsonl in the official format, audio messages with audio_tokens "
-        "(see `kimi-lora prepare`).", rich_help_panel=P_DATA)] = None,
+        "(see `kimi-lora prepare`) or, with --speech-tokenizer, without.", rich_help_panel=P_DATA)] = None,
     output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="Where the adapter, checkpoints "
                                                    "and logs go. \\[default: output/kimi-lora]",
                                                    rich_help_panel=P_DATA)] = None,
@@ -139,9 +139,13 @@ def train(
     group_by_length: Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length",
                                                          help="Batch samples of similar length (less padding).",
                                                          rich_help_panel=P_DATA)] = None,
-    feature_cache_dir: Annotated[str | None, typer.Option("--feature-cache-dir", help="Also keep Whisper features "
-                                                          "on disk here (reused by later runs).",
-                                                          rich_help_panel=P_DATA)] = None,
+    feature_cache_dir: Annotated[str | None, typer.Option(
+        "--feature-cache-dir", "--cache-features", help="Also keep Whisper features on disk here, reused by later "
+        "runs; the folder `kimi-lora prepare --cache-features` filled is reused as is.",
+        rich_help_panel=P_DATA)] = None,
+    speech_tokenizer: Annotated[str | None, typer.Option(
+        "--speech-tokenizer", help="Local glm-4-voice-tokenizer folder: audio messages without audio_tokens are "
+        "tokenized on the fly (each file once; kept in --feature-cache-dir too).", rich_help_panel=P_DATA)] = None,
     use_lora: Annotated[bool | None, typer.Option("--use-lora/--no-use-lora", help="Train a LoRA adapter "
                                                   "(without it: full fine-tuning).", rich_help_panel=P_LORA)] = None,
     lora_rank: Annotated[int | None, typer.Option("--lora-rank", "--lora-r", help="\\[default: 8]",

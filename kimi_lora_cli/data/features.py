@@ -1,117 +1,161 @@
-"""Whisper feature rows per audio file, computed once and cached (memory, optionally disk).
+"""What frozen audio models make of each audio file (Whisper features, speech codes), computed once.
 
-Whisper is frozen in every training mode here, so a file's rows never change during a run: they are
-keyed by the file's content hash plus a fingerprint of the encoder (weights and dtype), kept in memory
-up to a byte budget (least recently used leave first) and, with `cache_dir`, written as safetensors
-files that later runs and resumed runs reuse. Misses of one micro-batch are encoded together.
+Both stores key a file by the sha256 of its bytes, keep results in memory up to a byte budget
+(least recently used leave first) and, given `cache_dir`, on disk, where `kimi-lora prepare
+--cache-features DIR` and `kimi-lora train --feature-cache-dir DIR` share them:
+
+  DIR/<sha256>.safetensors        tensor `features` [rows, 4 * d_model] (Whisper rows, 12.5 Hz)
+  DIR/<sha256>.codes.safetensors  tensor `codes` [n] int32 (GLM-4-Voice codes, no offset)
+
+The header metadata holds `samples` (16 kHz length), `rows`, the model folder and its
+`fingerprint()` (`whisper_fingerprint` / `speech_tokenizer_fingerprint`): an entry made by other
+weights is ignored and recomputed. The fingerprint covers weights, not dtype, so features made in
+bfloat16 serve a float32 run (cast on read) and the other way round. Files are written to a
+temporary name and renamed, so a present file is complete; a damaged one is recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kimi_lora_cli.errors import ConfigError, DataError
+
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """Short id of a model's weights: shapes and float32 values of the given tensors."""
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
 class CacheStats:
-    hits: int = 0
-    disk_hits: int = 0
-    computed: int = 0
+    hits: int = 0  # found in memory
+    disk_hits: int = 0  # read from cache_dir
+    computed: int = 0  # files run through the model
     seconds_computing: float = 0.0
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+class _AudioStore:
+    """Per-file results of one frozen model, by content hash: memory, then disk, then the model."""
 
+    tensor_name = ""
+    suffix = ".safetensors"
+    model_key = ""  # metadata key of the fingerprint
 
-def encoder_fingerprint(encoder: Any) -> str:
-    """Short hash of the Whisper weights' first layer plus dtype and geometry."""
-    import torch
-
-    conv = encoder.encoder.conv1.weight.detach()
-    h = hashlib.sha256()
-    h.update(f"{conv.dtype}|{encoder.row_dim}|{encoder.n_mels}|{tuple(conv.shape)}".encode())
-    h.update(conv.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-class FeatureStore:
-    """`rows(paths)` -> one [rows, dim] CPU tensor per file, computing only what is not cached."""
-
-    def __init__(self, encoder: Any, cache_dir: str | Path | None = None,
-                 memory_budget_bytes: int = 4 << 30) -> None:
-        self.encoder = encoder
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+    def __init__(self, model: Any, fingerprint_: str, cache_dir: str | Path | None, memory_budget_bytes: int,
+                 batch_size: int) -> None:
+        self.model = model
+        self.fingerprint = fingerprint_
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.memory_budget = memory_budget_bytes
-        self.fingerprint = encoder_fingerprint(encoder)
+        self.batch_size = batch_size
         self.stats = CacheStats()
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memory_bytes = 0
         self._digests: dict[tuple[str, int, int], str] = {}
 
+    # -- what a subclass supplies ---------------------------------------------------------------
+    def _compute(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _metadata(self) -> dict[str, str]:
+        return {}
+
+    def _on_read(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    # -- keys and files -------------------------------------------------------------------------
     def key(self, path: Path) -> str:
+        """sha256 of the file's bytes (re-hashed only when its size or modification time changes)."""
         st = path.stat()
         stamp = (str(path), st.st_size, st.st_mtime_ns)
         digest = self._digests.get(stamp)
         if digest is None:
-            digest = self._digests[stamp] = file_digest(path)
-        return f"{digest[:32]}-{self.fingerprint}"
+            digest = self._digests[stamp] = file_sha256(path)
+        return digest
 
-    def _remember(self, key: str, rows: torch.Tensor) -> None:
-        if key in self._memory:
-            self._memory.move_to_end(key)
-            return
-        size = rows.numel() * rows.element_size()
-        if size > self.memory_budget:
-            return
-        self._memory[key] = rows
-        self._memory_bytes += size
-        while self._memory_bytes > self.memory_budget:
-            _, old = self._memory.popitem(last=False)
-            self._memory_bytes -= old.numel() * old.element_size()
+    def cache_file(self, digest: str) -> Path | None:
+        return self.cache_dir / f"{digest}{self.suffix}" if self.cache_dir else None
 
-    def _disk_file(self, key: str) -> Path | None:
-        return self.cache_dir / key[:2] / f"{key}.safetensors" if self.cache_dir else None
-
-    def _read_disk(self, key: str) -> torch.Tensor | None:
-        f = self._disk_file(key)
+    def _disk_metadata(self, digest: str) -> dict[str, str] | None:
+        """Header metadata of a usable entry (present, readable, made by this model), else None."""
+        f = self.cache_file(digest)
         if f is None or not f.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                meta = dict(h.metadata() or {})
+                ok = self.tensor_name in h.keys() and meta.get(self.model_key) == self.fingerprint
+        except Exception:  # a broken entry counts as absent and is rewritten
+            return None
+        return meta if ok else None
+
+    def _read_disk(self, digest: str) -> torch.Tensor | None:
+        if self._disk_metadata(digest) is None:
             return None
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(f))["rows"]
-        except Exception:  # a damaged cache file is recomputed, never trusted
+            return self._on_read(load_file(str(self.cache_file(digest)))[self.tensor_name])
+        except Exception:  # damaged after its header: recomputed, never trusted
             return None
 
-    def _write_disk(self, key: str, rows: torch.Tensor) -> None:
-        f = self._disk_file(key)
+    def _write_disk(self, digest: str, value: torch.Tensor, samples: int) -> None:
+        f = self.cache_file(digest)
         if f is None:
             return
         from safetensors.torch import save_file
 
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
-        save_file({"rows": rows.contiguous()}, str(tmp))
+        tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+        meta = {"format": "pt", "samples": str(samples), "rows": str(value.shape[0]), "dtype": str(value.dtype),
+                self.model_key: self.fingerprint, **self._metadata()}
+        save_file({self.tensor_name: value.detach().to("cpu").contiguous()}, str(tmp), metadata=meta)
         os.replace(tmp, f)
 
-    def rows(self, paths: list[Path]) -> list[torch.Tensor]:
-        import time
+    def _remember(self, digest: str, value: torch.Tensor) -> None:
+        if digest in self._memory:
+            self._memory.move_to_end(digest)
+            return
+        size = value.numel() * value.element_size()
+        if size > self.memory_budget:
+            return
+        self._memory[digest] = value
+        self._memory_bytes += size
+        while self._memory_bytes > self.memory_budget:
+            _, old = self._memory.popitem(last=False)
+            self._memory_bytes -= old.numel() * old.element_size()
 
-        from kimi_lora_cli.data.audio import AudioError, load_audio
-        from kimi_lora_cli.errors import DataError
-
+    # -- the two ways in ------------------------------------------------------------------------
+    def get(self, paths: Sequence[Path], waves: Mapping[Path, Any] | None = None) -> list[torch.Tensor]:
+        """One result per path, in order; misses are decoded (unless in `waves`) and run together."""
         keys = [self.key(p) for p in paths]
         found: dict[str, torch.Tensor] = {}
         todo: dict[str, Path] = {}
@@ -130,20 +174,100 @@ class FeatureStore:
                 self.stats.disk_hits += 1
                 continue
             todo[k] = p
-        if todo:
-            start = time.perf_counter()
-            waves = []
-            for p in todo.values():
-                try:
-                    waves.append(load_audio(p))
-                except AudioError as e:
-                    raise DataError(f"{e}; fix or remove the lines that use it") from None
-            computed = self.encoder.encode_batch(waves)
-            for (k, _), rows in zip(todo.items(), computed):
-                rows = rows.detach().to("cpu")
-                found[k] = rows
-                self._remember(k, rows)
-                self._write_disk(k, rows)
-            self.stats.computed += len(todo)
-            self.stats.seconds_computing += time.perf_counter() - start
+        for k, value in self._run(todo, waves).items():
+            found[k] = value
+            self._remember(k, value)
         return [found[k] for k in keys]
+
+    def fill(self, paths: Sequence[Path], waves: Mapping[Path, Any] | None = None) -> int:
+        """Make sure every path has a disk entry without reading the ones present; returns how many
+        files were computed (the rest were cached or repeated)."""
+        todo: dict[str, Path] = {}
+        for p in paths:
+            k = self.key(p)
+            if k not in todo and self._disk_metadata(k) is None:
+                todo[k] = p
+        return len(self._run(todo, waves))
+
+    def _run(self, todo: dict[str, Path], waves: Mapping[Path, Any] | None) -> dict[str, torch.Tensor]:
+        if not todo:
+            return {}
+        from kimi_lora_cli.data.audio import AudioError, load_audio
+
+        start = time.perf_counter()
+        decoded = []
+        for p in todo.values():
+            if waves is not None and p in waves:
+                decoded.append(waves[p])
+                continue
+            try:
+                decoded.append(load_audio(p))
+            except AudioError as e:
+                raise DataError(f"{e}; fix or remove the lines that use it") from None
+        out = {}
+        for (k, _), wave, value in zip(todo.items(), decoded, self._compute(decoded)):
+            out[k] = value
+            self._write_disk(k, value, samples=len(wave))
+        self.stats.computed += len(todo)
+        self.stats.seconds_computing += time.perf_counter() - start
+        return out
+
+
+class FeatureStore(_AudioStore):
+    """`rows(paths)` -> one [rows, dim] CPU tensor per file (Whisper features, the encoder's dtype)."""
+
+    tensor_name = "features"
+    model_key = "whisper_fingerprint"
+
+    def __init__(self, encoder: Any, cache_dir: str | Path | None = None, memory_budget_bytes: int = 4 << 30,
+                 batch_size: int = 8) -> None:
+        super().__init__(encoder, fingerprint(encoder.encoder.conv1.weight), cache_dir, memory_budget_bytes,
+                         batch_size)
+
+    @property
+    def encoder(self) -> Any:
+        return self.model
+
+    def _compute(self, waves):
+        return [r.detach().to("cpu") for r in self.model.encode_batch(waves, max_pieces=self.batch_size)]
+
+    def _metadata(self) -> dict[str, str]:
+        return {"whisper": str(getattr(self.model, "source", ""))}
+
+    def _on_read(self, t):
+        return t.to(self.model.dtype)
+
+    def rows(self, paths: Sequence[Path], waves: Mapping[Path, Any] | None = None) -> list[torch.Tensor]:
+        return self.get(paths, waves)
+
+
+class CodeStore(_AudioStore):
+    """`codes(paths)` -> each file's GLM-4-Voice codes plus kimia_token_offset (what audio_tokens hold)."""
+
+    tensor_name = "codes"
+    suffix = ".codes.safetensors"
+    model_key = "speech_tokenizer_fingerprint"
+
+    def __init__(self, tokenizer: Any, offset: int, vocab_size: int, cache_dir: str | Path | None = None,
+                 memory_budget_bytes: int = 256 << 20, batch_size: int = 8) -> None:
+        if offset + tokenizer.vocab_size > vocab_size:
+            raise ConfigError(
+                f"{tokenizer.source or 'speech tokenizer'}: {tokenizer.vocab_size} codes + kimia_token_offset "
+                f"{offset} exceed the model's vocab_size {vocab_size}; use the speech tokenizer that belongs to "
+                "the model (glm-4-voice-tokenizer for Kimi-Audio)"
+            )
+        enc = tokenizer.encoder
+        super().__init__(tokenizer, fingerprint(enc.conv1.weight, enc.codebook.weight), cache_dir,
+                         memory_budget_bytes, batch_size)
+        self.offset = offset
+
+    def _compute(self, waves):
+        import torch
+
+        return [torch.tensor(c, dtype=torch.int32) for c in self.model.tokenize_batch(waves, batch_size=self.batch_size)]
+
+    def _metadata(self) -> dict[str, str]:
+        return {"speech_tokenizer": str(getattr(self.model, "source", ""))}
+
+    def codes(self, paths: Sequence[Path], waves: Mapping[Path, Any] | None = None) -> list[list[int]]:
+        return [(c.long() + self.offset).tolist() for c in self.get(paths, waves)]

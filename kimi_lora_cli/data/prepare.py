@@ -28,19 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kimi_lora_cli.data.audio import TARGET_SR, AudioError, load_audio
-from kimi_lora_cli.data.conversation import MESSAGE_TYPES, ROLES
+from kimi_lora_cli.data.audio import AudioError, load_audio
+from kimi_lora_cli.data.features import CodeStore, FeatureStore
+from kimi_lora_cli.data.schema import AudioRef, LineCheck, check_line
 from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
 
 STATE_VERSION = 1
-SAMPLES_PER_CODE = 1280
-CHUNK_SAMPLES = 30 * TARGET_SR
-
-
-def codes_for_samples(num_samples: int) -> int:
-    """GLM-4-Voice codes for a 16 kHz waveform: ceil(L / 1280) per 30 s piece."""
-    return sum(-(-min(CHUNK_SAMPLES, num_samples - s) // SAMPLES_PER_CODE)
-               for s in range(0, num_samples, CHUNK_SAMPLES))
 
 
 @dataclass(frozen=True)
@@ -79,30 +72,6 @@ class DataProblems(DataError):
 
 
 @dataclass
-class AudioRef:
-    """One audio message of a line: where its file is and what it needs."""
-
-    index: int
-    content: str
-    path: Path | None = None
-    via_data_dir: bool = False
-    samples: int = 0  # 16 kHz length from the file header
-    needs_tokens: bool = False
-
-    @property
-    def seconds(self) -> float:
-        return self.samples / TARGET_SR
-
-
-@dataclass
-class LineCheck:
-    line: int
-    record: dict[str, Any] | None
-    audios: list[AudioRef] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-
-@dataclass
 class PrepareProgress:
     stage: str  # "check" | "prepare"
     lines_done: int = 0
@@ -130,131 +99,6 @@ class PrepareResult:
 
 
 # -------------------------------------------------------------------------------------------
-# Line checks (kept small; train's pre-flight has the same rules)
-# -------------------------------------------------------------------------------------------
-
-
-def resolve_audio(content: str, data_dir: Path) -> tuple[Path | None, bool]:
-    """(existing path, found relative to the jsonl's folder?) or (None, False)."""
-    p = Path(content).expanduser()
-    if p.is_absolute():
-        return (p, False) if p.exists() else (None, False)
-    if (data_dir / p).exists():
-        return data_dir / p, True
-    if p.exists():
-        return p.resolve(), False
-    return None, False
-
-
-def probe_audio(path: Path) -> tuple[int, str | None]:
-    """(16 kHz length from the header, problem or None) without decoding the samples."""
-    import soundfile as sf
-
-    if path.is_dir():
-        return 0, "is a folder, not an audio file"
-    if path.stat().st_size == 0:
-        return 0, "is empty (0 bytes); re-export the audio"
-    try:
-        info = sf.info(str(path))
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return 0, f"cannot be decoded ({reason}); convert it to wav, flac or ogg"
-    if info.frames <= 0 or info.samplerate <= 0:
-        return 0, "holds no samples (zero length); remove the message or re-export the audio"
-    return -(-info.frames * TARGET_SR // int(info.samplerate)), None
-
-
-def check_tokens(tokens: Any, offset: int, vocab_size: int) -> str | None:
-    if not isinstance(tokens, list) or not tokens:
-        return "audio_tokens must be a non-empty list of ints"
-    for c in tokens:
-        if not isinstance(c, int) or isinstance(c, bool) or not offset <= c < vocab_size:
-            return (f"audio token {c!r} outside [{offset}, {vocab_size}) (codes must include kimia_token_offset "
-                    f"{offset})")
-    return None
-
-
-def check_line(text: str, line: int, data_dir: Path, offset: int, vocab_size: int, *, recompute: bool,
-               have_tokenizer: bool) -> LineCheck:
-    """Parse one jsonl line and list every problem it has (each message, each audio file)."""
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        return LineCheck(line, None, problems=[f"invalid JSON ({e.msg} at column {e.colno}); each line must be "
-                                               "one JSON object"])
-    chk = LineCheck(line, record if isinstance(record, dict) else None)
-    if not isinstance(record, dict):
-        chk.problems.append(f"expected a JSON object with a conversation list, got {type(record).__name__}")
-        return chk
-    conv = record.get("conversation")
-    if not isinstance(conv, list) or not conv:
-        chk.problems.append("no conversation: add a non-empty \"conversation\" list of messages")
-        return chk
-    if record.get("task_type") is not None and not isinstance(record.get("task_type"), str):
-        chk.problems.append("task_type must be a string (\"understanding\" for audio-to-text tasks)")
-    has_assistant = False
-    for i, msg in enumerate(conv):
-        where = f"message {i}"
-        if not isinstance(msg, dict):
-            chk.problems.append(f"{where}: expected an object with role, message_type and content")
-            continue
-        role = msg.get("role")
-        if role not in ROLES:
-            chk.problems.append(f"{where}: role {role!r}; use 'user' or 'assistant'")
-        has_assistant = has_assistant or role == "assistant"
-        mtype = msg.get("message_type", "text")
-        content = msg.get("content")
-        if mtype not in MESSAGE_TYPES:
-            chk.problems.append(f"{where}: message_type {mtype!r}; use 'text', 'audio' or 'audio-text'")
-            continue
-        if mtype == "text":
-            if not isinstance(content, str):
-                chk.problems.append(f"{where}: text content must be a string")
-            continue
-        if mtype == "audio-text":
-            if role != "assistant":
-                chk.problems.append(f"{where}: audio-text messages are assistant history only")
-            if not (isinstance(content, list) and len(content) == 2 and all(isinstance(c, str) for c in content)):
-                chk.problems.append(f"{where}: audio-text content must be [audio_path, text]")
-                continue
-            audio = content[0]
-        else:
-            if not isinstance(content, str) or not content.strip():
-                chk.problems.append(f"{where}: audio content must be the audio file's path")
-                continue
-            audio = content
-        ref = AudioRef(i, audio)
-        chk.audios.append(ref)
-        ref.path, ref.via_data_dir = resolve_audio(audio, data_dir)
-        if ref.path is None:
-            chk.problems.append(f"{where}: audio file {audio!r} not found (relative paths are read from "
-                                f"{data_dir.resolve()} then the working directory); fix the path")
-        else:
-            ref.samples, problem = probe_audio(ref.path)
-            if problem:
-                chk.problems.append(f"{where}: audio file {audio!r} {problem}")
-        tokens = msg.get("audio_tokens")
-        if tokens is None or recompute:
-            ref.needs_tokens = True
-            if not have_tokenizer:
-                chk.problems.append(f"{where}: no audio_tokens; pass --speech-tokenizer DIR (the "
-                                    "glm-4-voice-tokenizer folder) to compute them")
-            continue
-        problem = check_tokens(tokens, offset, vocab_size)
-        if problem:
-            chk.problems.append(f"{where}: {problem}; pass --recompute --speech-tokenizer DIR to regenerate them")
-        elif ref.samples and len(tokens) != codes_for_samples(ref.samples):
-            chk.problems.append(
-                f"{where}: {len(tokens)} audio_tokens but the audio ({ref.seconds:.2f} s) yields "
-                f"{codes_for_samples(ref.samples)} (1 per 80 ms per 30 s piece); the tokens belong to another "
-                "file: pass --recompute --speech-tokenizer DIR"
-            )
-    if not has_assistant:
-        chk.problems.append("no assistant message: the line has nothing to learn; add the assistant answer")
-    return chk
-
-
-# -------------------------------------------------------------------------------------------
 # The command's core
 # -------------------------------------------------------------------------------------------
 
@@ -273,6 +117,11 @@ class _Paths:
         rejects = spec.rejects or out.with_name(f"{out.stem}.rejects{out.suffix or '.jsonl'}")
         return cls(out, out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json"),
                    rejects, rejects.with_name(rejects.name + ".partial"))
+
+
+def _has_work(ref: AudioRef, features: bool) -> bool:
+    """Codes to compute, or Whisper features to cache (audio-text history has no features)."""
+    return ref.needs_tokens or (features and ref.continuous)
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -349,7 +198,7 @@ def _scan(spec: PrepareSpec, offset: int, vocab: int, resume_line: int,
         if not text.strip():
             continue
         chk = check_line(text, number, data_dir, offset, vocab, recompute=spec.recompute,
-                         have_tokenizer=have_tokenizer)
+                         speech_tokenizer=have_tokenizer)
         if chk.problems:
             findings.extend(Finding(number, p) for p in chk.problems)
             bad[number] = chk.problems
@@ -357,7 +206,7 @@ def _scan(spec: PrepareSpec, offset: int, vocab: int, resume_line: int,
         if number >= resume_line:
             totals["lines"] += 1
             for ref in chk.audios:
-                if ref.needs_tokens or spec.cache_features:
+                if _has_work(ref, spec.cache_features is not None):
                     totals["files"] += 1
                     totals["seconds"] += ref.seconds
                 totals["tokens"] += ref.needs_tokens
@@ -414,9 +263,8 @@ class _Runner:
         self.tick = PrepareProgress("prepare", lines_total=totals["lines"], files_total=totals["files"],
                                     seconds_total=totals["seconds"])
         self.need_tokens = totals["tokens"] > 0
-        self.tokenizer = None
-        self.encoder = None
-        self.fingerprint = ""
+        self.codes: CodeStore | None = None
+        self.features: FeatureStore | None = None
         self.out_dir = paths.output.parent.resolve()
         self.data_dir = spec.data.parent
 
@@ -434,19 +282,14 @@ class _Runner:
 
         device = self._device()
         if self.need_tokens:
-            self.tokenizer = load_speech_tokenizer(self.spec.speech_tokenizer, device=device)
-            codes = self.tokenizer.vocab_size
-            if self.offset + codes > self.vocab:
-                raise ConfigError(
-                    f"{self.spec.speech_tokenizer}: {codes} codes + kimia_token_offset {self.offset} exceed the "
-                    f"model's vocab_size {self.vocab}; use the speech tokenizer that belongs to {self.spec.model}"
-                )
+            # Memory only: the codes go into the output; a file repeated across batches is tokenized once.
+            self.codes = CodeStore(load_speech_tokenizer(self.spec.speech_tokenizer, device=device), self.offset,
+                                   self.vocab, batch_size=self.spec.batch_size)
         if self.spec.cache_features and self.tick.files_total:
-            from kimi_lora_cli.data.feature_cache import encoder_fingerprint
-
-            self.encoder = load_feature_encoder(self.spec.model, device=device,
-                                                dtype="float32" if device == "cpu" else "auto")
-            self.fingerprint = encoder_fingerprint(self.encoder)
+            encoder = load_feature_encoder(self.spec.model, device=device,
+                                           dtype="float32" if device == "cpu" else "auto")
+            self.features = FeatureStore(encoder, cache_dir=self.spec.cache_features, memory_budget_bytes=0,
+                                         batch_size=self.spec.batch_size)
 
     # -- main loop ---------------------------------------------------------------------------
 
@@ -485,13 +328,13 @@ class _Runner:
                     chk = None
                     if text.strip():
                         chk = check_line(text, number, self.data_dir, self.offset, self.vocab,
-                                         recompute=spec.recompute, have_tokenizer=spec.speech_tokenizer is not None)
+                                         recompute=spec.recompute, speech_tokenizer=spec.speech_tokenizer is not None)
                         if chk.problems:  # the files changed since the check pass
                             if not spec.skip_bad:
                                 raise DataProblems(spec.data, [Finding(number, p) for p in chk.problems],
                                                    "; fix them and rerun to continue where it stopped")
                             bad[number] = chk.problems
-                        work += sum(1 for a in chk.audios if a.needs_tokens or self.encoder is not None)
+                        work += sum(1 for a in chk.audios if _has_work(a, self.features is not None))
                     pending.append((number, raw, chk))
                 if work >= spec.batch_size or len(pending) >= 512:
                     self._commit(pending, bad, out, rej, prefix)
@@ -540,11 +383,9 @@ class _Runner:
 
     def _process(self, checks: list[LineCheck]) -> dict[int, list[str]]:
         """Fill audio_tokens (and the feature cache) for these lines; returns failures by line."""
-        from kimi_lora_cli.data.feature_cache import cache_file, file_sha256, read_metadata, save_features
-
         failed: dict[int, list[str]] = {}
         res, spec = self.result, self.spec
-        jobs = [(chk, ref) for chk in checks for ref in chk.audios if ref.needs_tokens or self.encoder is not None]
+        jobs = [(chk, ref) for chk in checks for ref in chk.audios if _has_work(ref, self.features is not None)]
         waves: dict[Path, Any] = {}
         for chk, ref in jobs:
             if ref.path in waves:
@@ -561,33 +402,21 @@ class _Runner:
 
         token_paths = list(dict.fromkeys(ref.path for _, ref in jobs if ref.needs_tokens))
         if token_paths:
-            codes = dict(zip(token_paths, self.tokenizer.tokenize_batch([waves[p] for p in token_paths],
-                                                                        batch_size=spec.batch_size)))
+            codes = dict(zip(token_paths, self.codes.codes(token_paths, waves)))
             for chk, ref in jobs:
                 if ref.needs_tokens:
                     ids = codes[ref.path]
                     if not ids:  # never write an empty token list
                         failed.setdefault(chk.line, []).append(f"message {ref.index}: the audio yields no codes")
                         continue
-                    chk.record["conversation"][ref.index]["audio_tokens"] = [c + self.offset for c in ids]
+                    chk.record["conversation"][ref.index]["audio_tokens"] = ids
                     res.audio_tokenized += 1
                     res.seconds_tokenized += ref.seconds
-        if self.encoder is not None:
-            todo: dict[str, Path] = {}
-            for _, ref in jobs:
-                digest = file_sha256(ref.path)
-                meta = read_metadata(cache_file(spec.cache_features, digest))
-                fresh = meta is not None and meta.get("whisper_fingerprint") == self.fingerprint
-                if fresh or digest in todo:  # cached, or the same content earlier in this batch
-                    res.features_reused += 1
-                else:
-                    todo[digest] = ref.path
-            if todo:
-                rows = self.encoder.encode_batch([waves[p] for p in todo.values()], max_pieces=spec.batch_size)
-                for (digest, path), r in zip(todo.items(), rows):
-                    save_features(spec.cache_features, digest, r, samples=len(waves[path]),
-                                  whisper=str(self.encoder.source), fingerprint=self.fingerprint)
-                    res.features_written += 1
+        feature_paths = [ref.path for _, ref in jobs if ref.continuous]
+        if self.features is not None and feature_paths:
+            written = self.features.fill(feature_paths, waves)
+            res.features_written += written
+            res.features_reused += len(feature_paths) - written  # cached, or the same content earlier in this batch
         for chk in checks:
             if chk.line in failed:
                 continue
@@ -597,7 +426,7 @@ class _Runner:
                     res.audio_kept += 1
                 if ref.via_data_dir and self.data_dir.resolve() != self.out_dir:
                     rel = os.path.relpath(ref.path.resolve(), self.out_dir)
-                    if msg.get("message_type") == "audio-text":
+                    if isinstance(msg["content"], list):  # audio-text: [audio_path, text]
                         msg["content"][0] = rel
                     else:
                         msg["content"] = rel

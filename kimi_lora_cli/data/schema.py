@@ -1,29 +1,34 @@
-"""Fine-tuning jsonl: reading, audio path resolution and the pre-flight pass (every problem, file:line).
+"""Fine-tuning jsonl: the line checks `train` and `prepare` share, reading, and train's pre-flight pass.
 
-`load_samples(path, tokenizer, config, max_length=..., too_long="error")` reads the official format
-(one object per line: `task_type`, `conversation` of `{role, message_type, content[, audio_tokens]}`),
-checks every line, and either returns the tokenized samples or raises one DataError that lists every
-problem found, each as `FILE:LINE: what is wrong; how to fix it`:
+`check_record` / `check_line` list every problem of one line, each as `what is wrong; how to fix it`
+(callers prefix `FILE:LINE: `):
 
-  * bad JSON, a line that is not an object, missing keys (`conversation`, `role`, `message_type`,
-    `content`), unknown roles or message types;
+  * a line that is not an object, missing keys (`conversation`, `role`, `message_type`,
+    `content`), unknown roles or message types, malformed content;
   * audio files that cannot be found (absolute, relative to the jsonl's folder, then to the current
-    folder, as the official demo data is relative to the repository root) or cannot be decoded;
-  * missing or malformed `audio_tokens`, codes outside [kimia_token_offset, vocab_size), and code
-    counts that disagree with the audio's duration (one code per 1280 samples at 16 kHz, per 30 s
-    piece: `rows_for_samples`);
-  * conversations with nothing to learn (no assistant message), and sequences longer than
-    `max_length` (policy "error", "skip" with a count, or "truncate").
+    folder, as the official demo data is relative to the repository root), are a folder, are empty,
+    cannot be decoded or hold no samples;
+  * missing or malformed `audio_tokens` (missing ones are fine when a speech tokenizer will compute
+    them), codes outside [kimia_token_offset, vocab_size), and code counts that disagree with the
+    audio's duration (one code per 1280 samples at 16 kHz, per 30 s piece: `rows_for_samples`);
+  * conversations with nothing to learn (no assistant message).
+
+`load_samples(path, tokenizer, config, max_length=..., too_long="error", speech_codes=None)` reads
+the official format (JSON lines, or one JSON array), checks every line, fills missing audio_tokens
+from `speech_codes()` (a CodeStore) when given, and either returns the tokenized samples or raises one DataError
+listing every problem as `FILE:LINE: ...`, sequences longer than `max_length` included (policy
+"error", "skip" with a count, or "truncate").
 """
 
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kimi_lora_cli.data.audio import TARGET_SR as SAMPLE_RATE
 from kimi_lora_cli.data.conversation import (
     MESSAGE_TYPES,
     ROLES,
@@ -34,10 +39,14 @@ from kimi_lora_cli.data.conversation import (
 )
 from kimi_lora_cli.errors import DataError
 
+if TYPE_CHECKING:
+    from kimi_lora_cli.data.features import CodeStore
+
 TOO_LONG_POLICIES = ("error", "skip", "truncate")
 MAX_LISTED_PROBLEMS = 50
 NOT_JSONL_AFTER = 5
-PREPARE_HINT = "regenerate them with `kimi-lora prepare` (or the official extract_semantic_codes.py)"
+REGENERATE = "regenerate them with `kimi-lora prepare --recompute --speech-tokenizer DIR`"
+NEED_TOKENIZER = "pass --speech-tokenizer DIR (the glm-4-voice-tokenizer folder) to compute them"
 
 
 @dataclass
@@ -67,86 +76,145 @@ class LoadedData:
     lines: int
     skipped_too_long: int = 0
     truncated: int = 0
+    audio_tokenized: int = 0  # files given audio_tokens by the speech tokenizer
 
     @property
     def tokens(self) -> int:
         return sum(len(s) for s in self.samples)
 
 
-def resolve_audio_path(raw: str, jsonl_dir: Path, cwd: Path | None = None) -> Path | None:
-    """Absolute path as-is; a relative one against the jsonl's folder, then the current folder."""
-    p = Path(raw).expanduser()
+# -------------------------------------------------------------------------------------------
+# Line checks: the one set of rules `train` and `prepare` apply to every line
+# -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AudioRef:
+    """One audio message of a line: where its file is and what it needs."""
+
+    index: int  # message index in the conversation
+    content: str
+    continuous: bool = True  # an "audio" message (Whisper features); "audio-text" history is codes only
+    path: Path | None = None
+    via_data_dir: bool = False  # found relative to the jsonl's folder
+    samples: int = 0  # 16 kHz length from the file header
+    needs_tokens: bool = False  # audio_tokens missing (or to be recomputed)
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+
+@dataclass
+class LineCheck:
+    line: int
+    record: dict[str, Any] | None
+    audios: list[AudioRef] = field(default_factory=list)  # the files found, in message order
+    problems: list[str] = field(default_factory=list)
+
+
+def resolve_audio(content: str, data_dir: Path, cwd: Path | None = None) -> tuple[Path | None, bool]:
+    """(existing path, found relative to the jsonl's folder?): an absolute path as given; a relative one
+    against the jsonl's folder, then the current folder (the official demo data is relative to the
+    repository root). (None, False) when nothing exists there."""
+    p = Path(content).expanduser()
     if p.is_absolute():
-        return p if p.is_file() else None
-    for base in (jsonl_dir, cwd or Path.cwd()):
-        cand = base / p
-        if cand.is_file():
-            return cand
-    return None
+        return (p, False) if p.exists() else (None, False)
+    if (data_dir / p).exists():
+        return data_dir / p, True
+    cand = (cwd or Path.cwd()) / p
+    return (cand, False) if cand.exists() else (None, False)
 
 
-def audio_num_samples(path: Path) -> int:
-    """Length at 16 kHz of a decodable audio file (header only; what load_audio would return)."""
+def probe_audio(path: Path) -> tuple[int, str | None]:
+    """(16 kHz length from the header, problem or None) without decoding the samples."""
     import soundfile as sf
 
-    info = sf.info(str(path))
-    if info.frames <= 0:
-        raise ValueError("the file holds no samples")
-    if info.samplerate == 16000:
-        return int(info.frames)
-    return int(math.ceil(info.frames * 16000 / info.samplerate))
+    if path.is_dir():
+        return 0, "is a folder, not an audio file"
+    if path.stat().st_size == 0:
+        return 0, "is empty (0 bytes); re-export the audio"
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return 0, f"cannot be decoded ({reason}); convert it to wav, flac or ogg"
+    if info.frames <= 0 or info.samplerate <= 0:
+        return 0, "holds no samples (zero length); remove the message or re-export the audio"
+    return -(-info.frames * SAMPLE_RATE // int(info.samplerate)), None
 
 
-class _AudioInfoCache:
+class AudioProbe:
+    """probe_audio with memory (a file used by many lines is opened once per pass)."""
+
     def __init__(self) -> None:
-        self._cache: dict[Path, int | str] = {}
+        self._seen: dict[Path, tuple[int, str | None]] = {}
 
-    def samples(self, path: Path) -> int | str:
-        """Sample count at 16 kHz, or the reason the file cannot be decoded."""
-        if path not in self._cache:
-            try:
-                self._cache[path] = audio_num_samples(path)
-            except Exception as e:  # soundfile raises several error types for undecodable files
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                self._cache[path] = reason
-        return self._cache[path]
+    def __call__(self, path: Path) -> tuple[int, str | None]:
+        if path not in self._seen:
+            self._seen[path] = probe_audio(path)
+        return self._seen[path]
 
 
-def _check_codes(codes: Any, lo: int, hi: int) -> str | None:
-    if not isinstance(codes, list) or not codes:
-        return f"audio_tokens must be a non-empty list of ints; {PREPARE_HINT}"
-    bad_type = [c for c in codes if not isinstance(c, int) or isinstance(c, bool)]
+def check_tokens(tokens: Any, offset: int, vocab_size: int) -> str | None:
+    """What is wrong with an audio_tokens value (codes + kimia_token_offset), or None."""
+    if not isinstance(tokens, list) or not tokens:
+        return "audio_tokens must be a non-empty list of ints"
+    bad_type = [c for c in tokens if not isinstance(c, int) or isinstance(c, bool)]
     if bad_type:
-        return f"audio_tokens holds {len(bad_type)} non-integer values (first: {bad_type[0]!r}); {PREPARE_HINT}"
-    outside = [c for c in codes if not lo <= c < hi]
+        return f"audio_tokens holds {len(bad_type)} non-integer values (first: {bad_type[0]!r})"
+    outside = [c for c in tokens if not offset <= c < vocab_size]
     if outside:
-        hint = (" (they look like raw codes: add kimia_token_offset)" if all(0 <= c < hi - lo for c in outside)
-                else "")
-        return (f"{len(outside)} audio_tokens outside [{lo}, {hi}) (first: {outside[0]}){hint}; "
-                f"{PREPARE_HINT}")
+        raw = all(0 <= c < vocab_size - offset for c in outside)
+        return (f"audio token {outside[0]} outside [{offset}, {vocab_size}) ({len(outside)} of {len(tokens)})"
+                + (" (they look like raw codes: add kimia_token_offset)" if raw else ""))
     return None
 
 
-def _check_line(
-    obj: Any, jsonl_dir: Path, config: Any, audio_info: _AudioInfoCache, cwd: Path | None
-) -> tuple[list[str], list[Path]]:
-    """Structural and audio problems of one parsed line, plus the resolved audio of its media spans."""
+def parse_line(text: str) -> tuple[Any, str | None]:
+    """(object, None) or (None, problem) for one jsonl line."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+
+
+def check_record(
+    obj: Any,
+    data_dir: Path,
+    offset: int,
+    vocab_size: int,
+    *,
+    line: int = 0,
+    speech_tokenizer: bool = False,
+    recompute: bool = False,
+    probe: Callable[[Path], tuple[int, str | None]] = probe_audio,
+    cwd: Path | None = None,
+) -> LineCheck:
+    """Every problem of one parsed line (each message, each audio file), and its audio files.
+
+    Missing audio_tokens are a problem unless a speech tokenizer will compute them
+    (`speech_tokenizer`); `recompute` marks every audio message as needing them. An "audio-text"
+    message (assistant history) needs its file only when its tokens are to be computed."""
     from kimi_lora_cli.models.kimi_audio.whisper import rows_for_samples
 
-    problems: list[str] = []
-    audio: list[Path] = []
+    chk = LineCheck(line, obj if isinstance(obj, dict) else None)
+    problems = chk.problems
     if not isinstance(obj, dict):
-        return [f"expected a JSON object with task_type and conversation, got {type(obj).__name__}"], audio
+        problems.append(f"expected a JSON object with task_type and conversation, got {type(obj).__name__}")
+        return chk
     conv = obj.get("conversation")
     if conv is None:
         keys = ", ".join(sorted(obj)) or "none"
-        return [f"missing key 'conversation' (keys: {keys}); each line needs a conversation list"], audio
+        problems.append(f"missing key 'conversation' (keys: {keys}); each line needs a conversation list")
+        return chk
     if not isinstance(conv, list) or not conv:
-        return ["'conversation' must be a non-empty list of messages"], audio
+        problems.append("'conversation' must be a non-empty list of messages")
+        return chk
     task = obj.get("task_type", "understanding")
     if not isinstance(task, str):
         problems.append(f"task_type must be a string such as \"understanding\", not {task!r}")
-    lo, hi = config.kimia_token_offset, config.vocab_size
+    has_assistant = False
     for i, msg in enumerate(conv):
         where = f"message {i}"
         if not isinstance(msg, dict):
@@ -156,50 +224,77 @@ def _check_line(
         if missing:
             problems.append(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
                             "each message needs role, message_type and content")
-            continue
-        role, mtype = msg["role"], msg["message_type"]
-        if role not in ROLES:
+        role, mtype = msg.get("role"), msg.get("message_type")
+        if "role" in msg and role not in ROLES:
             problems.append(f"{where}: unknown role {role!r}; use 'user' or 'assistant'")
-        if mtype not in MESSAGE_TYPES:
-            problems.append(f"{where}: unknown message_type {mtype!r}; use 'text' or 'audio'")
+        has_assistant = has_assistant or role == "assistant"
+        if "message_type" in msg and mtype not in MESSAGE_TYPES:
+            problems.append(f"{where}: unknown message_type {mtype!r}; use 'text', 'audio' or 'audio-text'")
             continue
+        if missing:
+            continue
+        content = msg["content"]
         if mtype == "text":
-            if not isinstance(msg["content"], str):
+            if not isinstance(content, str):
                 problems.append(f"{where}: text content must be a string")
             continue
-        codes = msg.get("audio_tokens")
-        if codes is None:
-            problems.append(f"{where}: audio message without audio_tokens; add them with `kimi-lora prepare` "
-                            "(or the official extract_semantic_codes.py)")
+        tokens = msg.get("audio_tokens")
+        needs_tokens = tokens is None or recompute
+        if mtype == "audio":
+            if not isinstance(content, str) or not content.strip():
+                problems.append(f"{where}: audio content must be the audio file's path")
+                continue
+            audio: str | None = content
+            need_file = True
         else:
-            bad = _check_codes(codes, lo, hi)
-            if bad:
-                problems.append(f"{where}: {bad}")
-                codes = None
-        if mtype == "audio-text":
-            continue  # assistant history: codes only, no continuous features, no file needed
-        raw = msg["content"]
-        if not isinstance(raw, str) or not raw:
-            problems.append(f"{where}: audio content must be a file path")
+            if role != "assistant":
+                problems.append(f"{where}: audio-text messages are assistant history only")
+            pair = isinstance(content, list) and len(content) == 2
+            audio = content[0] if pair else content if isinstance(content, str) else None
+            text = content[1] if pair else msg.get("text")
+            need_file = needs_tokens
+            if not isinstance(text, str) or not (isinstance(audio, str) and audio.strip() or not need_file):
+                problems.append(f"{where}: audio-text content must be [audio_path, text]")
+                continue
+        ref = AudioRef(i, audio or "", continuous=mtype == "audio", needs_tokens=needs_tokens)
+        if audio:
+            ref.path, ref.via_data_dir = resolve_audio(audio, data_dir, cwd)
+            if ref.path is None:
+                if need_file:
+                    problems.append(f"{where}: audio file {audio!r} not found (looked at it as given, in "
+                                    f"{data_dir.resolve()} and in the current folder); fix the path or run from "
+                                    "the folder it is relative to")
+            else:
+                ref.samples, problem = probe(ref.path)
+                if problem is None:
+                    chk.audios.append(ref)
+                elif need_file:
+                    problems.append(f"{where}: audio file {audio!r} {problem}")
+                # history audio whose tokens are given is never read: a bad file there is no problem
+        if needs_tokens:
+            if not speech_tokenizer:
+                problems.append(f"{where}: no audio_tokens; {NEED_TOKENIZER}")
             continue
-        path = resolve_audio_path(raw, jsonl_dir, cwd)
-        if path is None:
-            problems.append(f"{where}: audio file {raw!r} not found (looked at it as given, in {jsonl_dir} and "
-                            "in the current folder); fix the path or run from the folder it is relative to")
-            continue
-        n = audio_info.samples(path)
-        if isinstance(n, str):
-            problems.append(f"{where}: cannot decode audio {raw!r} ({n}); use wav, flac or ogg")
-            continue
-        audio.append(path)
-        if codes is not None:
-            expected = rows_for_samples(n)
-            if len(codes) != expected:
-                problems.append(
-                    f"{where}: {len(codes)} audio_tokens but {raw!r} lasts {n / 16000:.2f} s = {expected} codes "
-                    f"at 12.5 Hz; the tokens belong to another file, {PREPARE_HINT}"
-                )
-    return problems, audio
+        problem = check_tokens(tokens, offset, vocab_size)
+        if problem:
+            problems.append(f"{where}: {problem}; {REGENERATE}")
+        elif ref.samples and len(tokens) != rows_for_samples(ref.samples):
+            problems.append(
+                f"{where}: {len(tokens)} audio_tokens but the audio ({ref.seconds:.2f} s) yields "
+                f"{rows_for_samples(ref.samples)} (1 per 80 ms per 30 s piece); the tokens belong to another "
+                f"file: {REGENERATE}"
+            )
+    if not has_assistant:
+        problems.append("no assistant message: nothing to learn; add the assistant's answer or drop the line")
+    return chk
+
+
+def check_line(text: str, line: int, data_dir: Path, offset: int, vocab_size: int, **options: Any) -> LineCheck:
+    """`check_record` of one jsonl line (options as there)."""
+    obj, problem = parse_line(text)
+    if problem:
+        return LineCheck(line, None, problems=[problem])
+    return check_record(obj, data_dir, offset, vocab_size, line=line, **options)
 
 
 def truncate(seq: TokenizedConversation, length: int) -> TokenizedConversation:
@@ -240,12 +335,8 @@ def _records(path: Path):
                 yield i, f"{path}: entry {i}", obj, None
             return
     for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, f"{path}:{lineno}", json.loads(line), None
-        except json.JSONDecodeError as e:
-            yield lineno, f"{path}:{lineno}", None, f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+        if line.strip():
+            yield lineno, f"{path}:{lineno}", *parse_line(line)
 
 
 def load_samples(
@@ -256,8 +347,13 @@ def load_samples(
     max_length: int | None = None,
     too_long: str = "error",
     cwd: str | Path | None = None,
+    speech_codes: Callable[[], CodeStore] | None = None,
 ) -> LoadedData:
-    """Read and check the whole jsonl; raise one DataError listing every problem (file:line)."""
+    """Read and check the whole jsonl; raise one DataError listing every problem (file:line).
+
+    With `speech_codes` (called only when some audio message lacks audio_tokens, so the speech
+    tokenizer loads only then), those messages get their codes from it (each file once, cached like
+    features) instead of being a problem."""
     if too_long not in TOO_LONG_POLICIES:
         raise DataError(f"too-long policy {too_long!r} is unknown; use error, skip or truncate")
     path = Path(path).expanduser()
@@ -265,40 +361,56 @@ def load_samples(
         raise DataError(f"{path}: data file not found; pass the jsonl written by `kimi-lora prepare` as --data-path")
     jsonl_dir = path.parent.resolve()
     cwd = Path(cwd) if cwd is not None else Path.cwd()
-    audio_info = _AudioInfoCache()
-    problems: list[str] = []
-    samples: list[Sample] = []
-    skipped = truncated = lines = 0
+    probe = AudioProbe()
+    problems: list[tuple[int, str]] = []  # (line, message): reported in line order
+    checked: list[tuple[str, dict[str, Any], LineCheck]] = []
+    lines = 0
     for lineno, where, obj, error in _records(path):
         lines += 1
         if error is not None:
-            problems.append(f"{where}: {error}")
-            if lines == NOT_JSONL_AFTER and len(problems) == lines and all("invalid JSON" in p for p in problems):
+            problems.append((lineno, f"{where}: {error}"))
+            if lines == NOT_JSONL_AFTER and len(problems) == lines and all("invalid JSON" in p for _, p in problems):
                 raise DataError(f"{path}: not a jsonl file (its first {lines} lines are not JSON objects); "
                                 "pass the jsonl with one conversation per line")
             continue
-        line_problems, audio = _check_line(obj, jsonl_dir, config, audio_info, cwd)
-        if line_problems:
-            problems.extend(f"{where}: {p}" for p in line_problems)
-            continue
+        chk = check_record(obj, jsonl_dir, config.kimia_token_offset, config.vocab_size, line=lineno,
+                           speech_tokenizer=speech_codes is not None, probe=probe, cwd=cwd)
+        if chk.problems:
+            problems.extend((lineno, f"{where}: {p}") for p in chk.problems)
+        else:
+            checked.append((where, obj, chk))
+    tokenized = 0
+    needed = [ref for _, _, chk in checked for ref in chk.audios if ref.needs_tokens]
+    if needed and not problems:  # the speech tokenizer runs only on data that is otherwise sound
+        paths = list(dict.fromkeys(ref.path for ref in needed))
+        found = dict(zip(paths, speech_codes().codes(paths)))
+        for _, obj, chk in checked:
+            for ref in chk.audios:
+                if ref.needs_tokens:
+                    obj["conversation"][ref.index]["audio_tokens"] = found[ref.path]
+        tokenized = len(paths)
+    samples: list[Sample] = []
+    skipped = truncated = 0
+    for where, obj, chk in checked:
+        if problems and any(ref.needs_tokens for ref in chk.audios):
+            continue  # no codes yet: the length checks wait for a clean file
         task = obj.get("task_type", "understanding")
         output_type = output_type_for_task(task)
         try:
             seq = tokenize_conversation(obj["conversation"], tokenizer, config, output_type=output_type)
         except ConversationError as e:
-            problems.append(f"{where}: {e}")
+            problems.append((chk.line, f"{where}: {e}"))
             continue
         if not has_loss(seq):
-            problems.append(f"{where}: nothing to learn (no assistant message); add the assistant's "
-                            "answer or drop the line")
+            problems.append((chk.line, f"{where}: nothing to learn (no trained token in the assistant messages); "
+                                        "add the assistant's answer or drop the line"))
             continue
         cut = False
         if max_length is not None and len(seq) > max_length:
             if too_long == "error":
-                problems.append(
-                    f"{where}: {len(seq)} tokens, longer than --model-max-length {max_length}; raise "
-                    "it, or pass --too-long skip (drop such lines) or --too-long truncate"
-                )
+                problems.append((chk.line,
+                                 f"{where}: {len(seq)} tokens, longer than --model-max-length {max_length}; raise "
+                                 "it, or pass --too-long skip (drop such lines) or --too-long truncate"))
                 continue
             if too_long == "skip":
                 skipped += 1
@@ -309,9 +421,11 @@ def load_samples(
                 continue
             truncated += 1
             cut = True
-        samples.append(Sample(line=lineno, source=path, task_type=task, output_type=output_type, seq=seq,
+        audio = [ref.path for ref in chk.audios if ref.continuous]
+        samples.append(Sample(line=chk.line, source=path, task_type=task, output_type=output_type, seq=seq,
                               audio=audio[: len(seq.media)], truncated=cut))
     if problems:
+        problems = [p for _, p in sorted(problems, key=lambda item: item[0])]
         shown = problems[:MAX_LISTED_PROBLEMS]
         more = len(problems) - len(shown)
         head = (f"{path}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the training data "
@@ -320,4 +434,5 @@ def load_samples(
     if not samples:
         reason = f" ({skipped} longer than --model-max-length {max_length} were skipped)" if skipped else ""
         raise DataError(f"{path}: no usable samples{reason}; the file needs at least one conversation")
-    return LoadedData(samples=samples, path=path, lines=lines, skipped_too_long=skipped, truncated=truncated)
+    return LoadedData(samples=samples, path=path, lines=lines, skipped_too_long=skipped, truncated=truncated,
+                      audio_tokenized=tokenized)

@@ -25,6 +25,7 @@ ALIASES = {
     "epochs": "num_train_epochs",
     "batch_size": "per_device_train_batch_size",
     "eval_strategy": "evaluation_strategy",
+    "cache_features": "feature_cache_dir",  # prepare's name for the same folder
 }
 # Accepted for compatibility with the guide's command line; they change nothing here.
 IGNORED_KEYS = ("lazy_preprocess", "save_strategy", "lora_bias_type", "dataloader_num_workers",
@@ -78,6 +79,7 @@ class TrainConfig:
     too_long: str = "error"  # error | skip | truncate
     group_by_length: bool = False
     feature_cache_dir: str | None = None
+    speech_tokenizer: str | None = None  # glm-4-voice-tokenizer folder: audio_tokens for messages lacking them
     # precision and memory
     bf16: bool = False
     fp16: bool = False

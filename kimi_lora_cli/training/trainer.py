@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,8 +197,11 @@ class Trainer:
                               "trains Kimi-Audio release folders")
         config, tok = self.loaded.config, self.loaded.tokenizer
         max_len = cfg.model_max_length or config.max_position_embeddings
-        data = load_samples(cfg.data_path, tok, config, max_length=max_len, too_long=cfg.too_long)
+        data = load_samples(cfg.data_path, tok, config, max_length=max_len, too_long=cfg.too_long,
+                            speech_codes=speech_codes(cfg, config))
         self.data = data
+        if data.audio_tokenized:
+            say(f"[bold]Speech tokenizer[/] {cfg.speech_tokenizer}: audio_tokens for {data.audio_tokenized} files")
         msg = f"[bold]Data[/] {data.path}: {len(data.samples)} samples, {data.tokens} tokens"
         if data.skipped_too_long:
             msg += f"; skipped {data.skipped_too_long} longer than {max_len}"
@@ -615,7 +619,28 @@ def preflight(cfg: TrainConfig) -> Any:
         raise ConfigError(f"{weights}: not a Kimi-Audio model ({loaded.info.kind}); `kimi-lora train` trains "
                           "Kimi-Audio release folders")
     max_len = cfg.model_max_length or loaded.config.max_position_embeddings
-    return load_samples(cfg.data_path, loaded.tokenizer, loaded.config, max_length=max_len, too_long=cfg.too_long)
+    return load_samples(cfg.data_path, loaded.tokenizer, loaded.config, max_length=max_len, too_long=cfg.too_long,
+                        speech_codes=speech_codes(cfg, loaded.config))
+
+
+def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:
+    """With --speech-tokenizer: a function that loads it (only when some audio message lacks
+    audio_tokens) as a CodeStore sharing --feature-cache-dir, so a launcher's pre-flight pass leaves
+    the codes on disk for the N processes."""
+    if not cfg.speech_tokenizer:
+        return None
+
+    def load() -> Any:
+        import torch
+
+        from kimi_lora_cli.data.features import CodeStore
+        from kimi_lora_cli.loading import load_speech_tokenizer
+
+        device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+        tokenizer = load_speech_tokenizer(cfg.speech_tokenizer, device=device)
+        return CodeStore(tokenizer, config.kimia_token_offset, config.vocab_size, cache_dir=cfg.feature_cache_dir)
+
+    return load
 
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
