@@ -472,10 +472,11 @@ def attach_adapters(loaded: LoadedModel, adapters, *, trainable: bool = False, a
 
 
 def check_adapter_folder(folder: Path, allow_pickle: bool = False) -> None:
+    from kimi_lora_cli.adapters.reading import read_config
+
     if not folder.is_dir():
         raise AdapterError(f"{folder}: no such adapter folder; pass the output folder of `kimi-lora train`")
-    if not (folder / "adapter_config.json").is_file():
-        raise AdapterError(f"{folder}: no adapter_config.json; this is not a peft adapter folder")
+    read_config(folder)  # the same checks (and messages) as inspect-adapter
     if (folder / "adapter_model.safetensors").is_file():
         read_safetensors_header(folder / "adapter_model.safetensors")
         return

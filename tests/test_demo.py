@@ -46,3 +46,10 @@ def test_demo_runs_and_its_claims_hold(cli, tmp_path):
 
     summary = json.loads((work / "demo_summary.json").read_text())
     assert summary["wer"]["demo"] == pytest.approx(per["demo"][0] / per["demo"][1])
+
+
+def test_demo_refuses_a_folder_it_did_not_make(cli, tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    code, _, err = cli("demo", "--workdir", tmp_path)
+    assert code != 0 and "not made by `kimi-lora demo`" in err
+    assert (tmp_path / "mine.txt").read_text() == "keep me"

@@ -173,3 +173,13 @@ def test_tiny_builder_is_deterministic(tmp_path):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     index = json.loads((a / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in a.glob("model-*.safetensors")}
+
+
+def test_broken_adapter_config_names_the_file(tmp_path, tiny_dir):
+    from kimi_lora_cli.errors import AdapterError
+
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text('{\n  oops\n}')
+    with pytest.raises(AdapterError, match=r"adapter_config.json:2: invalid JSON"):
+        load_model(tiny_dir, load_whisper=False, adapters=[("a", ad)])

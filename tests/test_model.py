@@ -190,3 +190,13 @@ def test_meta_build_reads_nothing():
     assert n == 9_766_334_464  # reference: total_size / 2 bytes minus the 34 inv_freq tensors
     names = set(m.state_dict())
     assert len(names) == 453 - 34
+
+
+def test_attention_mask_must_cover_cache_and_new_tokens(model):
+    cfg = model.config
+    a, t = _ids(cfg, 6, 9)
+    with torch.no_grad():
+        cache = model(a[None, :5], text_input_ids=t[None, :5], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="expected 6 \\(cached \\+ new\\)"):
+            model(a[None, 5:], text_input_ids=t[None, 5:], attention_mask=torch.ones(1, 1), past_key_values=cache,
+                  use_cache=True)

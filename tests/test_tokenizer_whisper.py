@@ -66,3 +66,19 @@ def test_encode_rows_and_chunking(tiny):
     batch = enc.encode_batch([short, long])
     torch.testing.assert_close(batch[0], rows)
     torch.testing.assert_close(batch[1], long_rows)
+
+
+def test_bad_added_tokens_decoder_is_a_load_error(tmp_path, tiny_dir):
+    import json
+    import shutil
+
+    from kimi_lora_cli.errors import ModelLoadError
+    from kimi_lora_cli.loading import load_model
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"]["not-an-id"] = {"content": "x"}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="added_tokens_decoder entry 'not-an-id'"):
+        load_model(d, load_whisper=False)

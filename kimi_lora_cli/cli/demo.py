@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 DEMO_SAMPLES = 8
+MARKER = ".kimi-lora-demo"
 
 
 def _invoke(args: list[str]) -> None:
@@ -34,8 +35,8 @@ def _invoke(args: list[str]) -> None:
 
 def demo(
     workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Folder for the demo files "
-                                                 "(default: ./kimi-lora-demo). Reused when it exists.")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Training steps (the default memorises the data).")] = 120,
+                                                 "(default: ./kimi-lora-demo); a rerun replaces the demo's outputs.")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps (the default memorises the data).")] = 120,
 ) -> None:
     """Run the whole pipeline on a tiny Kimi-Audio: list-modules, train, inspect-adapter, merge, infer.
 
@@ -52,10 +53,17 @@ def demo(
     """
     from kimi_lora_cli.cli._output import err, out
     from kimi_lora_cli.data.synthetic import write_synthetic_dataset
+    from kimi_lora_cli.errors import ConfigError
     from kimi_lora_cli.inference.metrics import score
     from kimi_lora_cli.models.kimi_audio.tiny import build_tiny_checkpoint
 
     work = (workdir or Path("kimi-lora-demo")).resolve()
+    marker = work / MARKER
+    if work.exists() and any(work.iterdir()) and not marker.is_file():
+        raise ConfigError(f"{work}: folder is not empty and was not made by `kimi-lora demo`; "
+                          "pass a new or empty --workdir (the demo replaces its own outputs there)")
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by kimi-lora demo; its outputs here are replaced on every run\n")
     model = work / "Kimi-Audio-tiny"
     if not (model / "config.json").is_file():
         err.print(f"Building a tiny random Kimi-Audio (release layout) in {model}")

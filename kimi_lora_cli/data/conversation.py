@@ -101,7 +101,7 @@ def tokenize_conversation(
         if role not in ROLES:
             raise ConversationError(f"message {i}: unknown role {role!r}; use 'user' or 'assistant'")
         if mtype not in MESSAGE_TYPES:
-            raise ConversationError(f"message {i}: unknown message_type {mtype!r}; use 'text' or 'audio'")
+            raise ConversationError(f"message {i}: unknown message_type {mtype!r}; use 'text', 'audio' or 'audio-text'")
         loss = role == "assistant"
         if role != prev_role:
             seq._push(tok.user_start if role == "user" else tok.assistant_start, blank)

@@ -40,15 +40,22 @@ def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fingerprint(*tensors: torch.Tensor) -> str:
-    """Short id of a model's weights: shapes and float32 values of the given tensors."""
+FINGERPRINT_SAMPLES = 4096
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """Short id of a model's weights: every tensor's name and shape, plus up to 4096 evenly spaced
+    float32 values of each (two models that differ in any layer differ here; dtype does not count,
+    so features made in bf16 serve a float32 run). Cheap even for Whisper-large-v3."""
     import torch
 
     h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu", torch.float32).contiguous()
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
+    for name, t in sorted(module.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+        sample = flat[::step][:FINGERPRINT_SAMPLES].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -221,7 +228,7 @@ class FeatureStore(_AudioStore):
 
     def __init__(self, encoder: Any, cache_dir: str | Path | None = None, memory_budget_bytes: int = 4 << 30,
                  batch_size: int = 8) -> None:
-        super().__init__(encoder, fingerprint(encoder.encoder.conv1.weight), cache_dir, memory_budget_bytes,
+        super().__init__(encoder, fingerprint(encoder.encoder), cache_dir, memory_budget_bytes,
                          batch_size)
 
     @property
@@ -257,7 +264,7 @@ class CodeStore(_AudioStore):
                 "the model (glm-4-voice-tokenizer for Kimi-Audio)"
             )
         enc = tokenizer.encoder
-        super().__init__(tokenizer, fingerprint(enc.conv1.weight, enc.codebook.weight), cache_dir,
+        super().__init__(tokenizer, fingerprint(enc), cache_dir,
                          memory_budget_bytes, batch_size)
         self.offset = offset
 

@@ -243,6 +243,10 @@ def build_attention_mask(
 ) -> tuple[torch.Tensor | None, bool]:
     """Boolean [B, 1, q, k] mask (True = attend), or None plus an is_causal flag when no padding."""
     k_len = past_len + q_len
+    if attention_mask is not None and attention_mask.shape[-1] != k_len:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions, expected {k_len} (cached + new)"
+        )
     if attention_mask is None or bool(attention_mask.all()):
         if q_len == 1:
             return None, False
@@ -250,8 +254,6 @@ def build_attention_mask(
             return None, True
         q_pos = torch.arange(q_len, device=device)[:, None] + past_len
         return (torch.arange(k_len, device=device)[None, :] <= q_pos)[None, None], False
-    if attention_mask.shape[-1] != k_len:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {k_len}")
     q_pos = torch.arange(q_len, device=device)[:, None] + past_len
     k_pos = torch.arange(k_len, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None] & attention_mask.bool()[:, None, None, :]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,14 +225,31 @@ def _whisper_tensors(spec: TinySpec, generator, dtype) -> tuple[dict, dict]:
 
 def build_tiny_checkpoint(folder: str | Path, spec: TinySpec | None = None, layout: str = "release") -> Path:
     """Write a tiny random Kimi-Audio checkpoint into `folder` (created; must be empty or absent)."""
-    import torch
-    from safetensors.torch import save_file
-
     spec = spec or TinySpec()
     if layout not in ("release", "finetune", "export"):
         raise ValueError(f"unknown layout {layout!r}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    target = Path(folder)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target}: not empty; the tiny checkpoint is written into a new or empty folder")
+    # Written into a sibling temp folder and renamed at the end: an interrupted build leaves no
+    # folder that looks complete.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        _write_checkpoint(folder, spec, layout)
+        if target.exists():
+            target.rmdir()
+        folder.rename(target)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_checkpoint(folder: Path, spec: TinySpec, layout: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     dtype = getattr(torch, spec.dtype)
     generator = torch.Generator().manual_seed(spec.seed)
     ranks = train_bpe(CORPUS, spec.bpe_merges)
@@ -279,7 +298,6 @@ def build_tiny_checkpoint(folder: str | Path, spec: TinySpec | None = None, layo
         }, indent=2))
     if layout == "release":
         _tokenizer_files(folder, ranks)
-    return folder
 
 
 if __name__ == "__main__":  # python -m kimi_lora_cli.models.kimi_audio.tiny FOLDER

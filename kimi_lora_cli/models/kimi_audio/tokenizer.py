@@ -89,7 +89,8 @@ class KimiTokenizer:
             name=f"kimi:{source}", pat_str=KIMI_PAT_STR, mergeable_ranks=ranks, special_tokens=specials
         )
         for attr, name in _ROLE_NAMES.items():
-            setattr(self, attr, self.special_id(name))
+            # A file that names a slot differently keeps the release id of that slot.
+            setattr(self, attr, specials.get(name, self.num_base_tokens + SPECIAL_OFFSETS[name]))
         self.vocab_size = max([self.num_base_tokens - 1, *specials.values()]) + 1
 
     @classmethod
@@ -111,8 +112,12 @@ class KimiTokenizer:
             from_file = {}
             for key, entry in decoder.items():
                 content = entry.get("content") if isinstance(entry, dict) else entry
-                if isinstance(content, str):
-                    from_file[content] = int(key)
+                if not isinstance(content, str) or not str(key).isdigit():
+                    raise TokenizerLoadError(
+                        f"{config_file}: added_tokens_decoder entry {key!r} is not {{id: {{content: ...}}}}; "
+                        "restore the release tokenizer_config.json"
+                    )
+                from_file[content] = int(key)
             if from_file:
                 # Names from the file win; the known offsets fill names it lacks.
                 taken = set(from_file.values())
