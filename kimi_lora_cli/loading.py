@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 WHISPER_DIR = "whisper-large-v3"
 INV_FREQ_SUFFIX = "rotary_emb.inv_freq"
+FINETUNE_WHISPER_PREFIX = "whisper_model.speech_encoder."  # the official fine-tune layout
 
 
 @dataclass
@@ -288,9 +289,9 @@ def _load_kimi(info: ModelInfo, dtype, device, base_path, load_whisper: bool, at
         if key.endswith(INV_FREQ_SUFFIX):
             info.ignored_keys.append(key)
             continue
-        if key.startswith("whisper_model.speech_encoder."):
+        if key.startswith(FINETUNE_WHISPER_PREFIX):
             if load_whisper:
-                whisper_state[key[len("whisper_model.speech_encoder."):]] = get()
+                whisper_state[key[len(FINETUNE_WHISPER_PREFIX):]] = get()
             continue
         if key not in expected:
             unexpected.append(f"{key} ({path.name})")
@@ -508,7 +509,7 @@ def load_feature_encoder(path: str | Path, *, dtype: str | torch.dtype | None = 
                              "release folder (it holds whisper-large-v3/)")
     state: dict[str, torch.Tensor] = {}
     if info.layout == "finetune":
-        prefix = "whisper_model.speech_encoder."
+        prefix = FINETUNE_WHISPER_PREFIX
         files = sorted({f for k, f in info.weight_map.items() if k.startswith(prefix)}, key=lambda p: p.name)
         for _, key, get in _iter_tensors(files):
             if key.startswith(prefix):

@@ -9,13 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
-
-
-def human(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))
+from kimi_lora_cli.formatting import human_count
 
 
 class Reporter:
@@ -47,11 +41,11 @@ class Reporter:
         table.add_column("%", justify="right")
         trainable = total = 0
         for r in rows:
-            table.add_row(r.component, human(r.trainable), human(r.total), f"{r.percent:.3f}")
+            table.add_row(r.component, human_count(r.trainable), human_count(r.total), f"{r.percent:.3f}")
             trainable += r.trainable
             total += r.total
         table.add_section()
-        table.add_row("[bold]all[/]", f"[bold]{human(trainable)}[/]", f"[bold]{human(total)}[/]",
+        table.add_row("[bold]all[/]", f"[bold]{human_count(trainable)}[/]", f"[bold]{human_count(total)}[/]",
                       f"[bold]{100.0 * trainable / total if total else 0:.3f}[/]")
         self.console.print(table)
 
