@@ -1,4 +1,4 @@
-"""Fine-tuning jsonl: the line checks `train` and `prepare` share, reading, and train's pre-flight pass.
+"""Fine-tuning jsonl: the line checks `train`, `prepare` and `infer` share; reading; train's pre-flight.
 
 `check_record` / `check_line` list every problem of one line, each as `what is wrong; how to fix it`
 (callers prefix `FILE:LINE: `):
@@ -84,7 +84,7 @@ class LoadedData:
 
 
 # -------------------------------------------------------------------------------------------
-# Line checks: the one set of rules `train` and `prepare` apply to every line
+# Line checks: the one set of rules `train`, `prepare` and `infer` apply to every line
 # -------------------------------------------------------------------------------------------
 
 
