@@ -64,7 +64,7 @@ def test_infer_writes_predictions_and_scores(cli, tiny, tiny_dir, asr_data, tmp_
     assert m["wer"] == pytest.approx(m["word_errors"] / m["ref_words"])
 
     # The file holds exactly what the core generates for the same prompts.
-    samples = read_samples(asr_data)
+    samples = read_samples(asr_data, tiny.config)
     prompts = build_prompts([s.messages for s in samples], tiny.tokenizer, tiny.config, tiny.feature_encoder, "text")
     results = generate(tiny.model, prompts, GenerationConfig("text", max_new_tokens=int(STEPS)),
                        StreamTokens.from_model(tiny.tokenizer, tiny.config))
@@ -120,7 +120,7 @@ def test_audio_tokens_longer_than_the_clip_fail_before_anything_is_written(cli, 
     data.write_text("\n".join(lines[:2] + [json.dumps(third)]) + "\n")
     preds = tmp_path / "preds.jsonl"
     code, _, err = cli("infer", "-m", tiny_dir, "-d", data, "-o", preds)
-    assert code == 1 and f"{data}:3" in err and "feature rows" in err
+    assert code == 1 and f"{data}:3" in err and "the tokens belong to another file" in err
     assert not preds.exists()
 
 

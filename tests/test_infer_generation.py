@@ -26,7 +26,7 @@ EXTRA_PROMPTS = [
 def conversations(tiny, tmp_path_factory):
     """ASR prompts with audio of different lengths plus text-only ones (all different lengths)."""
     data = write_asr_data(tmp_path_factory.mktemp("gen"), tiny.config, n=4)
-    return [s.messages for s in read_samples(data)] + EXTRA_PROMPTS
+    return [s.messages for s in read_samples(data, tiny.config)] + EXTRA_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -79,10 +79,18 @@ def infer(
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="One text prompt (user message).",
                                                show_default=False)] = None,
     audio: Annotated[Path | None, typer.Option("--audio", help="With --prompt: an audio file appended as a "
-                                               "user audio message.", show_default=False)] = None,
+                                               "user audio message (its codes from --audio-tokens or "
+                                               "--speech-tokenizer).", show_default=False)] = None,
     audio_tokens: Annotated[Path | None, typer.Option(
         "--audio-tokens", help="With --audio: its semantic codes (ints separated by spaces/commas, or a "
         "JSON list; raw codes or codes + kimia_token_offset).", show_default=False)] = None,
+    speech_tokenizer: Annotated[Path | None, typer.Option(
+        "--speech-tokenizer", help="Local glm-4-voice-tokenizer folder: audio messages without audio_tokens "
+        "(and --audio without --audio-tokens) are tokenized on the fly; loaded only when needed.",
+        show_default=False)] = None,
+    cache_features: Annotated[Path | None, typer.Option(
+        "--cache-features", help="Keep speech codes and Whisper features on disk here (by audio content) and "
+        "reuse them; the folder `kimi-lora prepare --cache-features` fills.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Predictions jsonl, one line per "
                                                 "sample and adapter, written as they come (replaced "
                                                 "unless --resume).",
@@ -126,7 +134,8 @@ def infer(
     has references.
 
     Decoding follows the official Kimi-Audio loop (text and audio streams, audio delay, text eos).
-    Audio messages need their semantic codes (audio_tokens); a speech tokenizer is not built in yet.
+    Audio messages need their semantic codes (audio_tokens): from the data, from `kimi-lora prepare`,
+    or computed on the fly with --speech-tokenizer DIR.
 
     [bold]Examples[/]
 
@@ -134,7 +143,9 @@ def infer(
 
       $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct -a a=out/a -a b=out/b --compare-base -d test.jsonl
 
-      $ kimi-lora infer -m ./merged --prompt 'Please transcribe the following audio:' --audio clip.wav --audio-tokens clip.codes
+      $ kimi-lora infer -m ./merged --prompt 'Please transcribe the following audio:' --audio clip.wav --speech-tokenizer ./glm-4-voice-tokenizer
+
+      $ kimi-lora infer -m ./merged -p 'Please transcribe the following audio:' --audio clip.wav --audio-tokens clip.codes
     """
     from kimi_lora_cli.errors import ConfigError
     from kimi_lora_cli.inference.runner import InferSpec, parse_adapter_args, run_inference
@@ -151,7 +162,8 @@ def infer(
         prompt=prompt, audio=audio, audio_tokens=audio_tokens, output=output, resume=resume,
         batch_size=batch_size, max_new_tokens=max_new_tokens, output_type=output_type,
         text_sampling=text_sampling, audio_sampling=audio_sampling, seed=seed, device=device or None,
-        dtype=dtype, use_cache=not no_kv_cache, allow_pickle=allow_pickle,
+        dtype=dtype, use_cache=not no_kv_cache, allow_pickle=allow_pickle, speech_tokenizer=speech_tokenizer,
+        cache_features=cache_features,
     )
     progress = _Progress(enabled=True)
     try:

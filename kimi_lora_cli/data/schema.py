@@ -1,4 +1,4 @@
-"""Fine-tuning jsonl: the line checks `train` and `prepare` share, reading, and train's pre-flight pass.
+"""Fine-tuning jsonl: the line checks `train`, `prepare` and `infer` share; reading; train's pre-flight.
 
 `check_record` / `check_line` list every problem of one line, each as `what is wrong; how to fix it`
 (callers prefix `FILE:LINE: `):
@@ -84,7 +84,7 @@ class LoadedData:
 
 
 # -------------------------------------------------------------------------------------------
-# Line checks: the one set of rules `train` and `prepare` apply to every line
+# Line checks: the one set of rules `train`, `prepare` and `infer` apply to every line
 # -------------------------------------------------------------------------------------------
 
 
@@ -190,12 +190,15 @@ def check_record(
     recompute: bool = False,
     probe: Callable[[Path], tuple[int, str | None]] = probe_audio,
     cwd: Path | None = None,
+    need_answer: bool = True,
+    tokens_hint: str = NEED_TOKENIZER,
 ) -> LineCheck:
     """Every problem of one parsed line (each message, each audio file), and its audio files.
 
-    Missing audio_tokens are a problem unless a speech tokenizer will compute them
-    (`speech_tokenizer`); `recompute` marks every audio message as needing them. An "audio-text"
-    message (assistant history) needs its file only when its tokens are to be computed."""
+    Missing audio_tokens are a problem (fixed as `tokens_hint` says) unless a speech tokenizer will
+    compute them (`speech_tokenizer`); `recompute` marks every audio message as needing them. An
+    "audio-text" message (assistant history) needs its file only when its tokens are to be computed.
+    `need_answer=False` accepts a conversation without an assistant message (an `infer` prompt)."""
     from kimi_lora_cli.models.kimi_audio.whisper import rows_for_samples
 
     chk = LineCheck(line, obj if isinstance(obj, dict) else None)
@@ -273,7 +276,7 @@ def check_record(
                 # history audio whose tokens are given is never read: a bad file there is no problem
         if needs_tokens:
             if not speech_tokenizer:
-                problems.append(f"{where}: no audio_tokens; {NEED_TOKENIZER}")
+                problems.append(f"{where}: no audio_tokens; {tokens_hint}")
             continue
         problem = check_tokens(tokens, offset, vocab_size)
         if problem:
@@ -284,7 +287,7 @@ def check_record(
                 f"{rows_for_samples(ref.samples)} (1 per 80 ms per 30 s piece); the tokens belong to another "
                 f"file: {REGENERATE}"
             )
-    if not has_assistant:
+    if need_answer and not has_assistant:
         problems.append("no assistant message: nothing to learn; add the assistant's answer or drop the line")
     return chk
 
@@ -318,7 +321,7 @@ def has_loss(seq: TokenizedConversation) -> bool:
     return any(seq.text_loss[1:]) or any(seq.audio_loss[1:])
 
 
-def _records(path: Path):
+def iter_records(path: Path):
     """(line, location, object, error) per record: one JSON object per line, or (as some guides write
     it) one JSON array of objects, whose entries are then located as `FILE: entry N`."""
     try:
@@ -365,7 +368,7 @@ def load_samples(
     problems: list[tuple[int, str]] = []  # (line, message): reported in line order
     checked: list[tuple[str, dict[str, Any], LineCheck]] = []
     lines = 0
-    for lineno, where, obj, error in _records(path):
+    for lineno, where, obj, error in iter_records(path):
         lines += 1
         if error is not None:
             problems.append((lineno, f"{where}: {error}"))

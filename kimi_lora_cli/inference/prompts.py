@@ -28,27 +28,34 @@ def build_prompts(
     feature_encoder: Any,
     output_type: str,
     sources: Sequence[str] | None = None,
+    features: Any = None,
 ) -> list[Prompt]:
-    """One `Prompt` per conversation; all audio spans go through the Whisper encoder together."""
+    """One `Prompt` per conversation; all audio spans go through the Whisper encoder together, or
+    through `features` (a FeatureStore: rows kept on disk by audio content) when given."""
+    from pathlib import Path
+
     from kimi_lora_cli.data.audio import AudioError, load_audio
     from kimi_lora_cli.data.conversation import ConversationError, place_features
 
     sources = list(sources) if sources is not None else [f"prompt {i}" for i in range(len(conversations))]
     seqs = [tokenize_prompt(m, tokenizer, config, output_type, s) for m, s in zip(conversations, sources)]
-    waves, owners = [], []
-    for k, seq in enumerate(seqs):
-        for span in seq.media:
+    rows_by_seq: list[list[Any]] = [[] for _ in seqs]
+    owners = [k for k, seq in enumerate(seqs) for _ in seq.media]
+    paths = [Path(span.audio) for seq in seqs for span in seq.media]
+    if features is not None:
+        all_rows = features.rows(paths) if paths else []
+    else:
+        waves = []
+        for k, p in zip(owners, paths):
             try:
-                waves.append(load_audio(span.audio))
+                waves.append(load_audio(p))
             except AudioError as e:
                 raise DataError(f"{sources[k]}: {e}") from None
-            owners.append(k)
-    rows_by_seq: list[list[Any]] = [[] for _ in seqs]
-    if waves:
-        if feature_encoder is None:
+        if waves and feature_encoder is None:
             raise DataError(f"{sources[owners[0]]}: audio input needs the Whisper encoder, which was not loaded")
-        for k, rows in zip(owners, feature_encoder.encode_batch(waves)):
-            rows_by_seq[k].append(rows)
+        all_rows = feature_encoder.encode_batch(waves) if waves else []
+    for k, rows in zip(owners, all_rows):
+        rows_by_seq[k].append(rows)
     prompts = []
     for k, seq in enumerate(seqs):
         feats = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ class InferSpec:
     dtype: str = "auto"
     use_cache: bool = True
     allow_pickle: bool = False
+    speech_tokenizer: str | Path | None = None  # glm-4-voice-tokenizer folder: codes for audio without audio_tokens
+    cache_features: str | Path | None = None  # speech codes and Whisper features kept here, by audio content
 
 
 class ProgressSink(Protocol):
@@ -135,6 +138,9 @@ def _check_spec(spec: InferSpec) -> None:
         raise ConfigError(f"--output-type must be text or both, not {spec.output_type!r}")
     if spec.max_new_tokens == 0 or spec.max_new_tokens < -1:
         raise ConfigError(f"--max-new-tokens must be > 0 (or -1 for the official budget), not {spec.max_new_tokens}")
+    if spec.audio_tokens is not None and spec.audio is None:
+        raise ConfigError("--audio-tokens needs --audio FILE too (the model also reads the waveform's Whisper "
+                          "features)")
     if spec.compare_base and not spec.adapters:
         raise ConfigError("--compare-base needs at least one --adapter (without one, the base is all that runs)")
 
@@ -230,6 +236,34 @@ def sample_generators(samples: list[InferSample], seed: int, device: Any, needed
     return gens
 
 
+def speech_codes_loader(spec: InferSpec, config: Any) -> Callable[[], Any] | None:
+    """With --speech-tokenizer: a function that loads it as a CodeStore (called only when some audio
+    message lacks audio_tokens; the codes are kept in --cache-features when given)."""
+    if spec.speech_tokenizer is None:
+        return None
+
+    def load() -> Any:
+        from kimi_lora_cli.data.features import CodeStore
+        from kimi_lora_cli.loading import load_speech_tokenizer
+
+        tokenizer = load_speech_tokenizer(spec.speech_tokenizer, device=resolve_device(spec.device))
+        return CodeStore(tokenizer, config.kimia_token_offset, config.vocab_size, cache_dir=spec.cache_features,
+                         memory_budget_bytes=0)
+
+    return load
+
+
+def model_config(spec: InferSpec) -> Any:
+    """The Kimi-Audio config of --model from config.json alone (the data is checked before loading)."""
+    from kimi_lora_cli.loading import inspect_folder, kimi_config
+
+    info = inspect_folder(spec.model, need_weights=False, allow_pickle=spec.allow_pickle)
+    if not info.is_kimi:
+        raise ModelLoadError(f"{info.path}: `infer` runs Kimi-Audio models (config.json with kimia_* keys); "
+                             "this folder holds another architecture")
+    return kimi_config(info)
+
+
 def make_record(sample: InferSample, variant: str, output_type: str, result: Any, tokenizer: Any) -> dict[str, Any]:
     prediction = tokenizer.decode(result.text_tokens)
     rec: dict[str, Any] = {
@@ -266,7 +300,16 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
         raise ConfigError(f"--output {output}: is a folder; pass a file name such as preds.jsonl")
     if output is not None and spec.data is not None and output.resolve() == Path(spec.data).expanduser().resolve():
         raise ConfigError(f"--output {output}: is the --data file; write predictions to another file")
-    samples = read_samples(spec.data) if spec.data is not None else None
+    config = loaded.config if loaded is not None else model_config(spec)
+    speech_codes = speech_codes_loader(spec, config)
+    if spec.data is not None:
+        samples = read_samples(spec.data, config, speech_codes=speech_codes)
+    else:
+        codes = None
+        if spec.audio_tokens is not None:
+            codes = read_audio_tokens_file(spec.audio_tokens, config.kimia_token_offset, config.vocab_size)
+        samples = [prompt_sample(spec.prompt or "", spec.audio, codes, spec.output_type or "text", config,
+                                 speech_codes=speech_codes)]
     if loaded is None:
         from kimi_lora_cli.loading import load_model
 
@@ -277,11 +320,11 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
         raise ModelLoadError(f"{loaded.info.path}: `infer` runs Kimi-Audio models (config.json with kimia_* keys); "
                              "this folder holds another architecture")
     tokenizer, config = loaded.tokenizer, loaded.config
-    if samples is None:
-        codes = None
-        if spec.audio_tokens is not None:
-            codes = read_audio_tokens_file(spec.audio_tokens, config.kimia_token_offset, config.vocab_size)
-        samples = [prompt_sample(spec.prompt or "", spec.audio, codes, spec.output_type or "text")]
+    features = None
+    if spec.cache_features is not None and loaded.feature_encoder is not None:
+        from kimi_lora_cli.data.features import FeatureStore
+
+        features = FeatureStore(loaded.feature_encoder, cache_dir=spec.cache_features, memory_budget_bytes=0)
     out_type = {s.id: spec.output_type or s.output_type for s in samples}
     lengths = {s.id: len(tokenize_prompt(s.messages, tokenizer, config, out_type[s.id], s.source)) for s in samples}
 
@@ -313,7 +356,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
     try:
         for otype, batch in batches:
             prompts = build_prompts([s.messages for s in batch], tokenizer, config, loaded.feature_encoder,
-                                    otype, [s.source for s in batch])
+                                    otype, [s.source for s in batch], features=features)
             gcfg = GenerationConfig(output_type=otype, max_new_tokens=spec.max_new_tokens,
                                     text=spec.text_sampling, audio=spec.audio_sampling, use_cache=spec.use_cache)
             for v in variants:

@@ -5,19 +5,38 @@ message_type, content and, for audio, `audio_tokens`), optionally with an `id`. 
 the conversation without its trailing assistant messages; the reference is the text of those
 trailing assistant messages (text, or the text half of audio-text), when there is any. A
 conversation that ends with a user message is all prompt and has no reference.
+
+Every line goes through the checks `train` and `prepare` apply (`data.schema.check_record`: audio
+paths, decodable files, audio_tokens range and count), except that no assistant message is
+needed. Audio messages without audio_tokens get them from a speech tokenizer when one is given
+(`speech_codes`, a loader of a `CodeStore`, called only when some message needs it).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kimi_lora_cli.data.schema import (
+    MAX_LISTED_PROBLEMS,
+    NEED_TOKENIZER,
+    AudioProbe,
+    LineCheck,
+    check_record,
+    iter_records,
+)
 from kimi_lora_cli.errors import DataError
 
+if TYPE_CHECKING:
+    from kimi_lora_cli.data.features import CodeStore
+
 PREPARE_HINT = "add audio_tokens with `kimi-lora prepare` (or the official extract_semantic_codes.py)"
+TOKENS_HINT = f"{NEED_TOKENIZER}, or {PREPARE_HINT}"
+SpeechCodes = Callable[[], "CodeStore"]
 
 
 @dataclass
@@ -63,101 +82,87 @@ def summarize(messages: list[dict[str, Any]], width: int = 120) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _resolve_audio(content: Any, base: Path, where: str) -> str:
-    if not isinstance(content, str) or not content:
-        raise DataError(f"{where}: audio message content must be the audio file path")
-    path = Path(content).expanduser()
-    if not path.is_absolute():
-        beside = base / path
-        path = beside if beside.exists() or not path.exists() else path
-    if not path.is_file():
-        raise DataError(f"{where}: audio file {content!r} not found (looked beside the jsonl and in the "
-                        "current folder); fix the path")
-    return str(path.resolve())
+def _raise_problems(path: Path | str, problems: list[str]) -> None:
+    """One DataError: the problem itself when there is one, else a count and the list (line order)."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(shown)
+    raise DataError("\n".join([f"{path}: {len(problems)} problems in the data (fix them and rerun):",
+                               *("  " + p for p in shown)] + ([f"  ... and {more} more"] if more else [])))
 
 
-def _check_rows(path: str, codes: Any, where: str) -> None:
-    """Fail early when a clip is undecodable or has fewer feature rows than audio tokens."""
-    import math
-
-    import soundfile as sf
-
-    from kimi_lora_cli.models.kimi_audio.whisper import SAMPLE_RATE, rows_for_samples
-
-    try:
-        info = sf.info(path)
-    except Exception as e:  # soundfile raises its own error types
-        raise DataError(f"{where}: cannot decode {path} ({str(e).splitlines()[0]}); use wav, flac or ogg") from None
-    rows = rows_for_samples(math.ceil(info.frames * SAMPLE_RATE / info.samplerate))
-    if isinstance(codes, list) and len(codes) > rows:
-        raise DataError(f"{where}: {len(codes)} audio_tokens but {Path(path).name} yields only {rows} feature "
-                        "rows (1 per 80 ms); the tokens belong to another file - regenerate them with "
-                        "`kimi-lora prepare`")
+def _fill_codes(checked: list[tuple[dict[str, Any], LineCheck]], speech_codes: SpeechCodes | None) -> None:
+    """audio_tokens from the speech tokenizer for every audio message that lacks them (each file once)."""
+    needed = [ref for _, chk in checked for ref in chk.audios if ref.needs_tokens]
+    if not needed or speech_codes is None:
+        return
+    paths = list(dict.fromkeys(ref.path for ref in needed))
+    found = dict(zip(paths, speech_codes().codes(paths)))
+    for obj, chk in checked:
+        for ref in chk.audios:
+            if ref.needs_tokens:
+                obj["conversation"][ref.index]["audio_tokens"] = found[ref.path]
 
 
-def _check_messages(messages: Any, where: str, base: Path) -> list[dict[str, Any]]:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'conversation' must be a non-empty list of messages")
-    out = []
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: message {k} is not an object")
-        m = dict(m)
-        if m.get("role") not in ("user", "assistant"):
-            raise DataError(f"{where}: message {k} has role {m.get('role')!r}; use 'user' or 'assistant'")
-        mtype = m.get("message_type", "text")
-        if mtype not in ("text", "audio", "audio-text"):
-            raise DataError(f"{where}: message {k} has message_type {mtype!r}; use 'text' or 'audio'")
-        if mtype in ("audio", "audio-text"):
-            if m.get("audio_tokens") is None:
-                raise DataError(
-                    f"{where}: message {k} is audio without audio_tokens; {PREPARE_HINT} "
-                    "(a speech tokenizer is not built in yet)"
-                )
-            if mtype == "audio":
-                m["content"] = _resolve_audio(m.get("content"), base, f"{where}: message {k}")
-                _check_rows(m["content"], m["audio_tokens"], f"{where}: message {k}")
-        elif not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {k} text content must be a string")
-        out.append(m)
-    return out
+def _prompt_messages(obj: dict[str, Any], chk: LineCheck) -> list[dict[str, Any]]:
+    """The checked conversation with each audio message's content as its resolved, absolute path."""
+    messages = [dict(m) for m in obj["conversation"]]
+    for ref in chk.audios:
+        if ref.continuous:
+            messages[ref.index]["content"] = str(ref.path.resolve())
+    return messages
 
 
-def read_samples(path: str | Path) -> list[InferSample]:
-    """Read and check every line of a jsonl file (errors name file:line and the fix)."""
+def read_samples(path: str | Path, config: Any, *, speech_codes: SpeechCodes | None = None,
+                 cwd: str | Path | None = None) -> list[InferSample]:
+    """Read and check every line of a jsonl file (or JSON array); one DataError lists every problem
+    as `FILE:LINE: ...`. With `speech_codes`, audio messages without audio_tokens get theirs from it."""
     from kimi_lora_cli.data.conversation import output_type_for_task
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: data file not found; pass a jsonl file with one conversation per line")
-    samples: list[InferSample] = []
-    seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg}); one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object with a 'conversation' list")
-            conversation = _check_messages(obj.get("conversation"), where, path.parent)
-            messages, reference = split_conversation(conversation)
-            if not messages:
-                raise DataError(f"{where}: the conversation has only assistant messages; nothing to prompt with")
-            sid = str(obj["id"]) if obj.get("id") is not None else str(lineno)
-            if sid in seen:
-                raise DataError(f"{where}: id {sid!r} repeats line {seen[sid]}; ids must be unique")
-            seen[sid] = lineno
-            samples.append(InferSample(
-                id=sid, messages=messages, reference=reference,
-                output_type=output_type_for_task(obj.get("task_type")), source=where,
-                summary=summarize(messages),
-            ))
-    if not samples:
+    data_dir = path.parent.resolve()
+    probe = AudioProbe()
+    problems: list[str] = []
+    checked: list[tuple[dict[str, Any], LineCheck]] = []
+    meta: list[tuple[str, str]] = []  # (id, where) of each checked line
+    seen: dict[str, str] = {}
+    for lineno, where, obj, error in iter_records(path):
+        if error is not None:
+            problems.append(f"{where}: {error}")
+            continue
+        chk = check_record(obj, data_dir, config.kimia_token_offset, config.vocab_size, line=lineno,
+                           speech_tokenizer=speech_codes is not None, probe=probe,
+                           cwd=Path(cwd) if cwd is not None else None, need_answer=False, tokens_hint=TOKENS_HINT)
+        problems.extend(f"{where}: {p}" for p in chk.problems)
+        if chk.problems:
+            continue
+        if all(m.get("role") == "assistant" for m in obj["conversation"]):
+            problems.append(f"{where}: the conversation has only assistant messages; nothing to prompt with")
+            continue
+        sid = str(obj["id"]) if obj.get("id") is not None else str(lineno)
+        if sid in seen:
+            problems.append(f"{where}: id {sid!r} repeats the one at {seen[sid]}; ids must be unique")
+            continue
+        seen[sid] = where
+        checked.append((obj, chk))
+        meta.append((sid, where))
+    _raise_problems(path, problems)
+    if not checked:
         raise DataError(f"{path}: no samples (the file is empty)")
+    _fill_codes(checked, speech_codes)
+    samples: list[InferSample] = []
+    for (obj, chk), (sid, where) in zip(checked, meta):
+        messages, reference = split_conversation(_prompt_messages(obj, chk))
+        samples.append(InferSample(
+            id=sid, messages=messages, reference=reference,
+            output_type=output_type_for_task(obj.get("task_type")), source=where,
+            summary=summarize(messages),
+        ))
     return samples
 
 
@@ -186,17 +191,29 @@ def read_audio_tokens_file(path: str | Path, offset: int, vocab_size: int) -> li
 
 
 def prompt_sample(prompt: str, audio: str | Path | None, audio_tokens: list[int] | None,
-                  output_type: str = "text") -> InferSample:
-    """The single sample of `--prompt TEXT [--audio FILE --audio-tokens FILE]`."""
+                  output_type: str = "text", config: Any = None, *, speech_codes: SpeechCodes | None = None,
+                  cwd: str | Path | None = None) -> InferSample:
+    """The single sample of `--prompt TEXT [--audio FILE [--audio-tokens FILE]]`; the audio is checked
+    by the jsonl rules (`config` gives the token range), its codes come from `speech_codes` when
+    `audio_tokens` is None."""
     messages: list[dict[str, Any]] = [{"role": "user", "message_type": "text", "content": prompt}]
-    if audio is not None:
-        if audio_tokens is None:
-            raise DataError(f"{audio}: --audio needs --audio-tokens FILE (its semantic codes); "
-                            f"{PREPARE_HINT} - a speech tokenizer is not built in yet")
-        messages.append({"role": "user", "message_type": "audio",
-                         "content": _resolve_audio(str(audio), Path.cwd(), "--audio"),
-                         "audio_tokens": audio_tokens})
-    elif audio_tokens is not None:
-        raise DataError("--audio-tokens needs --audio FILE too (the model also reads the waveform's Whisper features)")
+    if audio is None:
+        if audio_tokens is not None:
+            raise DataError("--audio-tokens needs --audio FILE too (the model also reads the waveform's Whisper "
+                            "features)")
+    else:
+        if audio_tokens is None and speech_codes is None:
+            raise DataError(f"{audio}: --audio needs --audio-tokens FILE (its semantic codes) or --speech-tokenizer "
+                            f"DIR (the glm-4-voice-tokenizer folder) to compute them; or {PREPARE_HINT}")
+        message: dict[str, Any] = {"role": "user", "message_type": "audio", "content": str(audio)}
+        if audio_tokens is not None:
+            message["audio_tokens"] = audio_tokens
+        record = {"conversation": [*messages, message]}
+        here = Path(cwd) if cwd is not None else Path.cwd()
+        chk = check_record(record, here, config.kimia_token_offset, config.vocab_size,
+                           speech_tokenizer=speech_codes is not None, cwd=here, need_answer=False)
+        _raise_problems("--audio", [f"--audio {audio}: {p.removeprefix('message 1: ')}" for p in chk.problems])
+        _fill_codes([(record, chk)], speech_codes)
+        messages = _prompt_messages(record, chk)
     return InferSample(id="prompt", messages=messages, reference=None, output_type=output_type,
                        source="--prompt", summary=summarize(messages))
