@@ -10,8 +10,8 @@ the same tokens at either batch size. Target: batch 8 at least 4x the samples/s 
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path

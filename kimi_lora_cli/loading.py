@@ -277,7 +277,6 @@ def _iter_tensors(files: list[Path]):
 
 
 def _load_kimi(info: ModelInfo, dtype, device, base_path, load_whisper: bool, attn: str):
-    import torch
 
     cfg = kimi_config(info, attn)
     model = build_kimi_model(cfg)
@@ -525,7 +524,11 @@ def load_speech_tokenizer(path: str | Path, *, dtype: str | torch.dtype | None =
     from safetensors import safe_open
 
     from kimi_lora_cli.models.speech_tokenizer.configuration import SpeechTokenizerConfig
-    from kimi_lora_cli.models.speech_tokenizer.modeling import SpeechTokenizer, build_encoder, expected_state_shapes
+    from kimi_lora_cli.models.speech_tokenizer.modeling import (
+        SpeechTokenizer,
+        build_encoder,
+        expected_state_shapes,
+    )
 
     folder = Path(path).expanduser()
     fix = "pass the glm-4-voice-tokenizer folder (config.json + model.safetensors of THUDM/glm-4-voice-tokenizer)"

@@ -119,7 +119,6 @@ def test_zero3_empty_tensors(cli, tmp_path):
 
 
 def test_zero_update_and_nan(cli, tiny_dir, tmp_path):
-    import torch
     from safetensors.torch import load_file, save_file
 
     untrained = make_adapter(tiny_dir, tmp_path / "untrained", "q_proj", randomize=False)

@@ -265,3 +265,21 @@ def test_speech_tokenizer_trains_on_audio_without_tokens(cli, tiny_dir, data, tm
     assert len([p for p in cache.glob("*.safetensors") if not p.name.endswith(".codes.safetensors")]) == len(files)
     resolved = yaml.safe_load((tmp_path / "out" / "train_config.yaml").read_text())
     assert resolved["speech_tokenizer"] == str(tiny_speech_tokenizer_dir) and resolved["feature_cache_dir"] == str(cache)
+
+
+def test_bad_data_is_reported_before_any_weight_is_read(cli, tmp_path, tiny_dir):
+    """A data typo must not wait for (or be hidden by) the weights: shards here are unreadable."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    for shard in model.glob("model-*.safetensors"):
+        shard.write_bytes(b"\x00" * 16)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"task_type": "understanding", "conversation": [}\n')
+    code, _, err = cli("train", "--model-name-or-path", model, "--data-path", data, "--use-lora",
+                       "--output-dir", tmp_path / "out")
+    assert code != 0 and "d.jsonl:1" in err and "safetensors" not in err
+    code, _, err = cli("train", "--model-name-or-path", model, "--data-path", data, "--use-lora",
+                       "--lora-target", "q_prj", "--output-dir", tmp_path / "out")
+    assert code != 0 and "q_prj" in err and "safetensors" not in err

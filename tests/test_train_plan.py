@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.training.config import TrainConfig
 from kimi_lora_cli.training.plan import epoch_order, split_eval, steps_for_epoch, steps_per_epoch, total_steps
-from kimi_lora_cli.errors import ConfigError
 
 
 @pytest.mark.parametrize("n", [16, 17, 19])

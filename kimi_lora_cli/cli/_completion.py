@@ -16,13 +16,13 @@ _SWITCH = "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"
 
 def render(shell: str) -> str:
     """The script `kimi-lora --show-completion SHELL` prints (typer's own flavour, the one the app answers)."""
-    from typer.testing import CliRunner
-
-    from kimi_lora_cli.cli.app import app
-
     # typer reads this switch to take the shell as an argument instead of detecting the parent shell.
     # It is read while the command is built, so it must be in os.environ before invoke().
     import os
+
+    from typer.testing import CliRunner
+
+    from kimi_lora_cli.cli.app import app
 
     old = os.environ.get(_SWITCH)
     os.environ[_SWITCH] = "1"

@@ -44,10 +44,10 @@ def merge(
 
       $ kimi-lora merge -m ./Kimi-Audio-7B-Instruct -a ./a1 -a ./a2 --weights 0.7,0.3 -o ./mix --verify
     """
-    from kimi_lora_cli.adapters.merge import MergeSpec, merge_adapters
-    from kimi_lora_cli.adapters.safetensors_io import parse_size
     from rich.markup import escape
 
+    from kimi_lora_cli.adapters.merge import MergeSpec, merge_adapters
+    from kimi_lora_cli.adapters.safetensors_io import parse_size
     from kimi_lora_cli.cli._output import err, human_bytes, out
     from kimi_lora_cli.errors import ConfigError
 

@@ -126,8 +126,7 @@ def _has_work(ref: AudioRef, features: bool) -> bool:
 
 def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            yield number, raw
+        yield from enumerate(f, start=1)
 
 
 def _decode(raw: bytes, line: int) -> tuple[str | None, Finding | None]:

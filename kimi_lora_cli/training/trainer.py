@@ -23,7 +23,12 @@ from typing import Any
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.training import checkpoint as ckpt
 from kimi_lora_cli.training.config import TrainConfig
-from kimi_lora_cli.training.distributed import deepspeed_config, env_rank, env_world, gathered_named_parameters
+from kimi_lora_cli.training.distributed import (
+    deepspeed_config,
+    env_rank,
+    env_world,
+    gathered_named_parameters,
+)
 from kimi_lora_cli.training.reporting import MetricsLog, Reporter, plot_losses
 
 CONFIG_FILE = "train_config.yaml"
@@ -178,7 +183,6 @@ class Trainer:
 
         from kimi_lora_cli.data.dataset import KimiDataset
         from kimi_lora_cli.data.features import FeatureStore
-        from kimi_lora_cli.data.schema import load_samples
         from kimi_lora_cli.loading import load_model
         from kimi_lora_cli.training.plan import split_eval
 
@@ -190,15 +194,16 @@ class Trainer:
 
         weights, base = model_locations(cfg)
         say = self.reporter.print
-        say(f"[bold]Loading[/] {weights}" + (f" (tokenizer and Whisper from {base})" if base else ""))
-        self.loaded = load_model(weights, dtype=load_dtype(cfg), device="cpu", base_path=base)
-        if not self.loaded.info.is_kimi:
-            raise ConfigError(f"{weights}: not a Kimi-Audio model ({self.loaded.info.kind}); `kimi-lora train` "
-                              "trains Kimi-Audio release folders")
-        config, tok = self.loaded.config, self.loaded.tokenizer
+        # Data and targets are checked against config + tokenizer (no tensor read) before the
+        # weights load, so a typo costs seconds, not a 20 GB load.
+        skeleton = model_skeleton(cfg)
+        config = skeleton.config
+        if cfg.lora_enabled:
+            from kimi_lora_cli.targets import linear_entries, resolve_targets
+
+            resolve_targets(linear_entries(skeleton.model), cfg.lora_target)
         max_len = cfg.model_max_length or config.max_position_embeddings
-        data = load_samples(cfg.data_path, tok, config, max_length=max_len, too_long=cfg.too_long,
-                            speech_codes=speech_codes(cfg, config))
+        data = preflight(cfg, skeleton)
         self.data = data
         if data.audio_tokenized:
             say(f"[bold]Speech tokenizer[/] {cfg.speech_tokenizer}: audio_tokens for {data.audio_tokenized} files")
@@ -212,6 +217,8 @@ class Trainer:
         if len(self.train_idx) < self.world:
             raise ConfigError(f"{data.path}: {len(self.train_idx)} training samples for {self.world} processes; "
                               "add data or use fewer processes")
+        say(f"[bold]Loading[/] {weights}" + (f" (tokenizer and Whisper from {base})" if base else ""))
+        self.loaded = load_model(weights, dtype=load_dtype(cfg), device="cpu", base_path=base)
 
         # Model: adapters or full fine-tuning; Whisper stays frozen outside the trained module.
         model = self.loaded.model
@@ -250,7 +257,7 @@ class Trainer:
         encoder.encoder.to(self.device)
         store = FeatureStore(encoder, cache_dir=cfg.feature_cache_dir)
         self.store = store
-        self.dataset = KimiDataset(data.samples, tok.pad, config.kimia_adaptor_input_dim, store)
+        self.dataset = KimiDataset(data.samples, skeleton.tokenizer.pad, config.kimia_adaptor_input_dim, store)
 
         from kimi_lora_cli.training.plan import total_steps
 
@@ -473,7 +480,6 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        import torch
 
         from kimi_lora_cli.training.loss import compute_loss
         from kimi_lora_cli.training.plan import iterate_steps
@@ -607,20 +613,27 @@ class Trainer:
         return result
 
 
-def preflight(cfg: TrainConfig) -> Any:
-    """Check the data against the model's tokenizer and config without loading weights (what a
-    launcher runs once before starting N processes, so errors are reported once and cleanly)."""
-    from kimi_lora_cli.data.schema import load_samples
+def model_skeleton(cfg: TrainConfig) -> Any:
+    """Config + tokenizer of the model to train, built on the meta device (no tensor read)."""
     from kimi_lora_cli.loading import load_model
 
     weights, base = model_locations(cfg)
-    loaded = load_model(weights, weights=False, load_whisper=False, base_path=base)
-    if not loaded.info.is_kimi:
-        raise ConfigError(f"{weights}: not a Kimi-Audio model ({loaded.info.kind}); `kimi-lora train` trains "
+    skeleton = load_model(weights, weights=False, load_whisper=False, base_path=base)
+    if not skeleton.info.is_kimi:
+        raise ConfigError(f"{weights}: not a Kimi-Audio model ({skeleton.info.kind}); `kimi-lora train` trains "
                           "Kimi-Audio release folders")
-    max_len = cfg.model_max_length or loaded.config.max_position_embeddings
-    return load_samples(cfg.data_path, loaded.tokenizer, loaded.config, max_length=max_len, too_long=cfg.too_long,
-                        speech_codes=speech_codes(cfg, loaded.config))
+    return skeleton
+
+
+def preflight(cfg: TrainConfig, skeleton: Any = None) -> Any:
+    """Check the data against the model's tokenizer and config without loading weights (run before
+    the weights load, and once by a launcher before starting N processes, so errors come early and once)."""
+    from kimi_lora_cli.data.schema import load_samples
+
+    skeleton = skeleton or model_skeleton(cfg)
+    max_len = cfg.model_max_length or skeleton.config.max_position_embeddings
+    return load_samples(cfg.data_path, skeleton.tokenizer, skeleton.config, max_length=max_len,
+                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config))
 
 
 def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:

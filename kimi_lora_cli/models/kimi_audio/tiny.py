@@ -23,7 +23,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kimi_lora_cli.models.kimi_audio.tokenizer import KIMI_PAT_STR, NUM_RESERVED_SPECIAL_TOKENS, SPECIAL_OFFSETS
+from kimi_lora_cli.models.kimi_audio.tokenizer import (
+    KIMI_PAT_STR,
+    NUM_RESERVED_SPECIAL_TOKENS,
+    SPECIAL_OFFSETS,
+)
 
 CORPUS = """
 please transcribe the spoken content into written text. the quick brown fox jumps over the lazy dog.
