@@ -251,6 +251,10 @@ class Trainer:
                                        gradient_accumulation_steps=cfg.gradient_accumulation_steps
                                        if cfg.deepspeed else 1, **kwargs)
         acc = self.accelerator
+        if str(acc.distributed_type).endswith("FSDP"):
+            # Saving would need FSDP's full-state gathering, which is not wired (or tested) yet.
+            raise ConfigError("FSDP (accelerate --use_fsdp) is not supported by `kimi-lora train` yet; "
+                              "shard with --deepspeed zero3 instead")
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.device = acc.device
         encoder = self.loaded.feature_encoder
