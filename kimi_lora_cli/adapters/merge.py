@@ -34,6 +34,7 @@ from kimi_lora_cli.adapters.safetensors_io import (
     torch_dtype,
 )
 from kimi_lora_cli.errors import AdapterError, ConfigError
+from kimi_lora_cli.fileops import link_or_copy
 
 if TYPE_CHECKING:
     import torch
@@ -293,27 +294,10 @@ def _is_weight_file(path: Path, base: BaseCheckpoint) -> bool:
             or (name.startswith("pytorch_model") and (name.endswith(".bin") or name.endswith(".bin.index.json"))))
 
 
-def _link_or_copy(src: Path, dst: Path, counts: dict[str, int], say=None) -> None:
-    if src.is_dir():
-        dst.mkdir()
-        for child in sorted(src.iterdir()):
-            _link_or_copy(child, dst / child.name, counts, say)
-        return
-    try:
-        os.link(src, dst)
-        counts["linked"] += 1
-    except OSError:
-        size = src.stat().st_size
-        if say and size > 64 << 20:
-            say(f"copying {src.name} ({size / 1e9:.1f} GB; hard links need --output on the same filesystem)")
-        shutil.copy2(src, dst)
-        counts["copied"] += 1
-
-
 def _write_config(base: BaseCheckpoint, tmp: Path, out_dtype: str | None, counts: dict[str, int]) -> None:
     src = base.path / "config.json"
     if out_dtype is None:
-        _link_or_copy(src, tmp / "config.json", counts)
+        link_or_copy(src, tmp / "config.json", counts)
         return
     cfg = dict(base.config)
     name = DTYPES[out_dtype][0]
@@ -404,7 +388,7 @@ def merge_adapters(spec: MergeSpec, progress: Callable[[str], None] | None = Non
         for entry in sorted(base.path.iterdir()):
             if entry.name.startswith(".") or entry.name == "config.json" or _is_weight_file(entry, base):
                 continue
-            _link_or_copy(entry, tmp / entry.name, counts, say)
+            link_or_copy(entry, tmp / entry.name, counts, say)
         checked = _verify(spec, base, weights, tmp, say) if spec.verify else None
         _swap_into_place(tmp, out)
     except BaseException:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
+from kimi_lora_cli.fileops import link_or_copy
 from kimi_lora_cli.training import checkpoint as ckpt
 from kimi_lora_cli.training.config import TrainConfig
 from kimi_lora_cli.training.distributed import (
@@ -150,13 +151,6 @@ def _atomic_files(tmp: Path, dest: Path) -> list[Path]:
             moved.append(target)
     shutil.rmtree(tmp, ignore_errors=True)
     return moved
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 # -------------------------------------------------------------------------------------------
@@ -469,14 +463,14 @@ class Trainer:
             for name in ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
                 src = Path(info.tokenizer_source) / name
                 if src.is_file():
-                    _link_or_copy(src, folder / name)
+                    link_or_copy(src, folder / name)
         wsrc = Path(info.whisper_source) if info.whisper_source else None
         wdir = folder / "whisper-large-v3"
         wdir.mkdir()
         if wsrc is not None and wsrc.is_dir() and (wsrc / "model.safetensors").is_file():
             for f in wsrc.iterdir():
                 if f.is_file():
-                    _link_or_copy(f, wdir / f.name)
+                    link_or_copy(f, wdir / f.name)
         else:
             enc = self.loaded.feature_encoder.encoder
             save_tensors({f"model.encoder.{k}": v for k, v in enc.state_dict().items()}, wdir / "model.safetensors")
