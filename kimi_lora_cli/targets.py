@@ -25,7 +25,7 @@ from typing import Any
 
 from kimi_lora_cli.errors import TargetError
 
-COMPONENTS = ("backbone", "text", "mimo", "adaptor", "heads", "whisper", "layers", "other")
+COMPONENTS = ("backbone", "text", "mimo", "adaptor", "layers", "other", "heads", "whisper")
 COMPONENT_ALIASES = {"text_layers": "text", "audio": "mimo", "mimo_layers": "mimo", "vq_adaptor": "adaptor",
                      "shared": "backbone", "head": "heads"}
 EXCLUDED_FROM_ALL = {
