@@ -453,16 +453,26 @@ def _load_hf(info: ModelInfo, dtype, device, weights: bool, allow_pickle: bool):
 
 def attach_adapters(loaded: LoadedModel, adapters, *, trainable: bool = False, allow_pickle: bool = False) -> None:
     """Wrap `loaded.model` with one or more peft adapters (names must be unique)."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     model = loaded.model
     for i, (name, folder) in enumerate(adapters):
         folder = Path(folder).expanduser()
         check_adapter_folder(folder, allow_pickle)
+        config = PeftConfig.from_pretrained(str(folder))
+        # The task type only picks peft's wrapper class (CAUSAL_LM adds HF generate() plumbing); the
+        # adapted modules and weights do not depend on it. One plain wrapper for every adapter, whatever
+        # its task_type (CAUSAL_LM from the official recipe, null, absent), for Kimi-Audio and HF models.
+        config.task_type = None
+        config.inference_mode = not trainable
         try:
             if i == 0 and not isinstance(model, PeftModel):
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=trainable)
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=trainable,
+                                                  config=config)
             else:
+                model.add_adapter(name, config)
+                if trainable:
+                    model.set_requires_grad(name)
                 model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
         except (ValueError, RuntimeError, KeyError) as e:
             raise AdapterError(f"{folder}: adapter does not fit {loaded.info.path} ({str(e).splitlines()[0]})") from None

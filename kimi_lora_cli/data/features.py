@@ -228,7 +228,9 @@ class FeatureStore(_AudioStore):
 
     def __init__(self, encoder: Any, cache_dir: str | Path | None = None, memory_budget_bytes: int = 4 << 30,
                  batch_size: int = 8) -> None:
-        super().__init__(encoder, fingerprint(encoder.encoder), cache_dir, memory_budget_bytes,
+        # The mel rounding changes every row, so it is part of the entry's identity.
+        mel = str(getattr(encoder, "mel_dtype", None)).replace("torch.", "")
+        super().__init__(encoder, f"{fingerprint(encoder.encoder)}:mel-{mel}", cache_dir, memory_budget_bytes,
                          batch_size)
 
     @property

@@ -56,6 +56,12 @@ class KimiAudioConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def model_type(self) -> str:
+        # What a transformers config carries (peft's causal-LM wrapper reads it); the official class
+        # sets none, so "" unless config.json names one.
+        return str(self.raw.get("model_type") or "")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KimiAudioConfig:
         known = {f.name for f in fields(cls)} - {"raw"}
