@@ -60,6 +60,8 @@ class Sample:
     seq: TokenizedConversation
     audio: list[Path] = field(default_factory=list)
     truncated: bool = False
+    # The checked messages, audio contents as resolved paths (evaluation decodes from these).
+    conversation: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.seq)
@@ -425,8 +427,12 @@ def load_samples(
             truncated += 1
             cut = True
         audio = [ref.path for ref in chk.audios if ref.continuous]
+        conversation = [dict(m) for m in obj["conversation"]]
+        for ref in chk.audios:
+            if ref.continuous:
+                conversation[ref.index]["content"] = str(ref.path.resolve())
         samples.append(Sample(line=chk.line, source=path, task_type=task, output_type=output_type, seq=seq,
-                              audio=audio[: len(seq.media)], truncated=cut))
+                              audio=audio[: len(seq.media)], truncated=cut, conversation=conversation))
     if problems:
         problems = [p for _, p in sorted(problems, key=lambda item: item[0])]
         shown = problems[:MAX_LISTED_PROBLEMS]

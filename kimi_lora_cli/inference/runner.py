@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
+from kimi_lora_cli.inference.decode import plan_batches
 from kimi_lora_cli.inference.generation import GenerationConfig, StreamTokens, generate, unwrap_model
 from kimi_lora_cli.inference.metrics import ErrorCounts, score
 from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
@@ -344,11 +345,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
     new_records: list[dict[str, Any]] = []
 
     # Similar lengths in one batch waste less compute on padding; each output type on its own.
-    order = sorted(todo, key=lambda s: (out_type[s.id], lengths[s.id]))
-    batches = []
-    for otype in ("text", "both"):
-        group = [s for s in order if out_type[s.id] == otype]
-        batches += [(otype, group[i : i + spec.batch_size]) for i in range(0, len(group), spec.batch_size)]
+    batches = plan_batches(todo, out_type, lengths, spec.batch_size)
 
     writer = PredictionWriter(output, spec.resume)
     if progress is not None:

@@ -71,17 +71,18 @@ def finish(tmp: Path, final: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, final)
 
 
-def rotate(output_dir: Path, limit: int | None, keep: Path | None = None) -> list[Path]:
-    """Delete the oldest checkpoints beyond `limit` (never `keep`)."""
+def rotate(output_dir: Path, limit: int | None, keep: list[Path] = ()) -> list[Path]:
+    """Delete the oldest checkpoints beyond `limit` (never those in `keep`: the newest, the best)."""
     if not limit:
         return []
     found = list_checkpoints(output_dir)
     removed = []
     excess = len(found) - limit
+    kept = {p.resolve() for p in keep}
     for _, path in found:
         if excess <= 0:
             break
-        if keep is not None and path.resolve() == keep.resolve():
+        if path.resolve() in kept:
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)

@@ -30,7 +30,8 @@ from kimi_lora_cli.training.distributed import (
     env_world,
     gathered_named_parameters,
 )
-from kimi_lora_cli.training.reporting import MetricsLog, Reporter, plot_losses
+from kimi_lora_cli.training.reporting import MetricsLog, Reporter, parse_report_to, plot_losses
+from kimi_lora_cli.training.state import TrainerState
 
 CONFIG_FILE = "train_config.yaml"
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -45,6 +46,11 @@ class TrainResult:
     first_loss: float | None = None
     last_loss: float | None = None
     last_eval_loss: float | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+    stopped_early: bool = False
+    card: Path | None = None
     checkpoint: Path | None = None
     saved: list[Path] = field(default_factory=list)
     plot: Path | None = None
@@ -168,6 +174,7 @@ class Trainer:
         if self.rank != 0:
             self.reporter.enabled = False
         self.output_dir = Path(cfg.output_dir).expanduser()
+        self.command: list[str] | None = None  # the command line, for the model card
         # Behave as if Ctrl-C came during this step (tests and drills of the interruption path).
         self.stop_after: int | None = None
 
@@ -182,6 +189,7 @@ class Trainer:
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        parse_report_to(cfg.report_to)  # a missing tracker package fails here, before any weight is read
         self.resume_dir = None
         if cfg.resume_from_checkpoint:
             self.resume_dir = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
@@ -207,7 +215,15 @@ class Trainer:
         if data.truncated:
             msg += f"; truncated {data.truncated} to {max_len}"
         say(msg)
-        self.train_idx, self.eval_idx = split_eval(len(data.samples), cfg.eval_ratio, cfg.seed)
+        samples = list(data.samples)
+        if cfg.eval_data_path:
+            eval_data = preflight(cfg.with_(data_path=cfg.eval_data_path), skeleton)
+            say(f"[bold]Eval data[/] {eval_data.path}: {len(eval_data.samples)} samples")
+            self.train_idx = list(range(len(samples)))
+            self.eval_idx = list(range(len(samples), len(samples) + len(eval_data.samples)))
+            samples += eval_data.samples
+        else:
+            self.train_idx, self.eval_idx = split_eval(len(samples), cfg.eval_ratio, cfg.seed)
         if len(self.train_idx) < self.world:
             raise ConfigError(f"{data.path}: {len(self.train_idx)} training samples for {self.world} processes; "
                               "add data or use fewer processes")
@@ -255,7 +271,7 @@ class Trainer:
         encoder.encoder.to(self.device)
         store = FeatureStore(encoder, cache_dir=cfg.feature_cache_dir)
         self.store = store
-        self.dataset = KimiDataset(data.samples, skeleton.tokenizer.pad, config.kimia_adaptor_input_dim, store)
+        self.dataset = KimiDataset(samples, skeleton.tokenizer.pad, config.kimia_adaptor_input_dim, store)
 
         from kimi_lora_cli.training.plan import total_steps
 
@@ -271,6 +287,51 @@ class Trainer:
         self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.deepspeed = cfg.deepspeed is not None
+        self.evaluator = self._make_evaluator(skeleton.tokenizer, config)
+        self._banner()
+
+    def _make_evaluator(self, tokenizer: Any, config: Any) -> Any:
+        from kimi_lora_cli.training.evaluation import Evaluator, default_max_new_tokens, generation_samples
+
+        cfg = self.cfg
+        generate = []
+        if cfg.eval_generate_count:
+            generate = generation_samples(self.dataset.samples, self.eval_idx, cfg.eval_generate_count)
+            if not generate:
+                raise ConfigError("--eval-generate: no evaluation conversation ends with an assistant text answer "
+                                  "to score")
+        sharded = bool(self.deepspeed and deepspeed_config(cfg, self.world).get("zero_optimization", {})
+                       .get("stage", 0) == 3)
+        return Evaluator(dataset=self.dataset, indices=self.eval_idx, batch_size=cfg.eval_batch_size, rank=self.rank,
+                         world=self.world, reduce=self._reduce, to_device=self._batch,
+                         text_weight=cfg.text_loss_weight, audio_weight=cfg.audio_loss_weight, generate=generate,
+                         tokenizer=tokenizer, config=config, store=self.store,
+                         max_new_tokens=cfg.eval_max_new_tokens or default_max_new_tokens(generate, tokenizer),
+                         sharded=sharded, autocast=self.accelerator.autocast)
+
+    def _banner(self) -> None:
+        from kimi_lora_cli.formatting import human_count
+
+        cfg = self.cfg
+        per_step = self.world * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        trainable = sum(p.numel() for p in self._unwrapped().parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self._unwrapped().parameters())
+        precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+        engine = f"DeepSpeed {cfg.deepspeed}" if cfg.deepspeed else "DDP" if self.world > 1 else "single process"
+        targets = f"LoRA r={cfg.lora_rank} on {len(self.selection.names)} modules ({cfg.lora_target})" \
+            if self.selection is not None else "full fine-tuning"
+        rows = [("World size", f"{self.world} ({engine}, {self.device})"),
+                ("Batch", f"{cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
+                          f"accumulation x {self.world} processes = {per_step} samples per step"),
+                ("Steps", f"{self.steps_per_epoch} per epoch, {self.total_steps} in total"),
+                ("Trainable", f"{human_count(trainable)} of {human_count(total)} parameters "
+                              f"({100.0 * trainable / max(total, 1):.3f}%)"),
+                ("Precision", precision + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
+                ("Targets", targets)]
+        if self.eval_idx:
+            gen = len(self.evaluator.generate)
+            rows.append(("Evaluation", f"{len(self.eval_idx)} samples" + (f", {gen} decoded for WER/CER" if gen else "")))
+        self.reporter.banner(rows)
 
     def _report_parameters(self) -> None:
         from kimi_lora_cli.training.lora import parameter_rows
@@ -305,34 +366,11 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def evaluate(self) -> dict[str, float]:
-        import torch
-
-        from kimi_lora_cli.training.loss import compute_loss
-
-        model = self.model
-        model.eval()
-        mine = self.eval_idx[self.rank :: self.world]
-        bs = self.cfg.eval_batch_size
-        # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively);
-        # a rank that ran out of samples repeats one and does not count it.
-        per_rank = math.ceil(len(self.eval_idx) / self.world)
-        n_batches = math.ceil(per_rank / bs)
-        sums = [0.0, 0.0, 0.0, 0.0]
-        with torch.no_grad():
-            for b in range(n_batches):
-                chunk = mine[b * bs : (b + 1) * bs]
-                parts = compute_loss(model, self._batch(chunk or self.eval_idx[:1]), self.cfg.text_loss_weight,
-                                     self.cfg.audio_loss_weight)
-                if not chunk:
-                    continue
-                sums[0] += float(parts.total.sum())
-                sums[1] += float(parts.text.sum())
-                sums[2] += float(parts.audio.sum())
-                sums[3] += parts.total.shape[0]
-        model.train()
-        total, text, audio, n = self._reduce(sums)
-        n = max(n, 1.0)
-        return {"eval_loss": total / n, "eval_text_loss": text / n, "eval_audio_loss": audio / n}
+        metrics = self.evaluator.evaluate(self.model, self._unwrapped())
+        pairs = self.evaluator.last_pairs if "eval_wer" in metrics else []
+        if pairs and self.is_main:
+            self.reporter.eval_pairs(pairs)
+        return metrics
 
     def save_checkpoint(self, step: int, extra: dict[str, Any]) -> Path:
         import torch
@@ -358,11 +396,12 @@ class Trainer:
         torch.save(ckpt.rng_state(), tmp / f"rng_state_{self.rank}.pt")
         acc.wait_for_everyone()
         if self.is_main:
-            state = {"global_step": step, "world_size": self.world,
+            state = {**self._state_dict(step, self.metrics.records),
                      "global_batch": self.world * self.cfg.per_device_train_batch_size
                      * self.cfg.gradient_accumulation_steps, "config": self.cfg.to_dict(), **extra}
             ckpt.finish(tmp, final, state)
-            ckpt.rotate(self.output_dir, self.cfg.save_total_limit, keep=final)
+            best = self.state.best_model_checkpoint
+            ckpt.rotate(self.output_dir, self.cfg.save_total_limit, keep=[final] + ([Path(best)] if best else []))
         acc.wait_for_everyone()
         return final
 
@@ -496,13 +535,16 @@ class Trainer:
         acc.wait_for_everyone()
 
         start_step, tokens_total = 0, 0
+        self.state = TrainerState(cfg.best_metric_name, cfg.best_greater_is_better)
         if self.resume_dir is not None:
             state = self.load_checkpoint(self.resume_dir)
             start_step = int(state["global_step"])
             tokens_total = int(state.get("tokens", 0))
+            self.state = TrainerState.from_dict(state, cfg.best_metric_name, cfg.best_greater_is_better)
             self.reporter.print(f"[bold]Resuming[/] from {self.resume_dir} at step {start_step}")
         metrics = MetricsLog(self.output_dir, self.is_main, cfg.report_to, resume_step=start_step,
-                             config=cfg.to_dict())
+                             config=cfg.to_dict(), run_name=cfg.run_name)
+        self.metrics = metrics
         result.global_step = start_step
         if start_step >= self.total_steps:
             self.reporter.print(f"Checkpoint step {start_step} already reaches the {self.total_steps} planned steps.")
@@ -513,6 +555,7 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         eval_every = cfg.eval_steps or cfg.save_steps
         do_eval = bool(self.eval_idx) and cfg.evaluation_strategy != "no"
+        track_best = self.state.metric_for_best_model is not None
         window = {"total": 0.0, "text": 0.0, "audio": 0.0, "n": 0.0, "tokens": 0.0}
         window_start = time.perf_counter()
         run_start = time.perf_counter()
@@ -577,38 +620,122 @@ class Trainer:
                         result.last_loss = record["loss"]
                         window = dict.fromkeys(window, 0.0)
                         window_start = time.perf_counter()
-                    self.reporter.step(step, {**(record or {"epoch": epoch, "loss": result.last_loss or 0.0,
-                                                             "text_loss": 0.0, "audio_loss": 0.0,
-                                                             "learning_rate": lr}),
-                                              "total_steps": self.total_steps}, logged)
+                    self.reporter.step(step, self.total_steps, record)
                     at_epoch_end = planned.step_in_epoch == self.steps_per_epoch - 1
-                    if do_eval and ((cfg.evaluation_strategy == "steps" and step % eval_every == 0)
-                                    or (cfg.evaluation_strategy == "epoch" and at_epoch_end)):
-                        ev = self.evaluate()
-                        metrics.write({"step": step, "epoch": round(epoch, 4), **ev})
-                        result.last_eval_loss = ev["eval_loss"]
-                        self.reporter.print(f"eval at step {step}: loss {ev['eval_loss']:.4f} (text "
-                                            f"{ev['eval_text_loss']:.4f} audio {ev['eval_audio_loss']:.4f})")
-                    if stop_now or step % cfg.save_steps == 0:
+                    evaluated = do_eval and ((cfg.evaluation_strategy == "steps" and step % eval_every == 0)
+                                             or (cfg.evaluation_strategy == "epoch" and at_epoch_end))
+                    if evaluated:
+                        self._evaluate_and_track(step, epoch, metrics, result)
+                    # With a watched metric every evaluation saves, so the best one can be restored.
+                    if stop_now or step % cfg.save_steps == 0 or (evaluated and track_best):
                         last_saved = self.save_checkpoint(step, {"epoch": epoch, "tokens": tokens_total})
                         result.checkpoint = last_saved
                     if stop_now:
                         result.interrupted = True
+                        break
+                    if evaluated and self._should_stop_early():
+                        result.stopped_early = True
                         break
         finally:
             self.reporter.stop()
         result.tokens = tokens_total
         result.seconds = time.perf_counter() - run_start
         if not result.interrupted:
-            if do_eval and (cfg.evaluation_strategy != "steps" or step % eval_every != 0):
-                ev = self.evaluate()
-                metrics.write({"step": step, "epoch": round(step / self.steps_per_epoch, 4), **ev})
-                result.last_eval_loss = ev["eval_loss"]
+            already = result.stopped_early or (cfg.evaluation_strategy == "steps" and step % eval_every == 0)
+            if do_eval and not already and step > start_step:
+                self._evaluate_and_track(step, step / self.steps_per_epoch, metrics, result)
+                if track_best:  # the end-of-training evaluation competes for best too
+                    result.checkpoint = self.save_checkpoint(step, {"epoch": step / self.steps_per_epoch,
+                                                                    "tokens": tokens_total})
+            if cfg.load_best_model_at_end:
+                self._load_best()
+            result.best_metric = self.state.best_metric
+            result.best_checkpoint = self.state.best_model_checkpoint
             result.saved = self.save_final()
             if self.is_main:
                 result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png")
+                self._write_run_files(result, metrics.records, step)
         metrics.close()
         return result
+
+    # -- evaluation, best model, early stopping -----------------------------------------------
+    def _evaluate_and_track(self, step: int, epoch: float, metrics: MetricsLog, result: TrainResult) -> None:
+        ev = self.evaluate()
+        record = {"step": step, "epoch": round(epoch, 4), **ev}
+        metrics.write(record)
+        result.last_eval_loss, result.last_eval = ev["eval_loss"], ev
+        checkpoint = self.output_dir / f"checkpoint-{step}"
+        best = self.state.observe(ev, step, checkpoint, self.cfg.early_stopping_threshold)
+        text = f"eval at step {step}: loss {ev['eval_loss']:.4f} (text {ev['eval_text_loss']:.4f} audio " \
+               f"{ev['eval_audio_loss']:.4f})"
+        if "eval_wer" in ev:
+            text += f", WER {ev['eval_wer']:.4f} CER {ev['eval_cer']:.4f} on {ev['eval_generated']} decoded"
+        if best:
+            text += f" [bold]best {self.state.metric_for_best_model}[/]"
+        self.reporter.print(text)
+
+    def _should_stop_early(self) -> bool:
+        patience = self.cfg.early_stopping_patience
+        if patience and self.state.early_stopping_patience_counter >= patience:
+            self.reporter.print(f"Early stopping: {self.state.metric_for_best_model} has not improved by more than "
+                                f"{self.cfg.early_stopping_threshold} for {patience} evaluations (best "
+                                f"{self.state.best_metric:.4f} at step {self.state.best_global_step}).")
+            return True
+        return False
+
+    def _load_best(self) -> None:
+        """Put the best checkpoint's trainable weights back, so the final save is the best model."""
+        import torch
+
+        best = self.state.best_model_checkpoint
+        if best is None:
+            return
+        folder = Path(best)
+        if self.deepspeed:
+            self.model.load_checkpoint(str(folder / "deepspeed"), load_module_strict=False,
+                                       load_optimizer_states=False, load_lr_scheduler_states=False)
+        else:
+            tensors = ckpt.load_tensors(folder / "trainable.safetensors")
+            params = dict(self._unwrapped().named_parameters())
+            with torch.no_grad():
+                for n, t in tensors.items():
+                    if n in params:
+                        params[n].copy_(t.to(params[n].device, params[n].dtype))
+        self.reporter.print(f"Loaded the best checkpoint {folder.name} ({self.state.metric_for_best_model} "
+                            f"{self.state.best_metric:.4f}) as the final {'adapter' if self.selection else 'model'}.")
+
+    def _state_dict(self, step: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """trainer_state.json content (HF field names) for a checkpoint or the output folder."""
+        cfg = self.cfg
+        return {"global_step": step, "epoch": round(step / self.steps_per_epoch, 4), "max_steps": self.total_steps,
+                "num_train_epochs": cfg.num_train_epochs, "logging_steps": cfg.logging_steps,
+                "eval_steps": cfg.eval_steps or cfg.save_steps, "save_steps": cfg.save_steps,
+                "train_batch_size": cfg.per_device_train_batch_size, "world_size": self.world,
+                **self.state.to_dict(), "log_history": records}
+
+    def _write_run_files(self, result: TrainResult, records: list[dict[str, Any]], step: int) -> None:
+        from kimi_lora_cli.training.model_card import render_card, write_card
+        from kimi_lora_cli.training.state import write_state
+
+        write_state(self.output_dir, self._state_dict(step, records))
+        final = next((r for r in reversed(records) if "loss" in r), {})
+        final = {**{k: v for k, v in final.items() if k in ("loss", "text_loss", "audio_loss")}, **result.last_eval}
+        best = None
+        if self.state.best_metric is not None:
+            best = next((r for r in records if r.get("step") == self.state.best_global_step
+                         and self.state.metric_for_best_model in r), None)
+        peft_version = None
+        if self.selection is not None:
+            import peft
+
+            peft_version = peft.__version__
+        weights, base = model_locations(self.cfg)
+        card = render_card(base_model=str(base or weights), config=self.cfg.to_dict(), samples=len(self.train_idx),
+                           eval_samples=len(self.eval_idx), steps=step, final=final, best=best,
+                           best_metric=self.state.metric_for_best_model, holds_best=self.cfg.load_best_model_at_end,
+                           lora=self.selection is not None, command=self.command,
+                           plot=result.plot.name if result.plot else None, peft_version=peft_version)
+        result.card = write_card(self.output_dir, card)
 
 
 def model_skeleton(cfg: TrainConfig) -> Any:
@@ -654,8 +781,10 @@ def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:
     return load
 
 
-def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
-    """Run one training job (in this process; call it in every process of a distributed launch)."""
+def train(cfg: TrainConfig, reporter: Reporter | None = None, command: list[str] | None = None) -> TrainResult:
+    """Run one training job (in this process; call it in every process of a distributed launch).
+    `command` (the command line) goes into the model card."""
     trainer = Trainer(cfg, reporter)
+    trainer.command = command
     trainer.setup()
     return trainer.run()
