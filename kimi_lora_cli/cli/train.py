@@ -154,8 +154,9 @@ def train(
     early_stopping_threshold: Annotated[float | None, typer.Option(
         "--early-stopping-threshold", help="Least change that counts as an improvement. \\[default: 0]",
         rich_help_panel=P_EVAL)] = None,
-    per_device_eval_batch_size: Annotated[int | None, typer.Option("--per-device-eval-batch-size",
-                                                                   rich_help_panel=P_EVAL, hidden=True)] = None,
+    per_device_eval_batch_size: Annotated[int | None, typer.Option(
+        "--per-device-eval-batch-size", help="Eval micro-batch. \\[default: the training one for the loss, 16 for "
+        "decoding]", rich_help_panel=P_EVAL)] = None,
     model_max_length: Annotated[int | None, typer.Option("--model-max-length", help="Longest sequence in tokens. "
                                                          "\\[default: max_position_embeddings]",
                                                          rich_help_panel=P_DATA)] = None,

@@ -17,6 +17,7 @@ from kimi_lora_cli.errors import ConfigError
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "all", "tensorboard", "wandb")
+DECODE_BATCH = 16
 EVAL_METRICS = ("eval_loss", "eval_text_loss", "eval_audio_loss", "eval_wer", "eval_cer")
 ALIASES = {
     "lora_r": "lora_rank",
@@ -264,6 +265,12 @@ class TrainConfig:
     @property
     def eval_batch_size(self) -> int:
         return self.per_device_eval_batch_size or self.per_device_train_batch_size
+
+    @property
+    def decode_batch_size(self) -> int:
+        # Decoding is step-bound: a wide batch costs little more than one sample (greedy outputs do
+        # not depend on the batch), so it gets its own, larger default.
+        return self.per_device_eval_batch_size or DECODE_BATCH
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -50,6 +50,7 @@ class Evaluator:
     dataset: Any  # KimiDataset
     indices: list[int]
     batch_size: int
+    decode_batch_size: int
     rank: int
     world: int
     reduce: Callable[[list[float]], list[float]]  # sum over ranks
@@ -108,7 +109,7 @@ class Evaluator:
         mine = self.generate if self.sharded else self.generate[self.rank :: self.world]
         with self.autocast() if self.autocast is not None else contextlib.nullcontext():
             scored = greedy_scores(unwrapped, mine, self.tokenizer, self.config, self.store.encoder,
-                                   batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                                   batch_size=self.decode_batch_size, max_new_tokens=self.max_new_tokens,
                                    features=self.store)
         c = scored.counts
         sums = [c.word_errors, c.ref_words, c.char_errors, c.ref_chars, c.samples]
