@@ -48,4 +48,10 @@ app.command("demo", rich_help_panel="Run")(guarded(demo))
 
 
 def main() -> None:
+    import signal
+
+    from kimi_lora_cli.cli._output import on_sigterm
+
+    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C: partial outputs are cleaned, exit 143.
+    signal.signal(signal.SIGTERM, on_sigterm)
     app()
