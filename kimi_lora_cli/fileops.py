@@ -147,3 +147,43 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+class _RecordingWriter:
+    """A file wrapper that remembers the OSError of a failed write (torch.save reports only its own
+    RuntimeError, without the errno)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, *args) -> int:
+        return self.f.seek(*args)
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save that streams to `path` and reports a failed write as the OSError naming `path`.
+    The file holds only tensors, numbers, strings and containers (readable with weights_only=True)."""
+    import torch
+
+    with naming_errors(path), open(path, "wb") as f:
+        w = _RecordingWriter(f)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is not None:
+                raise w.error from None
+            raise
