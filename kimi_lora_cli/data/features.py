@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.errors import ConfigError, DataError
+from kimi_lora_cli.fileops import naming_errors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -144,8 +145,13 @@ class _AudioStore:
         tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
         meta = {"format": "pt", "samples": str(samples), "rows": str(value.shape[0]), "dtype": str(value.dtype),
                 self.model_key: self.fingerprint, **self._metadata()}
-        save_file({self.tensor_name: value.detach().to("cpu").contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, f)
+        try:
+            with naming_errors(f):
+                save_file({self.tensor_name: value.detach().to("cpu").contiguous()}, str(tmp), metadata=meta)
+                os.replace(tmp, f)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _remember(self, digest: str, value: torch.Tensor) -> None:
         if digest in self._memory:

@@ -32,6 +32,7 @@ from kimi_lora_cli.data.audio import AudioError, load_audio
 from kimi_lora_cli.data.features import CodeStore, FeatureStore
 from kimi_lora_cli.data.schema import AudioRef, LineCheck, check_line, decode_line, read_lines
 from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
+from kimi_lora_cli.fileops import naming_errors, write_atomic
 
 STATE_VERSION = 1
 
@@ -167,9 +168,7 @@ def _load_state(paths: _Paths, options: dict[str, Any], overwrite: bool) -> dict
 
 
 def _write_state(paths: _Paths, state: dict[str, Any]) -> None:
-    tmp = paths.state.with_name(paths.state.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
-    os.replace(tmp, paths.state)
+    write_atomic(paths.state, json.dumps(state, indent=1))
 
 
 def _scan(spec: PrepareSpec, offset: int, vocab: int, resume_line: int,
@@ -389,15 +388,19 @@ class _Runner:
             prefix.update(raw)
             problems = bad.get(number) or (failed.get(number) if chk is not None else None)
             if problems:
-                rej.write((json.dumps({"line": number, "problems": problems,
-                                       "text": raw.decode("utf-8", "replace").rstrip("\n")},
-                                      ensure_ascii=False) + "\n").encode())
+                with naming_errors(self.paths.rejects_partial):
+                    rej.write((json.dumps({"line": number, "problems": problems,
+                                           "text": raw.decode("utf-8", "replace").rstrip("\n")},
+                                          ensure_ascii=False) + "\n").encode())
                 res.lines_rejected += 1
             elif chk is not None:
-                out.write((json.dumps(chk.record, ensure_ascii=False) + "\n").encode())
+                with naming_errors(self.paths.partial):
+                    out.write((json.dumps(chk.record, ensure_ascii=False) + "\n").encode())
                 res.lines_written += 1
-        out.flush()
-        rej.flush()
+        with naming_errors(self.paths.partial):
+            out.flush()
+        with naming_errors(self.paths.rejects_partial):
+            rej.flush()
         counters = {k: getattr(res, k) for k in ("lines_written", "lines_rejected", "audio_tokenized", "audio_kept",
                                                  "seconds_tokenized", "features_written", "features_reused",
                                                  "paths_rewritten")}

@@ -221,10 +221,11 @@ def load_torch_file(path: Path, extra_safe: list[Any] | None = None) -> Any:
         with torch.serialization.safe_globals(extra_safe or []):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).split("\n")[0][:160] if "Unsupported global" not in str(e) else (
-            "it holds Python objects, which could run code when loaded")
-        raise ConfigError(f"{path}: refused ({reason}); kimi-lora reads only tensors and numbers from .pt "
-                          "files - resume from a checkpoint kimi-lora wrote") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise ConfigError(f"{path}: refused - it holds Python objects{what}, which could run code when loaded; "
+                          "kimi-lora reads only tensors and numbers from .pt files: resume from a checkpoint "
+                          "kimi-lora wrote") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0][:160]}); resume from another "
                           "checkpoint") from None

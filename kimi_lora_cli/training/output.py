@@ -26,6 +26,7 @@ RESUMABLE_CHANGES = ("max_steps", "num_train_epochs", "learning_rate", "save_ste
                      "logging_steps", "eval_steps", "evaluation_strategy", "per_device_eval_batch_size",
                      "report_to", "device", "gradient_checkpointing", "feature_cache_dir", "output_dir",
                      "resume_from_checkpoint", "overwrite_output_dir")
+UNREPORTED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 # Compared through the global batch (processes x per-device batch x accumulation) instead.
 BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps")
 PATH_KEYS = ("model_name_or_path", "model_path", "data_path", "speech_tokenizer", "deepspeed")
@@ -118,14 +119,14 @@ class OutputDir:
                 self.series = resume_state.get("series") or (info or {}).get("series") or uuid.uuid4().hex[:12]
             else:
                 if self.cfg.overwrite_output_dir:
-                    self._remove_previous_run()
+                    self._remove_previous_run((info or {}).get("series"))
                 self.series = uuid.uuid4().hex[:12]
             write_marker(self.path, "train", series=self.series, run_id=self.run_id)
         except BaseException:
             self.lock.release()
             raise
 
-    def _remove_previous_run(self) -> None:
+    def _remove_previous_run(self, series: str | None) -> None:
         from kimi_lora_cli.fileops import remove_tree
 
         removed, kept = [], []
@@ -133,8 +134,8 @@ class OutputDir:
             if p.name in RUN_FILES or SHARD_RE.match(p.name):
                 remove_tree(p)
                 removed.append(p.name)
-            elif ckpt.CHECKPOINT_RE.match(p.name) and p.is_dir() and (p / ckpt.STATE_FILE).is_file():
-                remove_tree(p)  # the folder is train's (check() made sure): so are its checkpoints
+            elif ckpt.CHECKPOINT_RE.match(p.name) and p.is_dir() and ckpt.owned_by(p, series):
+                remove_tree(p)  # the previous run's (its series is the folder marker's)
                 removed.append(p.name)
             elif not p.name.startswith(".kimi-lora"):
                 kept.append(p.name)
@@ -175,7 +176,10 @@ def check_resume(cfg: TrainConfig, state: dict[str, Any], folder: Path, world: i
         if _same(old, new):
             continue
         change = f"{key} {_show(old)} -> {_show(new)}"
-        (allowed if key in RESUMABLE_CHANGES else differences).append(change)
+        if key not in RESUMABLE_CHANGES:
+            differences.append(change)
+        elif key not in UNREPORTED:
+            allowed.append(change)
     recorded = state.get("data_sha256")
     if recorded and digest and recorded != digest and not any(d.startswith("data_path ") for d in differences):
         differences.append(f"data_path content changed since the checkpoint ({cfg.data_path})")
@@ -189,7 +193,7 @@ def check_resume(cfg: TrainConfig, state: dict[str, Any], folder: Path, world: i
             f"{folder / ckpt.STATE_FILE}: the checkpoint comes from a run with other settings: {shown}. Resume "
             f"with that run's settings (--config {Path(saved.get('output_dir') or cfg.output_dir) / 'train_config.yaml'}"
             ") or start over with --overwrite-output-dir; a resume may change only "
-            f"{', '.join(k for k in RESUMABLE_CHANGES if k not in ('output_dir', 'resume_from_checkpoint', 'overwrite_output_dir'))}")
+            f"{', '.join(k for k in RESUMABLE_CHANGES if k not in UNREPORTED)}")
     return allowed
 
 
