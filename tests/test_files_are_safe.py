@@ -356,3 +356,16 @@ def test_cwd_fallback_paths_are_said_once_and_written_resolved(cli, tiny_dir, da
     code, _, stderr = cli(*train_args(tiny_dir, moved, tmp_path / "t", "--max-steps", "1"))
     assert code == 0, stderr
     assert " ".join(stderr.split()).count("were found relative to the current folder") == 1
+
+
+def test_feature_cache_drops_only_dead_runs_temporary_files(tiny, tmp_path):
+    from kimi_lora_cli.data.features import FeatureStore
+
+    digest = "ab" * 32
+    dead = tmp_path / f".{digest}.safetensors.{_dead_pid()}.tmp"
+    mine = tmp_path / f".{digest}.safetensors.{os.getpid()}.tmp"
+    other = tmp_path / f".{digest}.safetensors.notes.tmp"  # not our name pattern
+    for f in (dead, mine, other):
+        f.write_bytes(b"partial")
+    FeatureStore(tiny.feature_encoder, cache_dir=tmp_path)
+    assert not dead.exists() and mine.exists() and other.exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -86,6 +87,19 @@ class _AudioStore:
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memory_bytes = 0
         self._digests: dict[tuple[str, int, int], str] = {}
+        self._clean_dead_tmp()
+
+    def _clean_dead_tmp(self) -> None:
+        """Remove `.<sha256><suffix>.<pid>.tmp` files that killed runs of this tool left in the cache."""
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return
+        from kimi_lora_cli.outputs import pid_alive
+
+        pattern = re.compile(rf"^\.[0-9a-f]{{64}}{re.escape(self.suffix)}\.(\d+)\.tmp$")
+        for f in self.cache_dir.iterdir():
+            m = pattern.match(f.name)
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+                f.unlink(missing_ok=True)
 
     # -- what a subclass supplies ---------------------------------------------------------------
     def _compute(self, waves: list[np.ndarray]) -> list[torch.Tensor]:

@@ -73,9 +73,8 @@ class OutputDir:
         """Inputs never overlap the output; a used folder needs a resume or --overwrite-output-dir."""
         cfg = self.cfg
         check_output(self.path, [("model folder", cfg.model_name_or_path), ("weights folder", cfg.model_path),
-                                 ("data file", cfg.data_path), ("speech tokenizer folder", cfg.speech_tokenizer),
-                                 ("DeepSpeed config", cfg.deepspeed if cfg.deepspeed and Path(cfg.deepspeed)
-                                  .suffix == ".json" else None)], flag="--output-dir")
+                                 ("data file", cfg.data_path), ("speech tokenizer folder", cfg.speech_tokenizer)],
+                     flag="--output-dir")
         entries = [e for e in user_entries(self.path) if not _stale_tmp(e)]
         if not entries:
             return

@@ -125,7 +125,7 @@ class Trainer:
         if cfg.resume_from_checkpoint:
             self.resume_dir = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         self.out.check(resuming=self.resume_dir is not None)
-        self.data_sha256 = data_digest(cfg) if self.is_main else None
+        self.data_sha256 = data_digest(cfg)  # every rank: they must agree on refusing a resume
         if self.resume_dir is not None:
             self.resume_state = ckpt.read_state(self.resume_dir)
             for change in check_resume(cfg, self.resume_state, self.resume_dir, self.world, self.data_sha256):
