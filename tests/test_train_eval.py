@@ -138,3 +138,16 @@ def test_plain_log_lines_show_elapsed_percent_and_eta(cli, tiny_dir, asr, tmp_pa
     assert "World size 1 (single process, cpu)" in text
     assert "Batch 1 per device x 1 accumulation x 1 processes = 1 samples per step" in text
     assert "Steps 8 per epoch, 4 in total" in text
+
+
+def test_a_users_readme_is_never_replaced_by_the_card(cli, tiny_dir, asr, tmp_path):
+    out = tmp_path / "card"
+    args = ["train", "--model-name-or-path", tiny_dir, "--data-path", asr, "--use-lora", "-o", out, "--max-steps",
+            "1", "--device", "cpu"]
+    assert cli(*args)[0] == 0
+    assert "<!-- model card written by kimi-lora train -->" in (out / "README.md").read_text()
+    (out / "README.md").write_text("my notes")
+    code, _, err = cli(*args, "--overwrite-output-dir")
+    assert code == 0, err
+    assert (out / "README.md").read_text() == "my notes"
+    assert "is not a kimi-lora model card; left as it is" in " ".join(err.split())

@@ -18,7 +18,8 @@ P_RUN = "Saving, logging, resuming, launching"
 
 # Boolean flags that the guide writes with a value (`--bf16 True`, `--use_lora false`).
 BOOL_FLAGS = ("use-lora", "use-dora", "use-rslora", "train-embeddings", "bf16", "fp16", "gradient-checkpointing",
-              "group-by-length", "lazy-preprocess", "load-best-model-at-end", "greater-is-better")
+              "group-by-length", "lazy-preprocess", "load-best-model-at-end", "greater-is-better",
+              "overwrite-output-dir")
 LIST_FLAGS = ("--lora-target", "--lora-target-modules", "--target", "--modules-to-save")
 TRUE_WORDS = {"true", "1", "yes", "y", "on"}
 FALSE_WORDS = {"false", "0", "no", "n", "off"}
@@ -240,8 +241,14 @@ def train(
     logging_steps: Annotated[int | None, typer.Option("--logging-steps", help="\\[default: 10]",
                                                       rich_help_panel=P_RUN)] = None,
     resume_from_checkpoint: Annotated[str | None, typer.Option(
-        "--resume-from-checkpoint", help="latest (newest checkpoint in --output-dir) or a checkpoint-N folder.",
+        "--resume-from-checkpoint", help="latest (newest checkpoint in --output-dir) or a checkpoint-N folder; "
+        "the run's settings must match the checkpoint's, except max_steps, num_train_epochs, learning_rate, "
+        "save/logging/eval steps, save_total_limit, report_to, device and gradient_checkpointing.",
         rich_help_panel=P_RUN)] = None,
+    overwrite_output_dir: Annotated[bool | None, typer.Option(
+        "--overwrite-output-dir/--no-overwrite-output-dir", help="Start over in an --output-dir an earlier "
+        "`kimi-lora train` wrote (its adapter, checkpoints and logs are removed; other folders are never "
+        "touched).", rich_help_panel=P_RUN)] = None,
     deepspeed: Annotated[str | None, typer.Option("--deepspeed", help="DeepSpeed config: zero2 or zero3 (shipped "
                                                   "with kimi-lora) or a JSON path; \"auto\" values are filled from the flags.", rich_help_panel=P_RUN)] = None,
     report_to: Annotated[str | None, typer.Option("--report-to", help="Trackers: tensorboard, wandb (comma list), "
@@ -258,7 +265,7 @@ def train(
 ) -> None:
     """Fine-tune Kimi-Audio on a jsonl of conversations; writes a PEFT adapter (or a full model).
 
-    Every flag of the official LoRA guide works, in its underscore spelling too, so its command can be pasted after `kimi-lora train`. The data is checked in full before the first step; every problem is listed with its line number. Ctrl-C stops at the next step, saves a checkpoint and exits 130.
+    Every flag of the official LoRA guide works, in its underscore spelling too, so its command can be pasted after `kimi-lora train`. The data is checked in full before the first step; every problem is listed with its line number. Ctrl-C (or SIGTERM) stops at the next step, saves a checkpoint and exits 130 (143). An --output-dir that holds an earlier run is refused unless you resume it or pass --overwrite-output-dir.
 
     [bold]Examples[/]
 
@@ -282,9 +289,13 @@ def train(
         if not cfg.lora_enabled and given:
             raise ConfigError(f"--{given[0].replace('_', '-')} is a LoRA option but --use-lora is not set; add "
                               "--use-lora (or drop the LoRA options for full fine-tuning)")
+        if num_processes is not None and num_processes < 1:
+            raise ConfigError(f"--num-processes must be at least 1, not {num_processes}")
         if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
+            from kimi_lora_cli.training.output import OutputDir
             from kimi_lora_cli.training.trainer import preflight
 
+            OutputDir(cfg).check(resuming=cfg.resume_from_checkpoint is not None)
             preflight(cfg)  # bad data is reported here once, not by N processes
             _launch(ctx, num_processes)
         from kimi_lora_cli.training.reporting import Reporter
@@ -296,12 +307,13 @@ def train(
         if rank != 0:
             raise typer.Exit(1) from None  # rank 0 reports it
         raise
+    stopped = 128 + (result.signal or 2)  # 130 for Ctrl-C, 143 for SIGTERM
     if not result.is_main:
-        raise typer.Exit(130 if result.interrupted else 0)
+        raise typer.Exit(stopped if result.interrupted else 0)
     if result.interrupted:
         err.print(f"Stopped at step {result.global_step}/{result.total_steps}; checkpoint saved to "
                   f"{result.checkpoint}. Resume with --resume-from-checkpoint latest.")
-        raise typer.Exit(130)
+        raise typer.Exit(stopped)
     loss = ""
     if result.first_loss is not None and result.last_loss is not None:
         loss = f", loss {result.first_loss:.4f} -> {result.last_loss:.4f}"

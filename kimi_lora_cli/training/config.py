@@ -100,6 +100,7 @@ class TrainConfig:
     save_total_limit: int | None = None
     logging_steps: int = 10
     resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False  # replace a folder an earlier `kimi-lora train` wrote
     deepspeed: str | None = None
     report_to: str = "none"  # comma list of tensorboard, wandb; all; none
     run_name: str | None = None
@@ -181,7 +182,18 @@ class TrainConfig:
         need(self.per_device_train_batch_size >= 1, "--per-device-train-batch-size must be at least 1")
         need(self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be at least 1")
         need(self.learning_rate >= 0, "--learning-rate must not be negative")
+        need(self.max_steps == -1 or self.max_steps >= 1,
+             f"--max-steps must be at least 1 (or -1 to train --num-train-epochs), not {self.max_steps}")
         need(self.num_train_epochs > 0 or self.max_steps > 0, "--num-train-epochs must be positive (or set --max-steps)")
+        need(self.lora_alpha > 0, f"--lora-alpha must be positive (got {self.lora_alpha})")
+        need(self.weight_decay >= 0, "--weight-decay must not be negative")
+        need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "--adam-beta1/--adam-beta2 must be in [0, 1)")
+        need(self.adam_epsilon > 0, "--adam-epsilon must be positive")
+        need(self.max_grad_norm >= 0, "--max-grad-norm must not be negative (0 turns clipping off)")
+        need(self.eval_steps is None or self.eval_steps >= 1, "--eval-steps must be at least 1")
+        need(self.per_device_eval_batch_size is None or self.per_device_eval_batch_size >= 1,
+             "--per-device-eval-batch-size must be at least 1")
+        need(bool(str(self.output_dir).strip()), "--output-dir must not be empty")
         need(0.0 <= self.eval_ratio < 1.0, f"--eval-ratio must be in [0, 1) (got {self.eval_ratio})")
         need(self.evaluation_strategy in ("no", "steps", "epoch"),
              f"--evaluation-strategy must be no, steps or epoch (got {self.evaluation_strategy!r})")
@@ -201,6 +213,9 @@ class TrainConfig:
         self._validate_evaluation(need)
         need(self.text_loss_weight >= 0 and self.audio_loss_weight >= 0, "loss weights must not be negative")
         need(self.text_loss_weight + self.audio_loss_weight > 0, "at least one loss weight must be positive")
+        from kimi_lora_cli.devices import check_device
+
+        check_device(self.device)
         if not self.lora_enabled:
             need(not self.modules_to_save and not self.train_embeddings,
                  "--modules-to-save / --train-embeddings are LoRA options; add --use-lora (full fine-tuning "
@@ -278,9 +293,12 @@ class TrainConfig:
         return d
 
     def to_yaml(self) -> str:
+        """The settings to repeat this run (what to do with an existing folder is not one of them)."""
         import yaml
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        d = self.to_dict()
+        d.pop("overwrite_output_dir")
+        return yaml.safe_dump(d, sort_keys=False)
 
 
 _TRUE = {"true", "1", "yes", "y", "on"}

@@ -66,9 +66,23 @@ def render_card(*, base_model: str, config: dict[str, Any], samples: int, eval_s
     return "\n".join(lines)
 
 
-def write_card(folder: Path, text: str) -> Path:
+CARD_MARK = "<!-- model card written by kimi-lora train -->"
+
+
+def is_card(path: Path) -> bool:
+    """True for a README.md this tool wrote (a user's own README is never replaced or removed)."""
+    try:
+        return CARD_MARK in path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def write_card(folder: Path, text: str) -> Path | None:
+    """README.md in `folder`, unless a README.md that is not a kimi-lora card is there (then None)."""
     path = folder / "README.md"
+    if path.exists() and not is_card(path):
+        return None
     tmp = folder / ".README.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_text(text + "\n" + CARD_MARK + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path

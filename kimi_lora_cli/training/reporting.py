@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
+from kimi_lora_cli.fileops import naming_errors, write_atomic
 from kimi_lora_cli.formatting import human_count
 
 
@@ -178,7 +179,7 @@ class MetricsLog:
                 if rec.get("step", 0) <= resume_step:
                     kept.append(rec)
             self.records = kept
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
         trackers = parse_report_to(report_to)
@@ -195,7 +196,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as f:
+        with naming_errors(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         step = record.get("step", 0)
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}

@@ -9,11 +9,7 @@ so the step's gradient is that of the mean per-sample loss over the whole global
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
-from kimi_lora_cli.fileops import link_or_copy
+from kimi_lora_cli.fileops import naming_errors, remove_tree, save_torch, write_atomic
+from kimi_lora_cli.outputs import write_marker
 from kimi_lora_cli.training import checkpoint as ckpt
 from kimi_lora_cli.training.config import TrainConfig
 from kimi_lora_cli.training.distributed import (
@@ -30,11 +27,14 @@ from kimi_lora_cli.training.distributed import (
     env_world,
     gathered_named_parameters,
 )
+from kimi_lora_cli.training.optim import make_optimizer, make_scheduler, resync_learning_rate
+from kimi_lora_cli.training.output import OutputDir, check_resume, data_digest, resolved_paths
 from kimi_lora_cli.training.reporting import MetricsLog, Reporter, parse_report_to, plot_losses
+from kimi_lora_cli.training.saving import atomic_files, save_adapter, save_full_model
+from kimi_lora_cli.training.signals import StopFlag
 from kimi_lora_cli.training.state import TrainerState
 
 CONFIG_FILE = "train_config.yaml"
-MAX_SHARD_BYTES = 5 * 1024**3
 
 
 @dataclass
@@ -61,29 +61,7 @@ class TrainResult:
     seconds: float = 0.0
     tokens: int = 0
     is_main: bool = True
-
-
-class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to stop at the next step boundary (second Ctrl-C: immediately)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    signal: int | None = None  # SIGINT / SIGTERM that stopped the run (exit 128 + signal)
 
 
 # -------------------------------------------------------------------------------------------
@@ -110,55 +88,6 @@ def load_dtype(cfg: TrainConfig) -> str:
     return "float32"
 
 
-def make_scheduler(optimizer: Any, cfg: TrainConfig, total: int):
-    import torch
-
-    warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total))
-    kind = cfg.lr_scheduler_type
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup and kind != "constant":
-            return (step + 1) / (warmup + 1)
-        if kind in ("constant", "constant_with_warmup"):
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def make_optimizer(model: Any, cfg: TrainConfig):
-    import torch
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise ConfigError("nothing to train: the selection leaves no trainable parameter")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon)
-
-
-def _atomic_files(tmp: Path, dest: Path) -> list[Path]:
-    """Move every file of `tmp` into `dest` (each rename atomic), then remove `tmp`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    moved = []
-    for f in sorted(tmp.rglob("*")):
-        if f.is_file():
-            target = dest / f.relative_to(tmp)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(f, target)
-            moved.append(target)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return moved
-
-
 # -------------------------------------------------------------------------------------------
 # The run
 # -------------------------------------------------------------------------------------------
@@ -174,36 +103,52 @@ class Trainer:
         if self.rank != 0:
             self.reporter.enabled = False
         self.output_dir = Path(cfg.output_dir).expanduser()
+        self.out = OutputDir(cfg)
         self.command: list[str] | None = None  # the command line, for the model card
         # Behave as if Ctrl-C came during this step (tests and drills of the interruption path).
         self.stop_after: int | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Check everything that can be checked without weights, claim the output folder, then load
+        and wrap the model (the folder's lock is released again if that fails)."""
+        self._check_inputs()
+        try:
+            self._build()
+        except BaseException:
+            self.out.release()
+            raise
+
+    def _check_inputs(self) -> None:
         import torch
 
-        from kimi_lora_cli.data.dataset import KimiDataset
-        from kimi_lora_cli.data.features import FeatureStore
-        from kimi_lora_cli.loading import load_model
         from kimi_lora_cli.training.plan import split_eval
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        say = self.reporter.print
         parse_report_to(cfg.report_to)  # a missing tracker package fails here, before any weight is read
-        self.resume_dir = None
+        self.resume_dir, self.resume_state = None, None
         if cfg.resume_from_checkpoint:
             self.resume_dir = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
+        self.out.check(resuming=self.resume_dir is not None)
+        self.data_sha256 = data_digest(cfg)  # every rank: they must agree on refusing a resume
+        if self.resume_dir is not None:
+            self.resume_state = ckpt.read_state(self.resume_dir)
+            for change in check_resume(cfg, self.resume_state, self.resume_dir, self.world, self.data_sha256):
+                say(f"[bold]Resuming[/] with {change}")
 
         weights, base = model_locations(cfg)
-        say = self.reporter.print
         # Data and targets are checked against config + tokenizer (no tensor read) before the
         # weights load, so a typo costs seconds, not a 20 GB load.
         skeleton = model_skeleton(cfg)
         config = skeleton.config
         if cfg.lora_enabled:
             from kimi_lora_cli.targets import linear_entries, resolve_targets
+            from kimi_lora_cli.training.lora import check_modules_to_save
 
             resolve_targets(linear_entries(skeleton.model), cfg.lora_target)
+            check_modules_to_save(skeleton.model, cfg.modules_to_save)
         max_len = cfg.model_max_length or config.max_position_embeddings
         data = preflight(cfg, skeleton)
         self.data = data
@@ -215,18 +160,35 @@ class Trainer:
         if data.truncated:
             msg += f"; truncated {data.truncated} to {max_len}"
         say(msg)
-        samples = list(data.samples)
+        self.samples = list(data.samples)
         if cfg.eval_data_path:
             eval_data = preflight(cfg.with_(data_path=cfg.eval_data_path), skeleton)
             say(f"[bold]Eval data[/] {eval_data.path}: {len(eval_data.samples)} samples")
-            self.train_idx = list(range(len(samples)))
-            self.eval_idx = list(range(len(samples), len(samples) + len(eval_data.samples)))
-            samples += eval_data.samples
+            self.train_idx = list(range(len(self.samples)))
+            self.eval_idx = list(range(len(self.samples), len(self.samples) + len(eval_data.samples)))
+            self.samples += eval_data.samples
         else:
-            self.train_idx, self.eval_idx = split_eval(len(samples), cfg.eval_ratio, cfg.seed)
+            self.train_idx, self.eval_idx = split_eval(len(self.samples), cfg.eval_ratio, cfg.seed)
         if len(self.train_idx) < self.world:
             raise ConfigError(f"{data.path}: {len(self.train_idx)} training samples for {self.world} processes; "
                               "add data or use fewer processes")
+        if data.cwd_paths:
+            say(f"[yellow]Note:[/] {data.cwd_paths} audio paths are not next to {data.path} and were found "
+                f"relative to the current folder {Path.cwd()}; `kimi-lora prepare` writes them resolved")
+        if self.is_main:
+            self.out.claim(self.resume_state)  # created and locked only now, before the weights load
+            for note in self.out.notes:
+                say(f"[yellow]Note:[/] {note}")
+        self.skeleton = skeleton
+
+    def _build(self) -> None:
+        from kimi_lora_cli.data.dataset import KimiDataset
+        from kimi_lora_cli.data.features import FeatureStore
+        from kimi_lora_cli.loading import load_model
+
+        cfg, data, skeleton, say = self.cfg, self.data, self.skeleton, self.reporter.print
+        config = skeleton.config
+        weights, base = model_locations(cfg)
         say(f"[bold]Loading[/] {weights}" + (f" (tokenizer and Whisper from {base})" if base else ""))
         self.loaded = load_model(weights, dtype=load_dtype(cfg), device="cpu", base_path=base)
 
@@ -266,12 +228,17 @@ class Trainer:
             raise ConfigError("FSDP (accelerate --use_fsdp) is not supported by `kimi-lora train` yet; "
                               "shard with --deepspeed zero3 instead")
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            ids = broadcast_object_list([self.out.run_id, self.out.series])
+            self.out.run_id, self.out.series = ids
         self.device = acc.device
         encoder = self.loaded.feature_encoder
         encoder.encoder.to(self.device)
         store = FeatureStore(encoder, cache_dir=cfg.feature_cache_dir)
         self.store = store
-        self.dataset = KimiDataset(samples, skeleton.tokenizer.pad, config.kimia_adaptor_input_dim, store)
+        self.dataset = KimiDataset(self.samples, skeleton.tokenizer.pad, config.kimia_adaptor_input_dim, store)
 
         from kimi_lora_cli.training.plan import total_steps
 
@@ -374,15 +341,24 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, step: int, extra: dict[str, Any]) -> Path:
-        import torch
-
         acc = self.accelerator
         final = self.output_dir / f"checkpoint-{step}"
-        tmp = ckpt.tmp_dir_for(self.output_dir, step)
+        tmp = ckpt.tmp_dir_for(self.output_dir, step, self.out.run_id)
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            remove_tree(tmp)
+            with naming_errors(tmp):
+                tmp.mkdir(parents=True)
+            write_marker(tmp, "train", run_id=self.out.run_id)
         acc.wait_for_everyone()
+        try:
+            return self._write_checkpoint(step, extra, tmp, final)
+        except BaseException:
+            if self.is_main:
+                remove_tree(tmp)  # nothing half-written stays behind
+            raise
+
+    def _write_checkpoint(self, step: int, extra: dict[str, Any], tmp: Path, final: Path) -> Path:
+        acc = self.accelerator
         unwrapped = self._unwrapped()
         if self.deepspeed:
             self.model.save_checkpoint(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
@@ -390,32 +366,29 @@ class Trainer:
         if self.is_main:
             if not self.deepspeed:
                 ckpt.save_tensors(trainable, tmp / "trainable.safetensors")
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
             if self.selection is not None:
-                self._save_adapter(unwrapped, trainable, tmp)
-        torch.save(ckpt.rng_state(), tmp / f"rng_state_{self.rank}.pt")
+                save_adapter(unwrapped, trainable, tmp)
+        ckpt.save_rng(tmp, self.rank)
         acc.wait_for_everyone()
         if self.is_main:
             state = {**self._state_dict(step, self.metrics.records),
                      "global_batch": self.world * self.cfg.per_device_train_batch_size
-                     * self.cfg.gradient_accumulation_steps, "config": self.cfg.to_dict(), **extra}
+                     * self.cfg.gradient_accumulation_steps, "config": self.cfg.to_dict(),
+                     "paths": resolved_paths(self.cfg), "data_sha256": self.data_sha256,
+                     "series": self.out.series, "run_id": self.out.run_id, **extra}
             ckpt.finish(tmp, final, state)
             best = self.state.best_model_checkpoint
-            ckpt.rotate(self.output_dir, self.cfg.save_total_limit, keep=[final] + ([Path(best)] if best else []))
+            ckpt.rotate(self.output_dir, self.cfg.save_total_limit, self.out.series,
+                        keep=[final] + ([Path(best)] if best else []))
         acc.wait_for_everyone()
         return final
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
         import torch
 
-        state = ckpt.read_state(folder)
-        batch = self.world * self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps
-        if state.get("global_batch", batch) != batch:
-            raise ConfigError(
-                f"{folder}: trained with a global batch of {state['global_batch']} samples per step, this run "
-                f"has {batch} (processes x per-device batch x accumulation); resume with the same global batch"
-            )
+        state = self.resume_state or ckpt.read_state(folder)
         if self.deepspeed:
             self.model.load_checkpoint(str(folder / "deepspeed"), load_module_strict=False)
         else:
@@ -425,99 +398,64 @@ class Trainer:
             if missing:
                 raise ConfigError(f"{folder}: checkpoint lacks {len(missing)} trainable tensors ({missing[0]}, ...); "
                                   "it comes from a run with other targets")
+            wrong = [n for n, t in tensors.items() if n in params and tuple(t.shape) != tuple(params[n].shape)]
+            if wrong:
+                raise ConfigError(f"{folder}: tensor {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, this "
+                                  f"run's is {tuple(params[wrong[0]].shape)}; it comes from a run with other settings")
             with torch.no_grad():
                 for n, t in tensors.items():
                     if n in params:
                         params[n].copy_(t.to(params[n].device, params[n].dtype))
-            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu",
-                                                      weights_only=False))
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-        rng = folder / f"rng_state_{self.rank}.pt"
-        if rng.is_file():
-            ckpt.set_rng_state(torch.load(rng, weights_only=False))
+            self.optimizer.load_state_dict(ckpt.load_torch_file(folder / "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.load_torch_file(folder / "scheduler.pt"))
+        resync_learning_rate(self.optimizer, self.scheduler, self.cfg.learning_rate)
+        rng = ckpt.load_rng(folder, self.rank)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
         return state
-
-    def _save_adapter(self, unwrapped: Any, trainable: dict[str, Any], folder: Path) -> None:
-        unwrapped.save_pretrained(str(folder), state_dict=trainable, is_main_process=True, save_embedding_layers=False)
-        readme = folder / "README.md"
-        if readme.exists():
-            readme.unlink()
 
     def save_final(self) -> list[Path]:
         acc = self.accelerator
-        tmp = self.output_dir / ".tmp-final"
+        tmp = self.out.tmp_name("final")
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            remove_tree(tmp)
+            with naming_errors(tmp):
+                tmp.mkdir(parents=True)
+            write_marker(tmp, "train", run_id=self.out.run_id)
         acc.wait_for_everyone()
+        try:
+            return self._write_final(tmp)
+        except BaseException:
+            if self.is_main:
+                remove_tree(tmp)
+            raise
+
+    def _write_final(self, tmp: Path) -> list[Path]:
+        acc = self.accelerator
         unwrapped = self._unwrapped()
         files: list[Path] = []
         if self.selection is not None:
             trainable = gathered_named_parameters(unwrapped, acc)
             if self.is_main:
-                self._save_adapter(unwrapped, trainable, tmp)
+                save_adapter(unwrapped, trainable, tmp)
         else:
             state = acc.get_state_dict(self.model)
             if self.is_main:
-                self._save_full(state, tmp)
+                save_full_model(state, tmp, self.cfg, self.loaded)
         acc.wait_for_everyone()
         if self.is_main:
-            files = _atomic_files(tmp, self.output_dir)
+            files = atomic_files(tmp, self.output_dir)
         acc.wait_for_everyone()
         return files
 
-    def _save_full(self, state: dict[str, Any], folder: Path) -> None:
-        """Full fine-tuning: release tensor names, release-style shards + index, config, tokenizer and
-        Whisper next to it, so the folder loads like the release."""
-        import json
-
-        import torch
-
-        from kimi_lora_cli.training.checkpoint import save_tensors
-
-        dtype = torch.bfloat16 if self.cfg.bf16 else torch.float16 if self.cfg.fp16 else None
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
-        groups, size = [[]], 0
-        for k in state:
-            nbytes = state[k].numel() * state[k].element_size()
-            if groups[-1] and size + nbytes > MAX_SHARD_BYTES:
-                groups.append([])
-                size = 0
-            groups[-1].append(k)
-            size += nbytes
-        n = len(groups)
-        weight_map, total = {}, 0
-        for i, names in enumerate(groups, 1):
-            shard = f"model-{i}-of-{n}.safetensors"
-            save_tensors({k: state[k] for k in names}, folder / shard)
-            for k in names:
-                weight_map[k] = shard
-                total += state[k].numel() * state[k].element_size()
-        (folder / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        cfg_dict = self.loaded.config.to_dict()
-        cfg_dict["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
-        (folder / "config.json").write_text(json.dumps(cfg_dict, indent=2))
-        info = self.loaded.info
-        if info.tokenizer_source:
-            for name in ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-                src = Path(info.tokenizer_source) / name
-                if src.is_file():
-                    link_or_copy(src, folder / name)
-        wsrc = Path(info.whisper_source) if info.whisper_source else None
-        wdir = folder / "whisper-large-v3"
-        wdir.mkdir()
-        if wsrc is not None and wsrc.is_dir() and (wsrc / "model.safetensors").is_file():
-            for f in wsrc.iterdir():
-                if f.is_file():
-                    link_or_copy(f, wdir / f.name)
-        else:
-            enc = self.loaded.feature_encoder.encoder
-            save_tensors({f"model.encoder.{k}": v for k, v in enc.state_dict().items()}, wdir / "model.safetensors")
-            enc.config.to_json_file(str(wdir / "config.json"))
-
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            self.out.release()
+
+    def _run(self) -> TrainResult:
 
         from kimi_lora_cli.training.loss import compute_loss
         from kimi_lora_cli.training.plan import iterate_steps
@@ -528,11 +466,7 @@ class Trainer:
                              skipped_too_long=self.data.skipped_too_long, truncated=self.data.truncated,
                              is_main=self.is_main)
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.clean_stale_tmp(self.output_dir)
-            tmp = self.output_dir / f".{CONFIG_FILE}.tmp"
-            tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-            os.replace(tmp, self.output_dir / CONFIG_FILE)
+            write_atomic(self.output_dir / CONFIG_FILE, cfg.to_yaml(), tag=self.out.run_id)
         acc.wait_for_everyone()
 
         start_step, tokens_total = 0, 0
@@ -566,7 +500,7 @@ class Trainer:
         self.reporter.start(self.total_steps, start_step)
         step = start_step
         try:
-            with _StopFlag() as stop:
+            with StopFlag() as stop:
                 for k, planned in enumerate(plan):
                     if step >= self.total_steps:
                         break
@@ -633,6 +567,7 @@ class Trainer:
                         result.checkpoint = last_saved
                     if stop_now:
                         result.interrupted = True
+                        result.signal = stop.signal
                         break
                     if evaluated and self._should_stop_early():
                         result.stopped_early = True
@@ -737,6 +672,11 @@ class Trainer:
                            lora=self.selection is not None, command=self.command,
                            plot=result.plot.name if result.plot else None, peft_version=peft_version)
         result.card = write_card(self.output_dir, card)
+        if result.card is None:
+            self.reporter.print(f"[yellow]Note:[/] {self.output_dir / 'README.md'} is not a kimi-lora model card; "
+                                "left as it is (no card written)")
+
+
 
 
 def model_skeleton(cfg: TrainConfig) -> Any:
@@ -775,7 +715,8 @@ def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:
         from kimi_lora_cli.data.features import CodeStore
         from kimi_lora_cli.loading import load_speech_tokenizer
 
-        device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+        device = (cfg.device if cfg.device not in (None, "auto") else
+                  f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
         tokenizer = load_speech_tokenizer(cfg.speech_tokenizer, device=device)
         return CodeStore(tokenizer, config.kimia_token_offset, config.vocab_size, cache_dir=cfg.feature_cache_dir)
 
