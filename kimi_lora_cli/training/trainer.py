@@ -9,28 +9,26 @@ so the step's gradient is that of the mean per-sample loss over the whole global
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
-from kimi_lora_cli.fileops import naming_errors, remove_tree, save_torch, write_atomic
-from kimi_lora_cli.outputs import write_marker
+from kimi_lora_cli.fileops import write_atomic
 from kimi_lora_cli.training import checkpoint as ckpt
+from kimi_lora_cli.training.checkpointing import CheckpointMixin
 from kimi_lora_cli.training.config import TrainConfig
 from kimi_lora_cli.training.distributed import (
     deepspeed_config,
     env_rank,
     env_world,
-    gathered_named_parameters,
 )
-from kimi_lora_cli.training.optim import make_optimizer, make_scheduler, resync_learning_rate
-from kimi_lora_cli.training.output import OutputDir, check_resume, data_digest, resolved_paths
+from kimi_lora_cli.training.optim import make_optimizer, make_scheduler
+from kimi_lora_cli.training.output import OutputDir, check_resume, data_digest
 from kimi_lora_cli.training.reporting import MetricsLog, Reporter, parse_report_to, plot_losses
-from kimi_lora_cli.training.saving import atomic_files, save_adapter, save_full_model
+from kimi_lora_cli.training.run_evaluation import EvaluationMixin
+from kimi_lora_cli.training.setup import load_dtype, model_locations, model_skeleton, preflight
 from kimi_lora_cli.training.signals import StopFlag
 from kimi_lora_cli.training.state import TrainerState
 
@@ -69,31 +67,12 @@ class TrainResult:
 # -------------------------------------------------------------------------------------------
 
 
-def model_locations(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """(weights folder, release folder for tokenizer + Whisper when it differs)."""
-    weights = Path(cfg.model_path or cfg.model_name_or_path).expanduser()
-    base = Path(cfg.model_name_or_path).expanduser() if cfg.model_path and cfg.model_name_or_path else None
-    if base is not None and base.resolve() == weights.resolve():
-        base = None
-    return weights, base
-
-
-def load_dtype(cfg: TrainConfig) -> str:
-    if cfg.lora_enabled:
-        return "bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else "auto"
-    # Full fine-tuning keeps float32 master weights (autocast does bf16 compute) unless DeepSpeed,
-    # which keeps its own float32 copy.
-    if cfg.deepspeed and (cfg.bf16 or cfg.fp16):
-        return "bfloat16" if cfg.bf16 else "float16"
-    return "float32"
-
-
 # -------------------------------------------------------------------------------------------
 # The run
 # -------------------------------------------------------------------------------------------
 
 
-class Trainer:
+class Trainer(CheckpointMixin, EvaluationMixin):
     def __init__(self, cfg: TrainConfig, reporter: Reporter | None = None) -> None:
         self.cfg = cfg
         self.rank = env_rank()
@@ -257,50 +236,6 @@ class Trainer:
         self.evaluator = self._make_evaluator(skeleton.tokenizer, config)
         self._banner()
 
-    def _make_evaluator(self, tokenizer: Any, config: Any) -> Any:
-        from kimi_lora_cli.training.evaluation import Evaluator, default_max_new_tokens, generation_samples
-
-        cfg = self.cfg
-        generate = []
-        if cfg.eval_generate_count:
-            generate = generation_samples(self.dataset.samples, self.eval_idx, cfg.eval_generate_count)
-            if not generate:
-                raise ConfigError("--eval-generate: no evaluation conversation ends with an assistant text answer "
-                                  "to score")
-        sharded = bool(self.deepspeed and deepspeed_config(cfg, self.world).get("zero_optimization", {})
-                       .get("stage", 0) == 3)
-        return Evaluator(dataset=self.dataset, indices=self.eval_idx, batch_size=cfg.eval_batch_size,
-                         decode_batch_size=cfg.decode_batch_size, rank=self.rank,
-                         world=self.world, reduce=self._reduce, to_device=self._batch,
-                         text_weight=cfg.text_loss_weight, audio_weight=cfg.audio_loss_weight, generate=generate,
-                         tokenizer=tokenizer, config=config, store=self.store,
-                         max_new_tokens=cfg.eval_max_new_tokens or default_max_new_tokens(generate, tokenizer),
-                         sharded=sharded, autocast=self.accelerator.autocast)
-
-    def _banner(self) -> None:
-        from kimi_lora_cli.formatting import human_count
-
-        cfg = self.cfg
-        per_step = self.world * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-        trainable = sum(p.numel() for p in self._unwrapped().parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self._unwrapped().parameters())
-        precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
-        engine = f"DeepSpeed {cfg.deepspeed}" if cfg.deepspeed else "DDP" if self.world > 1 else "single process"
-        targets = f"LoRA r={cfg.lora_rank} on {len(self.selection.names)} modules ({cfg.lora_target})" \
-            if self.selection is not None else "full fine-tuning"
-        rows = [("World size", f"{self.world} ({engine}, {self.device})"),
-                ("Batch", f"{cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
-                          f"accumulation x {self.world} processes = {per_step} samples per step"),
-                ("Steps", f"{self.steps_per_epoch} per epoch, {self.total_steps} in total"),
-                ("Trainable", f"{human_count(trainable)} of {human_count(total)} parameters "
-                              f"({100.0 * trainable / max(total, 1):.3f}%)"),
-                ("Precision", precision + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
-                ("Targets", targets)]
-        if self.eval_idx:
-            gen = len(self.evaluator.generate)
-            rows.append(("Evaluation", f"{len(self.eval_idx)} samples" + (f", {gen} decoded for WER/CER" if gen else "")))
-        self.reporter.banner(rows)
-
     def _report_parameters(self) -> None:
         from kimi_lora_cli.training.lora import parameter_rows
 
@@ -333,122 +268,6 @@ class Trainer:
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
 
-    def evaluate(self) -> dict[str, float]:
-        metrics = self.evaluator.evaluate(self.model, self._unwrapped())
-        pairs = self.evaluator.last_pairs if "eval_wer" in metrics else []
-        if pairs and self.is_main:
-            self.reporter.eval_pairs(pairs)
-        return metrics
-
-    def save_checkpoint(self, step: int, extra: dict[str, Any]) -> Path:
-        acc = self.accelerator
-        final = self.output_dir / f"checkpoint-{step}"
-        tmp = ckpt.tmp_dir_for(self.output_dir, step, self.out.run_id)
-        if self.is_main:
-            remove_tree(tmp)
-            with naming_errors(tmp):
-                tmp.mkdir(parents=True)
-            write_marker(tmp, "train", run_id=self.out.run_id)
-        acc.wait_for_everyone()
-        try:
-            return self._write_checkpoint(step, extra, tmp, final)
-        except BaseException:
-            if self.is_main:
-                remove_tree(tmp)  # nothing half-written stays behind
-            raise
-
-    def _write_checkpoint(self, step: int, extra: dict[str, Any], tmp: Path, final: Path) -> Path:
-        acc = self.accelerator
-        unwrapped = self._unwrapped()
-        if self.deepspeed:
-            self.model.save_checkpoint(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
-        trainable = gathered_named_parameters(unwrapped, acc)
-        if self.is_main:
-            if not self.deepspeed:
-                ckpt.save_tensors(trainable, tmp / "trainable.safetensors")
-                save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            if self.selection is not None:
-                save_adapter(unwrapped, trainable, tmp)
-        ckpt.save_rng(tmp, self.rank)
-        acc.wait_for_everyone()
-        if self.is_main:
-            state = {**self._state_dict(step, self.metrics.records),
-                     "global_batch": self.world * self.cfg.per_device_train_batch_size
-                     * self.cfg.gradient_accumulation_steps, "config": self.cfg.to_dict(),
-                     "paths": resolved_paths(self.cfg), "data_sha256": self.data_sha256,
-                     "series": self.out.series, "run_id": self.out.run_id, **extra}
-            ckpt.finish(tmp, final, state)
-            best = self.state.best_model_checkpoint
-            ckpt.rotate(self.output_dir, self.cfg.save_total_limit, self.out.series,
-                        keep=[final] + ([Path(best)] if best else []))
-        acc.wait_for_everyone()
-        return final
-
-    def load_checkpoint(self, folder: Path) -> dict[str, Any]:
-        import torch
-
-        state = self.resume_state or ckpt.read_state(folder)
-        if self.deepspeed:
-            self.model.load_checkpoint(str(folder / "deepspeed"), load_module_strict=False)
-        else:
-            tensors = ckpt.load_tensors(folder / "trainable.safetensors")
-            params = dict(self._unwrapped().named_parameters())
-            missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
-            if missing:
-                raise ConfigError(f"{folder}: checkpoint lacks {len(missing)} trainable tensors ({missing[0]}, ...); "
-                                  "it comes from a run with other targets")
-            wrong = [n for n, t in tensors.items() if n in params and tuple(t.shape) != tuple(params[n].shape)]
-            if wrong:
-                raise ConfigError(f"{folder}: tensor {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, this "
-                                  f"run's is {tuple(params[wrong[0]].shape)}; it comes from a run with other settings")
-            with torch.no_grad():
-                for n, t in tensors.items():
-                    if n in params:
-                        params[n].copy_(t.to(params[n].device, params[n].dtype))
-            self.optimizer.load_state_dict(ckpt.load_torch_file(folder / "optimizer.pt"))
-        self.scheduler.load_state_dict(ckpt.load_torch_file(folder / "scheduler.pt"))
-        resync_learning_rate(self.optimizer, self.scheduler, self.cfg.learning_rate)
-        rng = ckpt.load_rng(folder, self.rank)
-        if rng is not None:
-            ckpt.set_rng_state(rng)
-        return state
-
-    def save_final(self) -> list[Path]:
-        acc = self.accelerator
-        tmp = self.out.tmp_name("final")
-        if self.is_main:
-            remove_tree(tmp)
-            with naming_errors(tmp):
-                tmp.mkdir(parents=True)
-            write_marker(tmp, "train", run_id=self.out.run_id)
-        acc.wait_for_everyone()
-        try:
-            return self._write_final(tmp)
-        except BaseException:
-            if self.is_main:
-                remove_tree(tmp)
-            raise
-
-    def _write_final(self, tmp: Path) -> list[Path]:
-        acc = self.accelerator
-        unwrapped = self._unwrapped()
-        files: list[Path] = []
-        if self.selection is not None:
-            trainable = gathered_named_parameters(unwrapped, acc)
-            if self.is_main:
-                save_adapter(unwrapped, trainable, tmp)
-        else:
-            state = acc.get_state_dict(self.model)
-            if self.is_main:
-                save_full_model(state, tmp, self.cfg, self.loaded)
-        acc.wait_for_everyone()
-        if self.is_main:
-            files = atomic_files(tmp, self.output_dir)
-        acc.wait_for_everyone()
-        return files
-
-    # -- the loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         try:
             return self._run()
@@ -593,135 +412,6 @@ class Trainer:
                 self._write_run_files(result, metrics.records, step)
         metrics.close()
         return result
-
-    # -- evaluation, best model, early stopping -----------------------------------------------
-    def _evaluate_and_track(self, step: int, epoch: float, metrics: MetricsLog, result: TrainResult) -> None:
-        ev = self.evaluate()
-        record = {"step": step, "epoch": round(epoch, 4), **ev}
-        metrics.write(record)
-        result.last_eval_loss, result.last_eval = ev["eval_loss"], ev
-        checkpoint = self.output_dir / f"checkpoint-{step}"
-        best = self.state.observe(ev, step, checkpoint, self.cfg.early_stopping_threshold)
-        text = f"eval at step {step}: loss {ev['eval_loss']:.4f} (text {ev['eval_text_loss']:.4f} audio " \
-               f"{ev['eval_audio_loss']:.4f})"
-        if "eval_wer" in ev:
-            text += f", WER {ev['eval_wer']:.4f} CER {ev['eval_cer']:.4f} on {ev['eval_generated']} decoded"
-        if best:
-            text += f" [bold]best {self.state.metric_for_best_model}[/]"
-        self.reporter.print(text)
-
-    def _should_stop_early(self) -> bool:
-        patience = self.cfg.early_stopping_patience
-        if patience and self.state.early_stopping_patience_counter >= patience:
-            self.reporter.print(f"Early stopping: {self.state.metric_for_best_model} has not improved by more than "
-                                f"{self.cfg.early_stopping_threshold} for {patience} evaluations (best "
-                                f"{self.state.best_metric:.4f} at step {self.state.best_global_step}).")
-            return True
-        return False
-
-    def _load_best(self) -> None:
-        """Put the best checkpoint's trainable weights back, so the final save is the best model."""
-        import torch
-
-        best = self.state.best_model_checkpoint
-        if best is None:
-            return
-        folder = Path(best)
-        if self.deepspeed:
-            self.model.load_checkpoint(str(folder / "deepspeed"), load_module_strict=False,
-                                       load_optimizer_states=False, load_lr_scheduler_states=False)
-        else:
-            tensors = ckpt.load_tensors(folder / "trainable.safetensors")
-            params = dict(self._unwrapped().named_parameters())
-            with torch.no_grad():
-                for n, t in tensors.items():
-                    if n in params:
-                        params[n].copy_(t.to(params[n].device, params[n].dtype))
-        self.reporter.print(f"Loaded the best checkpoint {folder.name} ({self.state.metric_for_best_model} "
-                            f"{self.state.best_metric:.4f}) as the final {'adapter' if self.selection else 'model'}.")
-
-    def _state_dict(self, step: int, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """trainer_state.json content (HF field names) for a checkpoint or the output folder."""
-        cfg = self.cfg
-        return {"global_step": step, "epoch": round(step / self.steps_per_epoch, 4), "max_steps": self.total_steps,
-                "num_train_epochs": cfg.num_train_epochs, "logging_steps": cfg.logging_steps,
-                "eval_steps": cfg.eval_steps or cfg.save_steps, "save_steps": cfg.save_steps,
-                "train_batch_size": cfg.per_device_train_batch_size, "world_size": self.world,
-                **self.state.to_dict(), "log_history": records}
-
-    def _write_run_files(self, result: TrainResult, records: list[dict[str, Any]], step: int) -> None:
-        from kimi_lora_cli.training.model_card import render_card, write_card
-        from kimi_lora_cli.training.state import write_state
-
-        write_state(self.output_dir, self._state_dict(step, records))
-        final = next((r for r in reversed(records) if "loss" in r), {})
-        final = {**{k: v for k, v in final.items() if k in ("loss", "text_loss", "audio_loss")}, **result.last_eval}
-        best = None
-        if self.state.best_metric is not None:
-            best = next((r for r in records if r.get("step") == self.state.best_global_step
-                         and self.state.metric_for_best_model in r), None)
-        peft_version = None
-        if self.selection is not None:
-            import peft
-
-            peft_version = peft.__version__
-        weights, base = model_locations(self.cfg)
-        card = render_card(base_model=str(base or weights), config=self.cfg.to_dict(), samples=len(self.train_idx),
-                           eval_samples=len(self.eval_idx), steps=step, final=final, best=best,
-                           best_metric=self.state.metric_for_best_model, holds_best=self.cfg.load_best_model_at_end,
-                           lora=self.selection is not None, command=self.command,
-                           plot=result.plot.name if result.plot else None, peft_version=peft_version)
-        result.card = write_card(self.output_dir, card)
-        if result.card is None:
-            self.reporter.print(f"[yellow]Note:[/] {self.output_dir / 'README.md'} is not a kimi-lora model card; "
-                                "left as it is (no card written)")
-
-
-
-
-def model_skeleton(cfg: TrainConfig) -> Any:
-    """Config + tokenizer of the model to train, built on the meta device (no tensor read)."""
-    from kimi_lora_cli.loading import load_model
-
-    weights, base = model_locations(cfg)
-    skeleton = load_model(weights, weights=False, load_whisper=False, base_path=base)
-    if not skeleton.info.is_kimi:
-        raise ConfigError(f"{weights}: not a Kimi-Audio model ({skeleton.info.kind}); `kimi-lora train` trains "
-                          "Kimi-Audio release folders")
-    return skeleton
-
-
-def preflight(cfg: TrainConfig, skeleton: Any = None) -> Any:
-    """Check the data against the model's tokenizer and config without loading weights (run before
-    the weights load, and once by a launcher before starting N processes, so errors come early and once)."""
-    from kimi_lora_cli.data.schema import load_samples
-
-    skeleton = skeleton or model_skeleton(cfg)
-    max_len = cfg.model_max_length or skeleton.config.max_position_embeddings
-    return load_samples(cfg.data_path, skeleton.tokenizer, skeleton.config, max_length=max_len,
-                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config))
-
-
-def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:
-    """With --speech-tokenizer: a function that loads it (only when some audio message lacks
-    audio_tokens) as a CodeStore sharing --feature-cache-dir, so a launcher's pre-flight pass leaves
-    the codes on disk for the N processes."""
-    if not cfg.speech_tokenizer:
-        return None
-
-    def load() -> Any:
-        import torch
-
-        from kimi_lora_cli.data.features import CodeStore
-        from kimi_lora_cli.loading import load_speech_tokenizer
-
-        device = (cfg.device if cfg.device not in (None, "auto") else
-                  f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-        tokenizer = load_speech_tokenizer(cfg.speech_tokenizer, device=device)
-        return CodeStore(tokenizer, config.kimia_token_offset, config.vocab_size, cache_dir=cfg.feature_cache_dir)
-
-    return load
-
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None, command: list[str] | None = None) -> TrainResult:
     """Run one training job (in this process; call it in every process of a distributed launch).

@@ -1,0 +1,76 @@
+"""What `train` checks and decides before any weight is read: where the model is, the load dtype,
+the meta-device skeleton (config + tokenizer) and the data pre-flight (also run once by a launcher
+before it starts N processes)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kimi_lora_cli.errors import ConfigError
+from kimi_lora_cli.training.config import TrainConfig
+
+
+def model_locations(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """(weights folder, release folder for tokenizer + Whisper when it differs)."""
+    weights = Path(cfg.model_path or cfg.model_name_or_path).expanduser()
+    base = Path(cfg.model_name_or_path).expanduser() if cfg.model_path and cfg.model_name_or_path else None
+    if base is not None and base.resolve() == weights.resolve():
+        base = None
+    return weights, base
+
+
+def load_dtype(cfg: TrainConfig) -> str:
+    if cfg.lora_enabled:
+        return "bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else "auto"
+    # Full fine-tuning keeps float32 master weights (autocast does bf16 compute) unless DeepSpeed,
+    # which keeps its own float32 copy.
+    if cfg.deepspeed and (cfg.bf16 or cfg.fp16):
+        return "bfloat16" if cfg.bf16 else "float16"
+    return "float32"
+
+
+def model_skeleton(cfg: TrainConfig) -> Any:
+    """Config + tokenizer of the model to train, built on the meta device (no tensor read)."""
+    from kimi_lora_cli.loading import load_model
+
+    weights, base = model_locations(cfg)
+    skeleton = load_model(weights, weights=False, load_whisper=False, base_path=base)
+    if not skeleton.info.is_kimi:
+        raise ConfigError(f"{weights}: not a Kimi-Audio model ({skeleton.info.kind}); `kimi-lora train` trains "
+                          "Kimi-Audio release folders")
+    return skeleton
+
+
+def preflight(cfg: TrainConfig, skeleton: Any = None) -> Any:
+    """Check the data against the model's tokenizer and config without loading weights (run before
+    the weights load, and once by a launcher before starting N processes, so errors come early and once)."""
+    from kimi_lora_cli.data.schema import load_samples
+
+    skeleton = skeleton or model_skeleton(cfg)
+    max_len = cfg.model_max_length or skeleton.config.max_position_embeddings
+    return load_samples(cfg.data_path, skeleton.tokenizer, skeleton.config, max_length=max_len,
+                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config))
+
+
+def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:
+    """With --speech-tokenizer: a function that loads it (only when some audio message lacks
+    audio_tokens) as a CodeStore sharing --feature-cache-dir, so a launcher's pre-flight pass leaves
+    the codes on disk for the N processes."""
+    if not cfg.speech_tokenizer:
+        return None
+
+    def load() -> Any:
+        import torch
+
+        from kimi_lora_cli.data.features import CodeStore
+        from kimi_lora_cli.loading import load_speech_tokenizer
+
+        device = (cfg.device if cfg.device not in (None, "auto") else
+                  f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+        tokenizer = load_speech_tokenizer(cfg.speech_tokenizer, device=device)
+        return CodeStore(tokenizer, config.kimia_token_offset, config.vocab_size, cache_dir=cfg.feature_cache_dir)
+
+    return load
