@@ -293,3 +293,23 @@ def test_bad_data_is_reported_before_any_weight_is_read(cli, tmp_path, tiny_dir)
     code, _, err = cli("train", "--model-name-or-path", model, "--data-path", data, "--use-lora",
                        "--lora-target", "q_prj", "--output-dir", tmp_path / "out")
     assert code != 0 and "q_prj" in err and "safetensors" not in err
+
+
+def test_progress_bar_keeps_the_last_logged_values_between_log_steps():
+    import io
+
+    from rich.console import Console
+
+    from kimi_lora_cli.training.reporting import Reporter
+
+    reporter = Reporter(console=Console(file=io.StringIO(), force_terminal=True, width=160), rich_progress=True)
+    reporter.start(10, 0)
+    rec = {"epoch": 0.5, "loss": 3.25, "text_loss": 3.0, "audio_loss": 0.25, "learning_rate": 1e-4,
+           "tokens_per_second": 123.0}
+    reporter.step(1, 10, None)
+    assert reporter._progress.tasks[0].fields["info"] == ""  # nothing logged yet: no made-up zeros
+    reporter.step(2, 10, rec)
+    reporter.step(3, 10, None)
+    info = reporter._progress.tasks[0].fields["info"]
+    reporter.stop()
+    assert "loss 3.2500 (text 3.0000 audio 0.2500)" in info and "123 tok/s" in info
