@@ -146,7 +146,8 @@ def infer(
 
     Decoding follows the official Kimi-Audio loop (text and audio streams, audio delay, text eos).
     Audio messages need their semantic codes (audio_tokens): from the data, from `kimi-lora prepare`,
-    or computed on the fly with --speech-tokenizer DIR.
+    or computed on the fly with --speech-tokenizer DIR. Spoken answers (--output-type both) become
+    16-bit WAV files with --audio-dir DIR, made by the release's audio detokenizer and vocoder.
 
     [bold]Examples[/]
 
