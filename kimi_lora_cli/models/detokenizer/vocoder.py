@@ -49,11 +49,14 @@ class UpSample1d(nn.Module):
 
     def __init__(self, ratio: int = 2, kernel_size: int = ALIAS_KERNEL) -> None:
         super().__init__()
-        self.ratio = ratio
+        self.ratio, self.kernel_size = ratio, kernel_size
         self.pad = kernel_size // ratio - 1
         self.crop_left = self.pad * ratio + (kernel_size - ratio) // 2
         self.crop_right = self.pad * ratio + (kernel_size - ratio + 1) // 2
         self.register_buffer("filter", kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size))
+
+    def taps(self) -> Tensor:
+        return kaiser_sinc_filter(0.5 / self.ratio, 0.6 / self.ratio, self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         channels = x.shape[1]
@@ -66,10 +69,13 @@ class UpSample1d(nn.Module):
 class LowPassFilter1d(nn.Module):
     def __init__(self, cutoff: float, half_width: float, stride: int, kernel_size: int) -> None:
         super().__init__()
-        self.stride = stride
+        self.stride, self.cutoff, self.half_width, self.kernel_size = stride, cutoff, half_width, kernel_size
         self.pad_left = kernel_size // 2 - int(kernel_size % 2 == 0)
         self.pad_right = kernel_size // 2
         self.register_buffer("filter", kaiser_sinc_filter(cutoff, half_width, kernel_size))
+
+    def taps(self) -> Tensor:
+        return kaiser_sinc_filter(self.cutoff, self.half_width, self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         channels = x.shape[1]
