@@ -593,23 +593,16 @@ def check_detokenizer(path: str | Path):
 
 def load_detokenizer(path: str | Path, *, dtype: str | torch.dtype | None = "bfloat16",
                      device: str | torch.device = "cpu", ode_steps: int | None = None):
-    """`Detokenizer` (DiT + BigVGAN + streaming rules) from `path`/audio_detokenizer and `path`/vocoder.
-    dtype "auto" means bfloat16, the dtype the official code runs them in."""
-    import dataclasses
-
+    """`Detokenizer` (DiT + BigVGAN + streaming rules) from `path`/audio_detokenizer and `path`/vocoder;
+    dtype "auto" is bfloat16, the dtype the official code runs them in."""
     import torch
 
-    from kimi_lora_cli.models.detokenizer.checkpoint import load_dit, load_vocoder
-    from kimi_lora_cli.models.detokenizer.streaming import Detokenizer, StreamingRules
+    from kimi_lora_cli.models.detokenizer.checkpoint import build_detokenizer
 
     files = check_detokenizer(path)
     info = ModelInfo(path=files.root, kind="detokenizer", layout="release", config={}, dtype="bfloat16")
     torch_dtype = resolve_dtype(dtype, info)
-    device = torch.device(device)
-    rules = StreamingRules()
-    if ode_steps is not None:
-        try:
-            rules = dataclasses.replace(rules, ode_steps=ode_steps)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    return Detokenizer(load_dit(files, torch_dtype, device), load_vocoder(files, torch_dtype, device), rules)
+    try:
+        return build_detokenizer(files, torch_dtype, torch.device(device), ode_steps)
+    except ValueError as e:  # streaming rules (ode_steps)
+        raise ConfigError(str(e)) from None

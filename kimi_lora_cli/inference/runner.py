@@ -279,9 +279,11 @@ def model_config(spec: InferSpec) -> Any:
 
 
 def check_speech(spec: InferSpec, config: Any, samples: list[InferSample], out_type: dict[str, str]) -> Any:
-    """Before any weight is read: the detokenizer folder of --audio-dir, and its codes fit the model's."""
+    """Before any weight is read: the --audio-dir folder, the detokenizer folder, and that its codes fit
+    the model's. Returns (detokenizer files, AudioFolder) or None."""
     if spec.audio_dir is None:
         return None
+    from kimi_lora_cli.inference.speech import AudioFolder
     from kimi_lora_cli.loading import check_detokenizer
 
     if all(out_type[s.id] != "both" for s in samples):
@@ -293,7 +295,7 @@ def check_speech(spec: InferSpec, config: Any, samples: list[InferSample], out_t
         raise ModelLoadError(f"{files.root / 'audio_detokenizer' / 'config.yaml'}: semantic_vocab_size "
                              f"{files.dit_config.semantic_vocab_size} is smaller than the model's {codebook} audio "
                              "codes; use the detokenizer of the same release")
-    return files
+    return files, AudioFolder(spec.audio_dir)
 
 
 def speak(detok: Any, folder: Any, sample: InferSample, variant: str, codes: list[int], seed: int) -> dict[str, Any]:
@@ -373,7 +375,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
 
         features = FeatureStore(loaded.feature_encoder, cache_dir=spec.cache_features, memory_budget_bytes=0)
     out_type = {s.id: spec.output_type or s.output_type for s in samples}
-    speech_files = check_speech(spec, config, samples, out_type)
+    speech = check_speech(spec, config, samples, out_type)
     lengths = {s.id: len(tokenize_prompt(s.messages, tokenizer, config, out_type[s.id], s.source)) for s in samples}
 
     adapter_names = list(loaded.adapter_names)
@@ -388,13 +390,12 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
     tokens = StreamTokens.from_model(tokenizer, config)
     device = unwrap_model(loaded.model).device
     detok = audio_folder = None
-    if speech_files is not None:
-        from kimi_lora_cli.inference.speech import AudioFolder
+    if speech is not None:
         from kimi_lora_cli.loading import load_detokenizer
 
-        audio_folder = AudioFolder(spec.audio_dir)
-        detok = load_detokenizer(speech_files.root, dtype=unwrap_model(loaded.model).dtype, device=device,
+        detok = load_detokenizer(speech[0].root, dtype=unwrap_model(loaded.model).dtype, device=device,
                                  ode_steps=spec.ode_steps)
+        audio_folder = speech[1].open()
     stochastic = not (spec.text_sampling.greedy and spec.audio_sampling.greedy)
     summaries = {v: VariantSummary(v) for v in variants}
     new_records: list[dict[str, Any]] = []

@@ -44,6 +44,8 @@ def noise_generator(seed: int, sample_id: str) -> torch.Generator:
 
 
 class AudioFolder:
+    """Checked on construction (nothing written); `open()` creates it and removes torn leftovers."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
         what = f"--audio-dir {self.path}"
@@ -53,6 +55,12 @@ class AudioFolder:
             if self.path.is_dir() and any(self.path.iterdir()) and not (self.path / MARKER).is_file():
                 raise ConfigError(f"{what}: folder is not empty and was not made by `kimi-lora infer`; pass a new "
                                   "or empty folder (infer writes its WAV files only where it made the folder)")
+        except OSError as e:
+            raise ConfigError(f"{what}: cannot read it ({e.strerror or e}); pick another folder") from None
+
+    def open(self) -> AudioFolder:
+        what = f"--audio-dir {self.path}"
+        try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / MARKER).is_file():
                 (self.path / MARKER).write_text("WAV files written by kimi-lora infer; reruns replace them\n")
@@ -61,6 +69,7 @@ class AudioFolder:
                     leftover.unlink()
         except OSError as e:
             raise ConfigError(f"{what}: cannot write there ({e.strerror or e}); pick another folder") from None
+        return self
 
     def write(self, name: str, wav: torch.Tensor, rate: int) -> Path:
         """`wav` float in [-1, 1] (clipped) -> `name` as 16-bit PCM mono at `rate` Hz, atomically."""

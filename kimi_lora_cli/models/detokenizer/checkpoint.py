@@ -205,3 +205,13 @@ def load_vocoder(files: DetokenizerFiles, dtype: torch.dtype, device: torch.devi
         raise _mismatch(path, missing, unexpected, "config.json")
     _assign(model, state)
     return model
+
+
+def build_detokenizer(files: DetokenizerFiles, dtype: torch.dtype, device: torch.device, ode_steps: int | None = None):
+    """`Detokenizer` with both checkpoints loaded and the official streaming rules (`ode_steps` changed)."""
+    import dataclasses
+
+    from kimi_lora_cli.models.detokenizer.streaming import Detokenizer, StreamingRules
+
+    rules = StreamingRules() if ode_steps is None else dataclasses.replace(StreamingRules(), ode_steps=ode_steps)
+    return Detokenizer(load_dit(files, dtype, device), load_vocoder(files, dtype, device), rules)

@@ -135,7 +135,7 @@ def random_detokenizer(dit_cfg: DiTConfig | None = None, vocoder_cfg: VocoderCon
     models = []
     for model, gain in ((dit, 1.0), (voc, 0.5)):
         model = model.to_empty(device=device).requires_grad_(False).eval()
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, gain / p[0].numel() ** 0.5, generator=generator)
             else:
