@@ -8,6 +8,8 @@
   * any other Hugging Face causal LM folder (transformers Auto classes, never remote code).
 `weights=False` builds the model on the meta device from config.json alone and reads no tensor.
 `.bin` / `.pt` files are unpickled only with `allow_pickle=True`; code in the folder never runs.
+`load_detokenizer(path)` reads the release's `audio_detokenizer/` + `vocoder/` (their `model.pt`
+files with `torch.load(weights_only=True)`: plain tensors only).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kimi_lora_cli.errors import AdapterError, ModelLoadError
+from kimi_lora_cli.errors import AdapterError, ConfigError, ModelLoadError
 from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig, is_kimi_config
 
 if TYPE_CHECKING:
@@ -649,3 +651,32 @@ def load_speech_tokenizer(path: str | Path, *, dtype: str | torch.dtype | None =
         raise ModelLoadError(f"{wfile}: unreadable safetensors file ({e}); re-download it") from None
     encoder = build_encoder(cfg, state, torch_dtype, torch.device(device))
     return SpeechTokenizer(encoder, source=str(folder))
+
+
+# -------------------------------------------------------------------------------------------
+# Audio detokenizer (semantic codes -> waveform)
+# -------------------------------------------------------------------------------------------
+
+
+def check_detokenizer(path: str | Path):
+    """The detokenizer configs of a release folder, checked, and both weight files present (no tensor read)."""
+    from kimi_lora_cli.models.detokenizer.checkpoint import read_detokenizer_configs
+
+    return read_detokenizer_configs(path)
+
+
+def load_detokenizer(path: str | Path, *, dtype: str | torch.dtype | None = "bfloat16",
+                     device: str | torch.device = "cpu", ode_steps: int | None = None):
+    """`Detokenizer` (DiT + BigVGAN + streaming rules) from `path`/audio_detokenizer and `path`/vocoder;
+    dtype "auto" is bfloat16, the dtype the official code runs them in."""
+    import torch
+
+    from kimi_lora_cli.models.detokenizer.checkpoint import build_detokenizer
+
+    files = check_detokenizer(path)
+    info = ModelInfo(path=files.root, kind="detokenizer", layout="release", config={}, dtype="bfloat16")
+    torch_dtype = resolve_dtype(dtype, info)
+    try:
+        return build_detokenizer(files, torch_dtype, torch.device(device), ode_steps)
+    except ValueError as e:  # streaming rules (ode_steps)
+        raise ConfigError(str(e)) from None

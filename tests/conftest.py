@@ -48,3 +48,19 @@ def tiny_speech_tokenizer_dir(tmp_path_factory) -> Path:
     from kimi_lora_cli.models.speech_tokenizer.tiny import build_tiny_speech_tokenizer
 
     return build_tiny_speech_tokenizer(tmp_path_factory.mktemp("glm") / "glm-4-voice-tokenizer", vocab=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_detok_dir(tmp_path_factory) -> Path:
+    """A folder holding only a tiny audio_detokenizer/ + vocoder/ (release layout, 128 codes)."""
+    from kimi_lora_cli.models.detokenizer.tiny import build_tiny_detokenizer
+
+    return build_tiny_detokenizer(tmp_path_factory.mktemp("detok") / "release")
+
+
+@pytest.fixture(scope="session")
+def tiny_detok(tiny_detok_dir):
+    """The tiny detokenizer loaded once in float32 (its streaming state is reset by every call)."""
+    from kimi_lora_cli.loading import load_detokenizer
+
+    return load_detokenizer(tiny_detok_dir, dtype="float32")

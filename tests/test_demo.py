@@ -19,6 +19,16 @@ def test_demo_runs_and_its_claims_hold(cli, tmp_path):
     for step in ("list-modules", "train", "inspect-adapter", "merge", "infer"):
         assert f"$ kimi-lora {step} " in err  # each step shows its standalone command
 
+    # the spoken answer: a 24 kHz 16-bit WAV of 4 x 480 samples per audio code, named in its jsonl
+    import soundfile as sf
+
+    answer = json.loads((work / "spoken.jsonl").read_text())
+    wav = work / "spoken" / "prompt.base.wav"
+    assert answer["audio_path"] == str(wav) and len(answer["audio_tokens"]) > 0
+    info = sf.info(str(wav))
+    assert (info.samplerate, info.subtype, info.frames) == (24000, "PCM_16", len(answer["audio_tokens"]) * 1920)
+    assert "spoken answer:" in out and "noise" in out
+
     # loss fell (from the training log)
     metrics = [json.loads(x) for x in (work / "adapter" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < 0.1 * metrics[0]["loss"]

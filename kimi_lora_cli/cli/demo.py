@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 DEMO_SAMPLES = 8
+SPOKEN_PROMPT = "Say hello in a friendly voice."
 
 
 def _invoke(args: list[str]) -> None:
@@ -36,12 +37,15 @@ def demo(
                                                  "(default: ./kimi-lora-demo); a rerun replaces the demo's outputs.")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps (the default memorises the data).")] = 120,
 ) -> None:
-    """Run the whole pipeline on a tiny Kimi-Audio: list-modules, train, inspect-adapter, merge, infer.
+    """Run the whole pipeline on a tiny Kimi-Audio: list-modules, train, inspect-adapter, merge, infer,
+    and a spoken answer written as a WAV file.
 
-    Builds a tiny random Kimi-Audio checkpoint in the exact release layout and a small synthetic
-    speech data set, then runs each step as the standalone command it prints, and checks what a user
-    should see: the loss falls, the adapter learns the transcripts (WER high -> near 0), and the
-    merged model equals base + adapter. No download, no GPU; about a minute on 2 CPU cores.
+    Builds a tiny random Kimi-Audio checkpoint in the exact release layout (with its audio
+    detokenizer and vocoder) and a small synthetic speech data set, then runs each step as the
+    standalone command it prints, and checks what a user should see: the loss falls, the adapter
+    learns the transcripts (WER high -> near 0), the merged model equals base + adapter, and a
+    spoken answer becomes a WAV (noise: the tiny model is random). No download, no GPU; about a
+    minute on 2 CPU cores.
 
     Examples:
 
@@ -54,7 +58,7 @@ def demo(
     from kimi_lora_cli.errors import ConfigError
     from kimi_lora_cli.fileops import naming_errors, remove_tree, write_atomic
     from kimi_lora_cli.inference.metrics import score
-    from kimi_lora_cli.models.kimi_audio.tiny import build_tiny_checkpoint
+    from kimi_lora_cli.models.kimi_audio.tiny import add_tiny_detokenizer, build_tiny_checkpoint
     from kimi_lora_cli.outputs import (
         OLD_DEMO_MARKER,
         check_output,
@@ -75,10 +79,13 @@ def demo(
     model = work / "Kimi-Audio-tiny"
     if not (model / "config.json").is_file():
         err.print(f"Building a tiny random Kimi-Audio (release layout) in {model}")
-        build_tiny_checkpoint(model)
+        build_tiny_checkpoint(model, detokenizer=True)
+    elif not (model / "audio_detokenizer").is_dir():  # a folder from an older demo
+        add_tiny_detokenizer(model)
     data = write_synthetic_dataset(work / "data", json.loads((model / "config.json").read_text()),
                                    n=DEMO_SAMPLES, seed=0)
     adapter, merged, preds = work / "adapter", work / "merged", work / "predictions.jsonl"
+    spoken, spoken_preds = work / "spoken", work / "spoken.jsonl"
     # A rerun starts the steps afresh (only the outputs the demo's own steps wrote are removed).
     for old, command in ((adapter, "train"), (merged, "merge")):
         if old.is_dir() and (marker_info(old) or {}).get("command") == command:
@@ -86,6 +93,7 @@ def demo(
         elif old.exists():
             raise ConfigError(f"{old}: not written by the demo's `kimi-lora {command}`; move it away and rerun")
     preds.unlink(missing_ok=True)
+    spoken_preds.unlink(missing_ok=True)
     err.print(f"Data: {data} ({DEMO_SAMPLES} synthetic clips with audio_tokens and transcripts)")
 
     _invoke(["list-modules", str(model), "--target", "all,lm_head", "--rank", "32"])
@@ -100,8 +108,15 @@ def demo(
     _invoke(["infer", "--model", str(model), "--adapter", f"demo={adapter}", "--compare-base",
              "--data", str(data), "--output", str(preds), "--batch-size", str(DEMO_SAMPLES),
              "--max-new-tokens", "24"])
+    # Audio sampling over the whole vocabulary: a random model picks an audio code about one step in
+    # eight, so 200 steps give a couple of seconds of (noise) speech.
+    _invoke(["infer", "--model", str(model), "--prompt", SPOKEN_PROMPT, "--output-type", "both",
+             "--audio-dir", str(spoken), "--output", str(spoken_preds), "--max-new-tokens", "200",
+             "--audio-temperature", "1.0", "--audio-top-k", "0"])
 
     summary = summarize(work, adapter, preds, score)
+    answer = json.loads(spoken_preds.read_text().splitlines()[0])
+    summary["spoken_answer"], summary["spoken_seconds"] = answer.get("audio_path"), answer.get("audio_seconds")
     write_atomic(work / "demo_summary.json", json.dumps(summary, indent=2))
     err.rule(style="cyan")
     out.print(f"[bold]What to notice[/] (from {work}):")
@@ -110,6 +125,11 @@ def demo(
     out.print(f"  WER on the training clips: base {summary['wer']['base']:.2f} -> adapter "
               f"{summary['wer']['demo']:.2f} (predictions: {preds})")
     out.print(f"  merged folder {merged} loads with the same loader and matched base + adapter (--verify)")
+    if summary["spoken_answer"]:
+        out.print(f"  spoken answer: {summary['spoken_answer']} ({summary['spoken_seconds']:.2f} s, 24 kHz 16-bit WAV); "
+                  "the tiny model is random, so it is noise - on the release folder the same command speaks")
+    else:
+        out.print("  spoken answer: the random model chose no audio code, so no WAV was written")
     out.print(f"  summary written to {work / 'demo_summary.json'}")
 
 

@@ -13,6 +13,7 @@ from kimi_lora_cli.cli._options import AllowPickleOpt, DeviceOpt, DtypeOpt, Json
 
 _GEN = "Generation"
 _SAMPLING = "Sampling (official sampler; temperature 0 = greedy)"
+_SPEECH = "Spoken answers (WAV files)"
 MAX_TABLE_ROWS = 20
 
 
@@ -121,8 +122,18 @@ def infer(
                                                             rich_help_panel=_SAMPLING)] = 1.0,
     audio_repetition_window: Annotated[int, typer.Option("--audio-repetition-window",
                                                          rich_help_panel=_SAMPLING)] = 64,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the per-sample generators (temperature > 0).",
-                                      rich_help_panel=_SAMPLING)] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the per-sample generators (temperature > 0, "
+                                      "and the detokenizer's initial noise).", rich_help_panel=_SAMPLING)] = 0,
+    audio_dir: Annotated[Path | None, typer.Option(
+        "--audio-dir", help="Write each spoken answer (output type both) as a 16-bit WAV here, named "
+        "ID.ADAPTER.wav and listed in the jsonl (audio_path); a new or empty folder, or one infer made.",
+        rich_help_panel=_SPEECH, show_default=False)] = None,
+    detokenizer: Annotated[Path | None, typer.Option(
+        "--detokenizer", help="Folder holding audio_detokenizer/ and vocoder/ (the Kimi-Audio release "
+        "folder). Default: --model.", rich_help_panel=_SPEECH, show_default=False)] = None,
+    ode_steps: Annotated[int, typer.Option("--ode-steps", help="Detokenizer flow-matching time points per "
+                                           "chunk (official 30; fewer is faster, rougher).",
+                                           rich_help_panel=_SPEECH)] = 30,
     no_kv_cache: Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the whole sequence every "
                                               "step (slow; for checking).", rich_help_panel=_GEN)] = False,
     device: DeviceOpt = "",
@@ -135,7 +146,8 @@ def infer(
 
     Decoding follows the official Kimi-Audio loop (text and audio streams, audio delay, text eos).
     Audio messages need their semantic codes (audio_tokens): from the data, from `kimi-lora prepare`,
-    or computed on the fly with --speech-tokenizer DIR.
+    or computed on the fly with --speech-tokenizer DIR. Spoken answers (--output-type both) become
+    16-bit WAV files with --audio-dir DIR, made by the release's audio detokenizer and vocoder.
 
     [bold]Examples[/]
 
@@ -146,6 +158,8 @@ def infer(
       $ kimi-lora infer -m ./merged --prompt 'Please transcribe the following audio:' --audio clip.wav --speech-tokenizer ./glm-4-voice-tokenizer
 
       $ kimi-lora infer -m ./merged -p 'Please transcribe the following audio:' --audio clip.wav --audio-tokens clip.codes
+
+      $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct -a out/tts -d tts_test.jsonl -o preds.jsonl --output-type both --audio-dir wavs/
     """
     from kimi_lora_cli.errors import ConfigError
     from kimi_lora_cli.inference.runner import InferSpec, parse_adapter_args, run_inference
@@ -163,7 +177,7 @@ def infer(
         batch_size=batch_size, max_new_tokens=max_new_tokens, output_type=output_type,
         text_sampling=text_sampling, audio_sampling=audio_sampling, seed=seed, device=device or None,
         dtype=dtype, use_cache=not no_kv_cache, allow_pickle=allow_pickle, speech_tokenizer=speech_tokenizer,
-        cache_features=cache_features,
+        cache_features=cache_features, audio_dir=audio_dir, detokenizer=detokenizer, ode_steps=ode_steps,
     )
     progress = _Progress(enabled=True)
     try:
@@ -186,6 +200,7 @@ def _json_payload(report: Any, rates: dict[str, float]) -> dict[str, Any]:
         "samples": len(report.samples),
         "skipped": report.skipped,
         "output_types": list(report.output_types),
+        "audio_dir": report.audio_dir,
         "metrics": {
             name: {
                 "predictions": s.samples, "scored": s.scored,
@@ -213,6 +228,18 @@ def _shown(text: str | None) -> str:
     return escape(text)
 
 
+def _durations(sample_id: str, variants: list[str], by_key: dict) -> str:
+    """Seconds of each variant's WAV ("-" where there is none), e.g. "2.40" or "base 2.40 / a 1.92"."""
+    from rich.markup import escape
+
+    parts = []
+    for v in variants:
+        r = by_key.get((sample_id, v)) or {}
+        secs = f"{r['audio_seconds']:.2f}" if r.get("audio_path") else "-"
+        parts.append(secs if len(variants) == 1 else f"{escape(v)} {secs}")
+    return " / ".join(parts)
+
+
 def _print_report(report: Any, rates: dict[str, float]) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -232,6 +259,8 @@ def _print_report(report: Any, rates: dict[str, float]) -> None:
             if "audio_tokens" in r:
                 out.print(f"[dim]{escape(v)} audio codes ({len(r['audio_tokens'])}): "
                           f"{' '.join(map(str, r['audio_tokens'][:40]))}{' ...' if len(r['audio_tokens']) > 40 else ''}[/]")
+            if r.get("audio_path"):
+                out.print(f"{escape(v)} spoken answer: {escape(r['audio_path'])} ({r['audio_seconds']:.2f} s)")
     else:
         shown = report.samples[:MAX_TABLE_ROWS]
         table = Table(title="Predictions", title_justify="left", show_lines=True)
@@ -241,10 +270,15 @@ def _print_report(report: Any, rates: dict[str, float]) -> None:
         for v in report.variants:
             table.add_column(v, overflow="fold")
         with_ref = len(table.columns) > len(report.variants) + 1
+        with_audio = report.audio_dir is not None
+        if with_audio:
+            table.add_column("audio (s)", justify="right")
         for s in shown:
             row = [_shown(s.id)] + ([_shown(s.reference)] if with_ref else [])
             row += [_shown(by_key[(s.id, v)]["prediction"]) if (s.id, v) in by_key else "[dim]-[/]"
                     for v in report.variants]
+            if with_audio:
+                row.append(_durations(s.id, report.variants, by_key))
             table.add_row(*row)
         out.print(table)
         if len(report.samples) > len(shown):
@@ -269,6 +303,8 @@ def _print_report(report: Any, rates: dict[str, float]) -> None:
         line += f", {report.skipped} already in {escape(report.output or '')} (skipped)"
     if report.output:
         line += f"; predictions in {escape(report.output)}"
+    if report.audio_dir:
+        line += f"; spoken answers in {escape(report.audio_dir)}"
     out.print(line)
     for note in report.notes:
         out.print(f"[yellow]Note:[/] {escape(note)}")

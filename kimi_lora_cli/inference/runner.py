@@ -12,6 +12,11 @@ are never reloaded. Each (sample, adapter) pair becomes one jsonl line, written 
 soon as its batch finishes; `resume=True` keeps the lines already in the file and skips those
 pairs. Random draws (temperature > 0) use one generator per sample seeded from (seed, sample
 id), so every adapter sees the same draws and a resumed run continues identically.
+
+Spoken answers: with `audio_dir`, every prediction of output type "both" is turned into a WAV by
+the Kimi-Audio detokenizer (`audio_detokenizer/` + `vocoder/` of `detokenizer`, default the model
+folder; see inference/speech.py), written before its jsonl line, which names it (`audio_path`,
+`audio_seconds`). The detokenizer folder is checked before any weight is read.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from kimi_lora_cli.inference.samples import InferSample, prompt_sample, read_aud
 
 BASE = "base"
 DETOKENIZER_NOTE = (
-    "audio_tokens are GLM-4-Voice semantic codes (offset removed); writing a waveform needs the "
-    "Kimi-Audio detokenizer (audio_detokenizer/ + vocoder/), which kimi-lora does not run yet"
+    "audio_tokens are GLM-4-Voice semantic codes (offset removed); pass --audio-dir DIR to turn them into "
+    "WAV files with the Kimi-Audio detokenizer (audio_detokenizer/ + vocoder/ of the release folder)"
 )
 
 
@@ -63,6 +68,9 @@ class InferSpec:
     allow_pickle: bool = False
     speech_tokenizer: str | Path | None = None  # glm-4-voice-tokenizer folder: codes for audio without audio_tokens
     cache_features: str | Path | None = None  # speech codes and Whisper features kept here, by audio content
+    audio_dir: str | Path | None = None  # one WAV per spoken answer (output type "both")
+    detokenizer: str | Path | None = None  # folder holding audio_detokenizer/ + vocoder/ (default: model)
+    ode_steps: int = 30  # detokenizer flow-matching time points (official: 30)
 
 
 class ProgressSink(Protocol):
@@ -97,6 +105,7 @@ class InferReport:
     skipped: int = 0  # pairs found in the output file and not regenerated
     output_types: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    audio_dir: str | None = None  # where the WAVs of spoken answers went (None: not asked for)
 
 
 def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
@@ -150,6 +159,11 @@ def _check_spec(spec: InferSpec) -> None:
     check_device(spec.device)
     if spec.output is not None:
         check_output_file(spec)
+    if spec.audio_dir is not None and spec.output_type == "text":
+        raise ConfigError("--audio-dir writes spoken answers, but --output-type text asks for none; use "
+                          "--output-type both")
+    if spec.ode_steps < 2:
+        raise ConfigError(f"--ode-steps must be >= 2 (time points from 0 to 1), not {spec.ode_steps}")
 
 
 def check_output_file(spec: InferSpec) -> None:
@@ -307,6 +321,41 @@ def model_config(spec: InferSpec) -> Any:
     return kimi_config(info)
 
 
+def check_speech(spec: InferSpec, config: Any, samples: list[InferSample], out_type: dict[str, str]) -> Any:
+    """Before any weight is read: the --audio-dir folder, the detokenizer folder, and that its codes fit
+    the model's. Returns (detokenizer files, AudioFolder) or None."""
+    if spec.audio_dir is None:
+        return None
+    from kimi_lora_cli.inference.speech import AudioFolder
+    from kimi_lora_cli.loading import check_detokenizer
+
+    if all(out_type[s.id] != "both" for s in samples):
+        raise ConfigError("--audio-dir: no sample answers in speech (every task_type is 'understanding'); "
+                          "pass --output-type both")
+    files = check_detokenizer(spec.detokenizer or spec.model)
+    codebook = config.vocab_size - config.kimia_token_offset
+    if codebook > files.dit_config.semantic_vocab_size:
+        raise ModelLoadError(f"{files.root / 'audio_detokenizer' / 'config.yaml'}: semantic_vocab_size "
+                             f"{files.dit_config.semantic_vocab_size} is smaller than the model's {codebook} audio "
+                             "codes; use the detokenizer of the same release")
+    return files, AudioFolder(spec.audio_dir)
+
+
+def speak(detok: Any, folder: Any, sample: InferSample, variant: str, codes: list[int], seed: int) -> dict[str, Any]:
+    """The WAV of one prediction (none for an answer without audio codes): jsonl fields."""
+    import time
+
+    from kimi_lora_cli.inference.speech import noise_generator, wav_name
+
+    if not codes:
+        return {"audio_path": None, "audio_seconds": 0.0}
+    start = time.perf_counter()
+    wav = detok.detokenize(codes, generator=noise_generator(seed, sample.id))
+    path = folder.write(wav_name(sample.id, variant), wav, detok.sampling_rate)
+    return {"audio_path": str(path), "audio_seconds": round(wav.numel() / detok.sampling_rate, 3),
+            "audio_time_s": round(time.perf_counter() - start, 4)}
+
+
 def make_record(sample: InferSample, variant: str, output_type: str, result: Any, tokenizer: Any) -> dict[str, Any]:
     prediction = tokenizer.decode(result.text_tokens)
     rec: dict[str, Any] = {
@@ -366,6 +415,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
 
         features = FeatureStore(loaded.feature_encoder, cache_dir=spec.cache_features, memory_budget_bytes=0)
     out_type = {s.id: spec.output_type or s.output_type for s in samples}
+    speech = check_speech(spec, config, samples, out_type)
     lengths = {s.id: len(tokenize_prompt(s.messages, tokenizer, config, out_type[s.id], s.source)) for s in samples}
 
     adapter_names = list(loaded.adapter_names)
@@ -379,6 +429,13 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
     model = loaded.model.eval()
     tokens = StreamTokens.from_model(tokenizer, config)
     device = unwrap_model(loaded.model).device
+    detok = audio_folder = None
+    if speech is not None:
+        from kimi_lora_cli.loading import load_detokenizer
+
+        detok = load_detokenizer(speech[0].root, dtype=unwrap_model(loaded.model).dtype, device=device,
+                                 ode_steps=spec.ode_steps)
+        audio_folder = speech[1].open()
     stochastic = not (spec.text_sampling.greedy and spec.audio_sampling.greedy)
     summaries = {v: VariantSummary(v) for v in variants}
     new_records: list[dict[str, Any]] = []
@@ -408,6 +465,8 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
                 summary.seconds += max((r.seconds for r in results), default=0.0)
                 for s, r in zip(subset, results):
                     rec = make_record(s, v, otype, r, tokenizer)
+                    if detok is not None and otype == "both":
+                        rec.update(speak(detok, audio_folder, s, v, r.audio_tokens, spec.seed))
                     writer.write(rec)
                     new_records.append(rec)
                     summary.new_samples += 1
@@ -433,8 +492,13 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
             summary.scored += 1
             summary.counts.add(score(ref, r.get("prediction") or ""))
     otypes = tuple(sorted({out_type[s.id] for s in samples}))
-    notes += [DETOKENIZER_NOTE] if "both" in otypes else []
+    notes += [DETOKENIZER_NOTE] if "both" in otypes and detok is None else []
+    silent = sum(1 for r in records if r.get("output_type") == "both" and "audio_path" not in r)
+    if detok is not None and silent:
+        notes.append(f"{silent} predictions kept from {output} were made without --audio-dir and have no WAV; "
+                     "rerun without --resume (or with a new --output) to hear them")
     return InferReport(model=str(loaded.info.path), variants=variants, samples=samples, records=records,
                        summaries=summaries, output=str(output) if output else None, skipped=skipped,
-                       output_types=otypes, notes=notes)
+                       output_types=otypes, notes=notes,
+                       audio_dir=str(audio_folder.path) if audio_folder is not None else None)
 

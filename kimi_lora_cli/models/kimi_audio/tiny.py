@@ -6,7 +6,8 @@ config.json with every release key, `model.safetensors.index.json` and unpadded 
 tensors, as in the release), the 34-style `rotary_emb.inv_freq` tensors, `whisper-large-v3/`
 (config.json, preprocessor_config.json, a full encoder + decoder under `model.encoder.*` /
 `model.decoder.*`), `tiktoken.model` (a byte-level BPE trained here on a fixed corpus) and
-`tokenizer_config.json` with `added_tokens_decoder`. Same seed, same bytes.
+`tokenizer_config.json` with `added_tokens_decoder`. Same seed, same bytes. With
+`detokenizer=True` also `audio_detokenizer/` and `vocoder/` (spoken answers; random weights).
 
 Other layouts: "finetune" (whisper under `whisper_model.speech_encoder.*` inside the main
 shards, transformers shard names, no tokenizer or whisper folder) and "export"
@@ -227,8 +228,11 @@ def _whisper_tensors(spec: TinySpec, generator, dtype) -> tuple[dict, dict]:
     return tensors, cfg
 
 
-def build_tiny_checkpoint(folder: str | Path, spec: TinySpec | None = None, layout: str = "release") -> Path:
-    """Write a tiny random Kimi-Audio checkpoint into `folder` (created; must be empty or absent)."""
+def build_tiny_checkpoint(folder: str | Path, spec: TinySpec | None = None, layout: str = "release",
+                          detokenizer: bool = False) -> Path:
+    """Write a tiny random Kimi-Audio checkpoint into `folder` (created; must be empty or absent).
+    `detokenizer=True` adds `audio_detokenizer/` + `vocoder/` (see models/detokenizer/tiny.py),
+    sized for this checkpoint's audio codes."""
     spec = spec or TinySpec()
     if layout not in ("release", "finetune", "export"):
         raise ValueError(f"unknown layout {layout!r}")
@@ -241,6 +245,8 @@ def build_tiny_checkpoint(folder: str | Path, spec: TinySpec | None = None, layo
     folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         _write_checkpoint(folder, spec, layout)
+        if detokenizer:
+            add_tiny_detokenizer(folder, spec)
         if target.exists():
             target.rmdir()
         folder.rename(target)
@@ -248,6 +254,18 @@ def build_tiny_checkpoint(folder: str | Path, spec: TinySpec | None = None, layo
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return target
+
+
+def add_tiny_detokenizer(folder: str | Path, spec: TinySpec | None = None) -> Path:
+    """Add tiny `audio_detokenizer/` + `vocoder/` to a tiny checkpoint folder (semantic vocab = its codes)."""
+    import dataclasses
+
+    from kimi_lora_cli.models.detokenizer.tiny import TinyDetokenizerSpec, build_tiny_detokenizer
+
+    spec = spec or TinySpec()
+    base = TinyDetokenizerSpec()
+    dit = dataclasses.replace(base.dit, semantic_vocab_size=spec.audio_codes)
+    return build_tiny_detokenizer(folder, dataclasses.replace(base, dit=dit, seed=spec.seed))
 
 
 def _write_checkpoint(folder: Path, spec: TinySpec, layout: str) -> None:
@@ -304,11 +322,12 @@ def _write_checkpoint(folder: Path, spec: TinySpec, layout: str) -> None:
         _tokenizer_files(folder, ranks)
 
 
-if __name__ == "__main__":  # python -m kimi_lora_cli.models.kimi_audio.tiny FOLDER
+if __name__ == "__main__":  # python -m kimi_lora_cli.models.kimi_audio.tiny FOLDER [--detokenizer]
     import sys
 
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "kimi-audio-tiny")
+    args = [a for a in sys.argv[1:] if a != "--detokenizer"]
+    target = Path(args[0] if args else "kimi-audio-tiny")
     if (target / "config.json").exists():
         print(target)
     else:
-        print(build_tiny_checkpoint(target))
+        print(build_tiny_checkpoint(target, detokenizer="--detokenizer" in sys.argv))
