@@ -196,7 +196,7 @@ class Trainer:
             from kimi_lora_cli.targets import linear_entries, resolve_targets
 
             resolve_targets(linear_entries(skeleton.model), cfg.lora_target)
-        max_len = cfg.model_max_length or config.max_position_embeddings
+        max_len, _ = cfg.sample_limit(config.max_position_embeddings)
         data = preflight(cfg, skeleton)
         self.data = data
         if data.audio_tokenized:
@@ -257,16 +257,14 @@ class Trainer:
         self.store = store
         self.dataset = KimiDataset(data.samples, skeleton.tokenizer.pad, config.kimia_adaptor_input_dim, store)
 
-        from kimi_lora_cli.training.plan import total_steps
+        from kimi_lora_cli.training.plan import BatchPlan
 
         self.fixed_micro = bool(cfg.deepspeed)
-        self.total_steps = total_steps(len(self.train_idx), cfg.num_train_epochs, cfg.max_steps, self.world,
-                                       cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                                       self.fixed_micro)
-        from kimi_lora_cli.training.plan import steps_per_epoch
-
-        self.steps_per_epoch = max(1, steps_per_epoch(len(self.train_idx), self.world, cfg.per_device_train_batch_size,
-                                                      cfg.gradient_accumulation_steps, self.fixed_micro))
+        self.plan = BatchPlan(self.train_idx, self.dataset.lengths(), cfg.seed, self.world, self.rank,
+                              cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.group_by_length,
+                              self.fixed_micro, cfg.row_length(config.max_position_embeddings))
+        self.total_steps = self.plan.total_steps(cfg.num_train_epochs, cfg.max_steps)
+        self.steps_per_epoch = max(1, self.plan.steps_per_epoch())
         optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -311,16 +309,11 @@ class Trainer:
 
         model = self.model
         model.eval()
-        mine = self.eval_idx[self.rank :: self.world]
-        bs = self.cfg.eval_batch_size
         # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively);
         # a rank that ran out of samples repeats one and does not count it.
-        per_rank = math.ceil(len(self.eval_idx) / self.world)
-        n_batches = math.ceil(per_rank / bs)
         sums = [0.0, 0.0, 0.0, 0.0]
         with torch.no_grad():
-            for b in range(n_batches):
-                chunk = mine[b * bs : (b + 1) * bs]
+            for chunk in self.plan.eval_batches(self.eval_idx, self.cfg.eval_batch_size):
                 parts = compute_loss(model, self._batch(chunk or self.eval_idx[:1]), self.cfg.text_loss_weight,
                                      self.cfg.audio_loss_weight)
                 if not chunk:
@@ -480,7 +473,6 @@ class Trainer:
     def run(self) -> TrainResult:
 
         from kimi_lora_cli.training.loss import compute_loss
-        from kimi_lora_cli.training.plan import iterate_steps
 
         cfg, acc = self.cfg, self.accelerator
         result = TrainResult(output_dir=self.output_dir, global_step=0, total_steps=self.total_steps,
@@ -507,9 +499,7 @@ class Trainer:
         if start_step >= self.total_steps:
             self.reporter.print(f"Checkpoint step {start_step} already reaches the {self.total_steps} planned steps.")
 
-        lengths = self.dataset.lengths()
-        plan = iterate_steps(self.train_idx, lengths, cfg.seed, self.world, self.rank, cfg.per_device_train_batch_size,
-                             cfg.gradient_accumulation_steps, cfg.group_by_length, self.fixed_micro)
+        plan = self.plan.steps()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         eval_every = cfg.eval_steps or cfg.save_steps
         do_eval = bool(self.eval_idx) and cfg.evaluation_strategy != "no"
@@ -629,9 +619,9 @@ def preflight(cfg: TrainConfig, skeleton: Any = None) -> Any:
     from kimi_lora_cli.data.schema import load_samples
 
     skeleton = skeleton or model_skeleton(cfg)
-    max_len = cfg.model_max_length or skeleton.config.max_position_embeddings
+    max_len, flag = cfg.sample_limit(skeleton.config.max_position_embeddings)
     return load_samples(cfg.data_path, skeleton.tokenizer, skeleton.config, max_length=max_len,
-                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config))
+                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config), limit_flag=flag)
 
 
 def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:

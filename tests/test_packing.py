@@ -1,0 +1,196 @@
+"""Sample packing: packed rows give every sample the logits, loss and gradients it has alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import soundfile as sf
+import torch
+
+from kimi_lora_cli.data.audio import load_audio
+from kimi_lora_cli.data.dataset import KimiDataset
+from kimi_lora_cli.data.features import FeatureStore
+from kimi_lora_cli.data.schema import load_samples
+from kimi_lora_cli.data.synthetic import ASR_INSTRUCTION, WORDS, codes_for_wave, synthetic_clip
+from kimi_lora_cli.models.kimi_audio.packing import packed_positions
+from kimi_lora_cli.training.loss import compute_loss
+
+# Rows with very different samples side by side, audio in several samples of one row.
+ROWS = [[0, 3, 1], [2, 4, 5]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_varied_dataset(folder, config):
+    """Six conversations from 12 to ~70 tokens: long and tiny ASR clips, text-only chats, a spoken
+    question answered in text and speech."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def audio(name, seconds, index, role="user"):
+        path = folder / name
+        sf.write(str(path), synthetic_clip(index, 0, seconds, seconds), 16000, subtype="PCM_16")
+        return {"role": role, "message_type": "audio", "content": name,
+                "audio_tokens": codes_for_wave(load_audio(path), config)}
+
+    def text(role, n_words, start=0):
+        return {"role": role, "message_type": "text", "content": " ".join(WORDS[start : start + n_words])}
+
+    asr = {"role": "user", "message_type": "text", "content": ASR_INSTRUCTION}
+    rows = [
+        {"task_type": "understanding", "conversation": [asr, audio("long.wav", 4.0, 1), text("assistant", 6)]},
+        {"task_type": "understanding", "conversation": [text("user", 2), text("assistant", 1, 5)]},
+        {"task_type": "understanding", "conversation": [asr, audio("tiny.wav", 0.3, 2), text("assistant", 24, 3)]},
+        {"task_type": "speech_conversation", "conversation": [audio("q.wav", 1.5, 3), text("assistant", 3, 9),
+                                                              audio("a.wav", 0.8, 4, "assistant")]},
+        {"task_type": "understanding", "conversation": [asr, audio("mid.wav", 2.5, 5), text("assistant", 4, 20)]},
+        {"task_type": "understanding", "conversation": [text("user", 12, 30), text("assistant", 9, 40)]},
+    ]
+    path = folder / "varied.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory, tiny):
+    path = write_varied_dataset(tmp_path_factory.mktemp("varied"), tiny.config)
+    data = load_samples(path, tiny.tokenizer, tiny.config)
+    ds = KimiDataset(data.samples, tiny.tokenizer.pad, tiny.config.kimia_adaptor_input_dim,
+                     FeatureStore(tiny.feature_encoder))
+    return path, ds
+
+
+@pytest.fixture()
+def fresh_model(tiny_dir):
+    from kimi_lora_cli.loading import load_model
+
+    return load_model(tiny_dir, dtype="float32", load_whisper=False, load_tokenizer_=False).model
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], text_input_ids=batch["text_input_ids"],
+                    is_continuous_mask=batch["is_continuous_mask"],
+                    continuous_features=batch["continuous_features"], attention_mask=batch["attention_mask"],
+                    sequence_ids=batch.get("sequence_ids"))
+    return out.text_logits, out.audio_logits
+
+
+def test_positions_restart_at_every_sample():
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [3, 3, 3, 3, 3, 3, 3, 4]])
+    assert packed_positions(ids).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 0]]
+
+
+def test_packed_batch_layout(varied):
+    _, ds = varied
+    lengths = ds.lengths()
+    assert len(set(lengths)) == 6 and max(lengths) > 4 * min(lengths)  # very different lengths
+    batch = ds.batch_rows(ROWS)
+    row_len = [sum(lengths[i] for i in r) for r in ROWS]
+    assert batch["input_ids"].shape[1] == max(row_len)
+    assert batch["attention_mask"].sum(1).tolist() == row_len
+    for b, row in enumerate(ROWS):
+        start = 0
+        for k, i in enumerate(row):
+            alone = ds.batch([i])
+            end = start + lengths[i]
+            n = sum(len(r) for r in ROWS[:b]) + k
+            assert (batch["sequence_ids"][b, start:end] == n).all()
+            for key in ("input_ids", "text_input_ids", "is_continuous_mask", "text_labels", "audio_labels",
+                        "text_loss_mask", "audio_loss_mask"):
+                assert torch.equal(batch[key][b, start:end], alone[key][0]), key
+            if alone["continuous_features"] is not None:
+                assert torch.equal(batch["continuous_features"][b, start:end], alone["continuous_features"][0])
+            # the last position of a sample predicts nothing: no label links it to the next sample
+            assert not batch["text_loss_mask"][b, end - 1] and not batch["audio_loss_mask"][b, end - 1]
+            start = end
+        assert (batch["sequence_ids"][b, start:] == -1).all()
+    assert sum(bool(batch["is_continuous_mask"][0, s : s + lengths[i]].any())
+               for s, i in zip([0, lengths[0]], ROWS[0][:2])) == 2  # audio in two samples of row 0
+
+
+def test_packed_loss_and_gradients_equal_each_sample_alone(varied, fresh_model):
+    _, ds = varied
+    order = [i for row in ROWS for i in row]
+    model = fresh_model.train()
+    model.requires_grad_(True)
+    alone = [compute_loss(model, ds.batch([i])) for i in order]
+    torch.stack([a.total[0] for a in alone]).mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    model.gradient_checkpointing_enable()  # the packed rows travel through the recomputed layers too
+    packed = compute_loss(model, ds.batch_rows(ROWS))
+    packed.total.mean().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    assert packed.total.shape == (6,)
+    torch.testing.assert_close(packed.text, torch.cat([a.text for a in alone]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.audio, torch.cat([a.audio for a in alone]), atol=1e-5, rtol=1e-5)
+    assert (packed.audio > 0).sum() == 1 and (packed.text > 0).all()
+    assert packed.tokens == sum(a.tokens for a in alone)
+    assert got.keys() == want.keys() and "model.vq_adaptor.layers.0.weight" in got
+    assert "model.mimo_layers.0.self_attn.q_proj.weight" in got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_no_attention_across_samples_in_either_stack(varied, tiny):
+    _, ds = varied
+    model = tiny.model.eval()
+    lengths = ds.lengths()
+    batch = ds.batch_rows(ROWS)
+    text, audio = _logits(model, batch)
+    # each sample sees exactly what it sees alone: positions restart, nothing leaks in
+    for b, row in enumerate(ROWS):
+        start = 0
+        for i in row:
+            t_alone, a_alone = _logits(model, ds.batch([i]))
+            end = start + lengths[i]
+            torch.testing.assert_close(text[b, start:end], t_alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(audio[b, start:end], a_alone[0], atol=1e-5, rtol=1e-5)
+            start = end
+    # perturb the middle sample of row 0 (tokens and Whisper rows): its neighbours do not move
+    a, m = lengths[0], lengths[0] + lengths[3]
+    changed = {k: (v.clone() if v is not None else None) for k, v in batch.items()}
+    g = torch.Generator().manual_seed(1)
+    changed["input_ids"][0, a:m] = torch.randint(0, model.config.vocab_size, (m - a,), generator=g)
+    changed["text_input_ids"][0, a:m] = torch.randint(0, model.config.kimia_token_offset, (m - a,), generator=g)
+    changed["continuous_features"][0, a:m] += 1.0
+    text2, audio2 = _logits(model, changed)
+    for logits, logits2 in ((text, text2), (audio, audio2)):  # main stack + lm_head, mimo stack + mimo_output
+        torch.testing.assert_close(logits2[0, :a], logits[0, :a], atol=1e-6, rtol=0)
+        torch.testing.assert_close(logits2[0, m:], logits[0, m:], atol=1e-6, rtol=0)
+        torch.testing.assert_close(logits2[1], logits[1], atol=1e-6, rtol=0)
+        assert (logits2[0, a:m] - logits[0, a:m]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["flex", "eager"])
+def test_other_attention_backends_match_sdpa(varied, tiny, backend):
+    """flex_attention runs on CPU for forward passes only (torch has no CPU backward for it); on CUDA
+    it is the automatic choice, checked by benchmarks/gpu/train_packing.py."""
+    _, ds = varied
+    model = tiny.model.eval()
+    batch = ds.batch_rows(ROWS)
+    assert model.packed_attention == "auto"
+    want = _logits(model, batch)
+    try:
+        model.packed_attention = backend
+        got = _logits(model, batch)
+    finally:
+        model.packed_attention = "auto"
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_, w, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_take_no_cache(varied, tiny):
+    _, ds = varied
+    batch = ds.batch_rows(ROWS)
+    with pytest.raises(ValueError, match="no KV cache"):
+        tiny.model(input_ids=batch["input_ids"], sequence_ids=batch["sequence_ids"], use_cache=True)
