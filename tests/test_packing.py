@@ -194,3 +194,112 @@ def test_packed_rows_take_no_cache(varied, tiny):
     batch = ds.batch_rows(ROWS)
     with pytest.raises(ValueError, match="no KV cache"):
         tiny.model(input_ids=batch["input_ids"], sequence_ids=batch["sequence_ids"], use_cache=True)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_packing_gives_the_padded_runs_adapter(cli, tiny_dir, varied, tmp_path):
+    """When every step holds the same samples, packing changes nothing but the layout: same losses,
+    same eval loss, same adapter."""
+    from safetensors.torch import load_file
+
+    path, _ = varied
+    common = ["--model-name-or-path", tiny_dir, "--data-path", path, "--use-lora", "--lora-dropout", "0",
+              "--lora-target", "all,heads", "--learning-rate", "1e-2", "--max-steps", "3", "--logging-steps", "1",
+              "--device", "cpu", "--per-device-train-batch-size", "6", "--eval-ratio", "0.3", "--seed", "1"]
+    code, _, stderr = cli("train", *common, "--output-dir", tmp_path / "padded")
+    assert code == 0, stderr
+    code, stdout, stderr = cli("train", *common, "--packing", "--packing-length", "128", "--output-dir",
+                               tmp_path / "packed")
+    assert code == 0, stderr
+    assert "Trained 3 steps on 4 samples" in stdout
+    a = load_file(str(tmp_path / "padded" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "packed" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+    pad, pack = _metrics(tmp_path / "padded"), _metrics(tmp_path / "packed")
+    for key in ("loss", "text_loss", "audio_loss", "eval_loss", "tokens"):  # tokens: real ones, no padding
+        want = [r[key] for r in pad if key in r]
+        assert want and [r[key] for r in pack if key in r] == pytest.approx(want, rel=1e-5), key
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--packing-length", "64"], "--packing-length sets the row length of --packing; add --packing"),
+    (["--packing", "--group-by-length"], "--packing and --group-by-length both cut padding"),
+    (["--packing", "--packing-length", "4"], "--packing-length must be at least 8"),
+    (["--packing", "--packing-length", "16"], "longer than --packing-length 16"),
+])
+def test_bad_packing_options_give_one_line_errors(cli, tiny_dir, varied, tmp_path, args, message):
+    path, _ = varied
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", path, "--use-lora",
+                          "--output-dir", tmp_path / "o", "--device", "cpu", *args)
+    assert code == 1
+    assert message in " ".join(stderr.split()) and "Traceback" not in stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_packed_resume_gives_the_same_adapter_as_a_straight_run(tmp_path, tiny_dir, varied):
+    """The packing plan is a function of the seed, so a resumed run skips exactly the rows it trained."""
+    from safetensors.torch import load_file
+
+    from kimi_lora_cli.training.config import TrainConfig
+    from kimi_lora_cli.training.reporting import Reporter
+    from kimi_lora_cli.training.trainer import Trainer
+
+    path, _ = varied
+
+    def trainer(out, **extra):
+        cfg = TrainConfig.build(flag_values=dict(
+            data_path=str(path), model_name_or_path=str(tiny_dir), output_dir=str(out), use_lora=True,
+            lora_dropout=0.0, learning_rate=5e-3, max_steps=6, packing=True, packing_length=96,
+            per_device_train_batch_size=1, logging_steps=1, device="cpu", seed=3, **extra))
+        t = Trainer(cfg, Reporter(enabled=False))
+        t.setup()
+        return t
+
+    straight = trainer(tmp_path / "straight")
+    assert straight.steps_per_epoch < 6  # the run crosses an epoch boundary
+    straight.run()
+    first = trainer(tmp_path / "resumed", save_steps=2)
+    first.stop_after = 4
+    assert first.run().global_step == 4
+    trainer(tmp_path / "resumed", save_steps=2, resume_from_checkpoint="latest").run()
+    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_pack_the_same_steps_as_one(cli, tiny_dir, varied, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path, _ = varied
+    common = ["--model-name-or-path", str(tiny_dir), "--data-path", str(path), "--use-lora", "--lora-dropout", "0",
+              "--learning-rate", "1e-2", "--num-train-epochs", "2", "--logging-steps", "1", "--device", "cpu",
+              "--lora-target", "all,heads", "--packing", "--packing-length", "96"]
+    code, _, stderr = cli("train", *common, "--per-device-train-batch-size", "2", "--output-dir", tmp_path / "one")
+    assert code == 0, stderr
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    two = subprocess.run([sys.executable, "-m", "kimi_lora_cli", "train", *common, "--per-device-train-batch-size",
+                          "1", "--num-processes", "2", "--output-dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), (k, (a[k] - b[k]).abs().max())
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], abs=1e-4)
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    assert len(one) >= 4  # two epochs of at least two steps
