@@ -219,7 +219,7 @@ def test_train_packing_gives_the_padded_runs_adapter(cli, tiny_dir, varied, tmp_
     b = load_file(str(tmp_path / "packed" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+        assert torch.allclose(b[k], a[k], atol=1e-4), (k, (a[k] - b[k]).abs().max())  # Adam: 1e-4 as 2 ranks
     pad, pack = _metrics(tmp_path / "padded"), _metrics(tmp_path / "packed")
     for key in ("loss", "text_loss", "audio_loss", "eval_loss", "tokens"):  # tokens: real ones, no padding
         want = [r[key] for r in pad if key in r]
@@ -303,3 +303,14 @@ def test_two_processes_pack_the_same_steps_as_one(cli, tiny_dir, varied, tmp_pat
     assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], abs=1e-4)
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
     assert len(one) >= 4  # two epochs of at least two steps
+
+
+def test_packed_micro_batches_have_the_packing_length(varied):
+    from kimi_lora_cli.training.plan import PackedMicro
+
+    _, ds = varied
+    batch = ds.batch(PackedMicro(ROWS, length=300))
+    assert batch["input_ids"].shape == (2, 300) and (batch["sequence_ids"][:, -1] == -1).all()
+    tight = ds.batch_rows(ROWS)
+    assert tight["input_ids"].shape == (2, 144)  # the longest row
+    assert torch.equal(batch["input_ids"][:, :144], tight["input_ids"])

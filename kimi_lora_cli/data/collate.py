@@ -37,21 +37,23 @@ def collate_packed(
     feature_dim: int,
     feature_rows: list[list[torch.Tensor]] | None = None,
     feature_dtype: torch.dtype | None = None,
+    length: int | None = None,
 ) -> dict[str, Any]:
-    """Packed rows: `rows[r]` are the samples laid end to end in row r ([R, L], L = longest row).
+    """Packed rows: `rows[r]` are the samples laid end to end in row r ([R, L], L = `length` or, when
+    longer, the longest row).
 
     Each sample keeps exactly its own streams, labels and masks (its last position predicts nothing, so
     no label links two samples); `sequence_ids` numbers the samples 0..S-1 in row order (-1 on
     padding) and tells the model where one sample ends and the loss which sample a position belongs to.
     `feature_rows` follows the samples in that order."""
-    return _rows(rows, pad_id, feature_dim, feature_rows, feature_dtype, packed=True)
+    return _rows(rows, pad_id, feature_dim, feature_rows, feature_dtype, packed=True, length=length)
 
 
 def _rows(rows: list[list[Sample]], pad_id: int, feature_dim: int, feature_rows: list[list[torch.Tensor]] | None,
-          feature_dtype: torch.dtype | None, packed: bool) -> dict[str, Any]:
+          feature_dtype: torch.dtype | None, packed: bool, length: int | None = None) -> dict[str, Any]:
     import torch
 
-    length = max(sum(len(s) for s in row) for row in rows)
+    length = max(length or 0, max(sum(len(s) for s in row) for row in rows))
     bsz = len(rows)
     out = {
         "input_ids": torch.full((bsz, length), pad_id, dtype=torch.long),

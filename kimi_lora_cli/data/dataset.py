@@ -30,14 +30,15 @@ class KimiDataset:
         plan's micro-batches: a list of the samples that also says which ones share a row)."""
         rows = getattr(indices, "rows", None)
         if rows is not None:
-            return self.batch_rows(rows)
+            return self.batch_rows(rows, getattr(indices, "length", None))
         return self._collate([[i] for i in indices], packed=False)
 
-    def batch_rows(self, rows: Sequence[Sequence[int]]) -> dict[str, Any]:
-        """Packed micro-batch: `rows[r]` are the samples laid end to end in row r."""
-        return self._collate(rows, packed=True)
+    def batch_rows(self, rows: Sequence[Sequence[int]], length: int | None = None) -> dict[str, Any]:
+        """Packed micro-batch: `rows[r]` are the samples laid end to end in row r, rows padded to
+        `length` (at least the longest row)."""
+        return self._collate(rows, packed=True, length=length)
 
-    def _collate(self, rows: Sequence[Sequence[int]], packed: bool) -> dict[str, Any]:
+    def _collate(self, rows: Sequence[Sequence[int]], packed: bool, length: int | None = None) -> dict[str, Any]:
         chosen = [[self.samples[i] for i in row] for row in rows]
         flat_samples = [s for row in chosen for s in row]
         feature_rows = None
@@ -51,5 +52,5 @@ class KimiDataset:
                 feature_rows.append(flat[k : k + len(s.audio)])
                 k += len(s.audio)
         if packed:
-            return collate_packed(chosen, self.pad_id, self.feature_dim, feature_rows)
+            return collate_packed(chosen, self.pad_id, self.feature_dim, feature_rows, length=length)
         return collate(flat_samples, self.pad_id, self.feature_dim, feature_rows)

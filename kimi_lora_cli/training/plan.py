@@ -119,11 +119,14 @@ def iterate_steps(indices: list[int], lengths: list[int], seed: int, world: int,
 
 
 class PackedMicro(list):
-    """A packed micro-batch: iterates and counts as its samples; `rows` says which share a row."""
+    """A packed micro-batch: iterates and counts as its samples; `rows` says which share a row and
+    `length` is the row length every row is padded to (one shape for all batches: no recompiles
+    for flex_attention, no allocator churn)."""
 
-    def __init__(self, rows: list[list[int]]) -> None:
+    def __init__(self, rows: list[list[int]], length: int | None = None) -> None:
         super().__init__(i for row in rows for i in row)
         self.rows = rows
+        self.length = length
 
 
 def pack_rows(items: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
@@ -185,7 +188,8 @@ def packed_epoch_rows(indices: list[int], lengths: list[int], capacity: int, see
 
 
 def packed_steps_for_epoch(rows: list[list[int]], epoch: int, world: int, rank: int, per_device: int,
-                           accumulation: int, fixed_micro_count: bool = False) -> list[Step]:
+                           accumulation: int, fixed_micro_count: bool = False, length: int | None = None
+                           ) -> list[Step]:
     """`steps_for_epoch` over rows: each step deals `world * per_device * accumulation` rows out to the
     ranks' micro-batches; `total_samples` counts the samples in all of them (the loss divides by it)."""
     global_rows = world * per_device * accumulation
@@ -194,7 +198,7 @@ def packed_steps_for_epoch(rows: list[list[int]], epoch: int, world: int, rank: 
     for s in steps:
         chunk = rows[s.step_in_epoch * global_rows : (s.step_in_epoch + 1) * global_rows]
         s.total_samples = sum(len(r) for r in chunk)
-        s.micro = [PackedMicro([rows[j] for j in mb]) for mb in s.micro]
+        s.micro = [PackedMicro([rows[j] for j in mb], length) for mb in s.micro]
     return steps
 
 
@@ -239,7 +243,7 @@ class BatchPlan:
         epoch = 0
         while True:
             steps = packed_steps_for_epoch(self._rows(epoch), epoch, self.world, self.rank, self.per_device,
-                                           self.accumulation, self.fixed_micro_count)
+                                           self.accumulation, self.fixed_micro_count, self.packing_length)
             if not steps:
                 raise ValueError("no step fits in an epoch")
             yield from steps
@@ -253,7 +257,8 @@ class BatchPlan:
             batches = []
             for mine in per_rank:
                 rows = pack_rows(mine, self.lengths, self.packing_length)
-                batches.append([PackedMicro(rows[b : b + batch_size]) for b in range(0, len(rows), batch_size)])
+                batches.append([PackedMicro(rows[b : b + batch_size], self.packing_length)
+                                for b in range(0, len(rows), batch_size)])
         else:
             batches = [[mine[b : b + batch_size] for b in range(0, len(mine), batch_size)] for mine in per_rank]
         count = max(len(b) for b in batches)
