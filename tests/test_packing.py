@@ -171,8 +171,8 @@ def test_no_attention_across_samples_in_either_stack(varied, tiny):
         assert (logits2[0, a:m] - logits[0, a:m]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("backend", ["flex", "eager"])
-def test_other_attention_backends_match_sdpa(varied, tiny, backend):
+@pytest.mark.parametrize("backend", ["flex", "eager", "sdpa"])
+def test_other_attention_backends_match_split(varied, tiny, backend):
     """flex_attention runs on CPU for forward passes only (torch has no CPU backward for it); on CUDA
     it is the automatic choice, checked by benchmarks/gpu/train_packing.py."""
     _, ds = varied
@@ -208,7 +208,8 @@ def test_train_packing_gives_the_padded_runs_adapter(cli, tiny_dir, varied, tmp_
     path, _ = varied
     common = ["--model-name-or-path", tiny_dir, "--data-path", path, "--use-lora", "--lora-dropout", "0",
               "--lora-target", "all,heads", "--learning-rate", "1e-2", "--max-steps", "3", "--logging-steps", "1",
-              "--device", "cpu", "--per-device-train-batch-size", "6", "--eval-ratio", "0.3", "--seed", "1"]
+              "--device", "cpu", "--per-device-train-batch-size", "6", "--eval-ratio", "0.3", "--seed", "1",
+              "--adam-epsilon", "1e-3"]  # Adam turns 1e-9 noise on a near-zero gradient into a full step
     code, _, stderr = cli("train", *common, "--output-dir", tmp_path / "padded")
     assert code == 0, stderr
     code, stdout, stderr = cli("train", *common, "--packing", "--packing-length", "128", "--output-dir",
@@ -217,11 +218,11 @@ def test_train_packing_gives_the_padded_runs_adapter(cli, tiny_dir, varied, tmp_
     assert "Trained 3 steps on 4 samples" in stdout
     a = load_file(str(tmp_path / "padded" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "packed" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # trained
     for k in a:
-        assert torch.allclose(b[k], a[k], atol=1e-4), (k, (a[k] - b[k]).abs().max())  # Adam: 1e-4 as 2 ranks
+        assert torch.allclose(b[k], a[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())
     pad, pack = _metrics(tmp_path / "padded"), _metrics(tmp_path / "packed")
-    for key in ("loss", "text_loss", "audio_loss", "eval_loss", "tokens"):  # tokens: real ones, no padding
+    for key in ("loss", "text_loss", "audio_loss", "grad_norm", "eval_loss", "tokens"):  # real tokens only
         want = [r[key] for r in pad if key in r]
         assert want and [r[key] for r in pack if key in r] == pytest.approx(want, rel=1e-5), key
 

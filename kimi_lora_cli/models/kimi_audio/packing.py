@@ -5,13 +5,15 @@
 last sample is one more run of its own). From it come positions that restart at 0 with every run
 (what each sample would see alone) and a block-diagonal causal attention, computed by one of:
 
-  sdpa   SDPA with a boolean [B, 1, L, L] mask (any device; the CPU default)
+  split  causal SDPA on each sample's slice, one call per sample (the CPU default: a varlen path
+         in plain torch, attention costs sum(n_i^2), not L^2 per row)
+  sdpa   SDPA with a boolean [B, 1, L, L] block mask (any device; one call, computes masked blocks)
   eager  the same mask, written out (attn_implementation="eager")
   flex   torch.nn.attention.flex_attention with a block mask (compiled on CUDA; skips masked blocks)
   flash  flash-attn's varlen kernel over cu_seqlens (CUDA, fp16/bf16, when flash-attn is installed)
 
-"auto" picks flash, then flex on CUDA, sdpa elsewhere. flex runs on CPU for inference only (torch has
-no CPU backward for it), which is how the tests check it against sdpa.
+"auto" picks flash, then flex, then sdpa on CUDA, split elsewhere. flex runs on CPU for inference only
+(torch has no CPU backward for it), which is how the tests check it against the others.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "sdpa", "eager", "flex", "flash")
+BACKENDS = ("auto", "split", "sdpa", "eager", "flex", "flash")
 _compiled_flex: Any = None
 _flex_failed = False
 
@@ -68,7 +70,8 @@ def choose_backend(requested: str, attn_implementation: str, device: torch.devic
             return "flash"
         if flex_available() and not _flex_failed:
             return "flex"
-    return "sdpa"
+        return "sdpa"
+    return "split"
 
 
 class PackedRows:
@@ -82,6 +85,7 @@ class PackedRows:
         self._dense: torch.Tensor | None = None
         self._block: Any = None
         self._cu: tuple[torch.Tensor, int] | None = None
+        self._spans: list[list[tuple[int, int]]] | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -95,6 +99,16 @@ class PackedRows:
             causal = torch.ones(length, length, dtype=torch.bool, device=r.device).tril()
             self._dense = ((r[:, :, None] == r[:, None, :]) & causal)[:, None]
         return self._dense
+
+    def spans(self) -> list[list[tuple[int, int]]]:
+        """Per row, the (start, end) of every run, covering the row."""
+        if self._spans is None:
+            length = self.sequence_ids.shape[1]
+            self._spans = []
+            for starts in runs(self.sequence_ids).cpu().tolist():
+                cuts = [j for j, new in enumerate(starts) if new] + [length]
+                self._spans.append(list(zip(cuts[:-1], cuts[1:])))
+        return self._spans
 
     def block_mask(self) -> Any:
         if self._block is None:
@@ -160,6 +174,13 @@ def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Packe
             _flex_failed = True
             warnings.warn(f"flex_attention failed ({type(e).__name__}: {e}); packed rows use SDPA with a "
                           "mask instead", stacklevel=2)
+    if backend == "split":
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return torch.cat([
+            torch.cat([sdpa(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], is_causal=True,
+                            enable_gqa=groups > 1) for s, e in row], dim=2)
+            for b, row in enumerate(rows.spans())
+        ])
     if backend == "eager":
         return eager(q, k, v, rows.dense_mask())
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=rows.dense_mask(),
