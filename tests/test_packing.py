@@ -216,6 +216,7 @@ def test_train_packing_gives_the_padded_runs_adapter(cli, tiny_dir, varied, tmp_
                                tmp_path / "packed")
     assert code == 0, stderr
     assert "Trained 3 steps on 4 samples" in stdout
+    assert "Packing 4 samples in 2 rows of 128 tokens" in " ".join(stderr.split())
     a = load_file(str(tmp_path / "padded" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "packed" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # trained

@@ -225,6 +225,15 @@ class BatchPlan:
             self._packed = (epoch, rows)
         return self._packed[1]
 
+    def packing_summary(self) -> str:
+        """One line for the log: how the first epoch packs (empty without packing)."""
+        if not self.packing_length:
+            return ""
+        rows = self._rows(0)
+        fill = sum(self.lengths[i] for r in rows for i in r) / (len(rows) * self.packing_length)
+        return (f"{len(self.indices)} samples in {len(rows)} rows of {self.packing_length} tokens "
+                f"({100 * fill:.1f}% filled), {self.per_device} rows per micro-batch")
+
     def steps_per_epoch(self) -> int:
         units = len(self._rows(0)) if self.packing_length else len(self.indices)
         return steps_per_epoch(units, self.world, self.per_device, self.accumulation, self.fixed_micro_count)

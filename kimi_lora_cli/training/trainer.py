@@ -264,6 +264,8 @@ class Trainer:
                               cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.group_by_length,
                               self.fixed_micro, cfg.row_length(config.max_position_embeddings))
         self.total_steps = self.plan.total_steps(cfg.num_train_epochs, cfg.max_steps)
+        if cfg.packing:
+            say(f"[bold]Packing[/] {self.plan.packing_summary()}")
         self.steps_per_epoch = max(1, self.plan.steps_per_epoch())
         optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
