@@ -77,12 +77,22 @@ def read_config(folder: Path) -> dict[str, Any]:
             f"{cfg_file}: not found; pass the Kimi-Audio release folder (or a Hugging Face model folder) "
             "that holds config.json"
         )
+    return read_json_object(cfg_file, ModelLoadError)
+
+
+def read_json_object(path: Path, error: type[Exception] = ModelLoadError) -> dict[str, Any]:
+    """A JSON file that must hold one object; every way it can be broken is one named-file error."""
     try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+        data = json.loads(text)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); restore the original file") from None
     except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg}); restore the original file") from None
+        raise error(f"{path}:{e.lineno}: invalid JSON ({e.msg}); restore the original file") from None
     if not isinstance(data, dict):
-        raise ModelLoadError(f"{cfg_file}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object, found a {type(data).__name__}; restore the original file")
     return data
 
 
@@ -102,6 +112,9 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         raise ModelLoadError(f"{path}: file not found; the safetensors index names it, re-download it") from None
     except (ValueError, UnicodeDecodeError, OSError) as e:
         raise ModelLoadError(f"{path}: unreadable safetensors file ({e}); re-download or re-save it") from None
+    problem = _header_problem(header)
+    if problem:
+        raise ModelLoadError(f"{path}: malformed safetensors header ({problem}); re-download or re-save it")
     header.pop("__metadata__", None)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
@@ -111,14 +124,42 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
+def _header_problem(header: Any) -> str | None:
+    """What is wrong with a parsed safetensors header, or None (names, dtypes, shapes, offsets)."""
+    if not isinstance(header, dict):
+        return f"a JSON {type(header).__name__} instead of an object of tensors"
+    for name, v in header.items():
+        if name == "__metadata__":
+            if v is not None and not isinstance(v, dict):
+                return "__metadata__ is not an object"
+            continue
+        if not isinstance(v, dict):
+            return f"tensor {name} is described by a {type(v).__name__}, not an object"
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in v:
+                return f"tensor {name} lacks {key}"
+        shape, offsets = v["shape"], v["data_offsets"]
+        if not isinstance(v["dtype"], str):
+            return f"tensor {name} has dtype {v['dtype']!r}"
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            return f"tensor {name} has shape {shape!r}"
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                or offsets[0] > offsets[1]):
+            return f"tensor {name} has data_offsets {offsets!r}"
+    return None
+
+
 def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], dict[str, Path]]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
+        data = read_json_object(index)
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
             weight_map = {k: folder / v for k, v in data["weight_map"].items()}
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ModelLoadError(f"{index}: not a valid safetensors index ({e}); re-download it") from None
+        except (KeyError, AttributeError, TypeError) as e:
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e}); "
+                                 "re-download it") from None
         files = sorted(set(weight_map.values()), key=lambda p: p.name)
         for f in files:
             if not f.is_file():
@@ -247,8 +288,8 @@ def build_kimi_model(config: KimiAudioConfig, device: str | torch.device = "meta
 def kimi_config(info: ModelInfo, attn_implementation: str = "sdpa") -> KimiAudioConfig:
     try:
         cfg = KimiAudioConfig.from_dict(info.config)
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"{info.path / 'config.json'}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{info.path / 'config.json'}: {e}; restore the original config.json") from None
     cfg.attn_implementation = attn_implementation
     return cfg
 
@@ -274,6 +315,31 @@ def _iter_tensors(files: list[Path]):
             if isinstance(e, ModelLoadError):
                 raise
             raise ModelLoadError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
+
+
+def check_header_shapes(info: ModelInfo, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise ModelLoadError unless the tensors of a folder's headers (`shapes`) are what its
+    config.json builds - the checks `load_model` makes, without reading a tensor. Kimi-Audio folders
+    must match exactly; other models (tied weights may be absent) where both have a tensor."""
+    skeleton = load_model(info.path, weights=False, load_whisper=False, load_tokenizer_=False)
+    expected = {k: tuple(v.shape) for k, v in skeleton.model.state_dict().items()}
+    present = {k: v for k, v in shapes.items() if not k.endswith(INV_FREQ_SUFFIX)
+               and not k.startswith(FINETUNE_WHISPER_PREFIX)}
+    for key, shape in present.items():
+        if key in expected and tuple(shape) != expected[key]:
+            raise ModelLoadError(f"{info.path}: tensor {key} has shape {tuple(shape)} but config.json implies "
+                                 f"{expected[key]}; the config and the weights come from different models")
+    if info.is_kimi:
+        missing = sorted(set(expected) - set(present))
+        unexpected = sorted(set(present) - set(expected))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}"
+                             f"{', ...' if len(unexpected) > 3 else ''})")
+            raise ModelLoadError(f"{info.path}: weights do not match config.json: {'; '.join(parts)}")
 
 
 def _load_kimi(info: ModelInfo, dtype, device, base_path, load_whisper: bool, attn: str):
@@ -445,7 +511,7 @@ def _load_hf(info: ModelInfo, dtype, device, weights: bool, allow_pickle: bool):
             model = AutoModelForCausalLM.from_pretrained(
                 str(info.path), dtype=dtype, trust_remote_code=False, use_safetensors=not allow_pickle
             ).to(device)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{info.path}: not a causal LM transformers can build ({e})") from None
     info.num_parameters = sum(p.numel() for p in model.parameters())
     return model, cfg
@@ -453,16 +519,26 @@ def _load_hf(info: ModelInfo, dtype, device, weights: bool, allow_pickle: bool):
 
 def attach_adapters(loaded: LoadedModel, adapters, *, trainable: bool = False, allow_pickle: bool = False) -> None:
     """Wrap `loaded.model` with one or more peft adapters (names must be unique)."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     model = loaded.model
     for i, (name, folder) in enumerate(adapters):
         folder = Path(folder).expanduser()
         check_adapter_folder(folder, allow_pickle)
+        config = PeftConfig.from_pretrained(str(folder))
+        # The task type only picks peft's wrapper class (CAUSAL_LM adds HF generate() plumbing); the
+        # adapted modules and weights do not depend on it. One plain wrapper for every adapter, whatever
+        # its task_type (CAUSAL_LM from the official recipe, null, absent), for Kimi-Audio and HF models.
+        config.task_type = None
+        config.inference_mode = not trainable
         try:
             if i == 0 and not isinstance(model, PeftModel):
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=trainable)
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=trainable,
+                                                  config=config)
             else:
+                model.add_adapter(name, config)
+                if trainable:
+                    model.set_requires_grad(name)
                 model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
         except (ValueError, RuntimeError, KeyError) as e:
             raise AdapterError(f"{folder}: adapter does not fit {loaded.info.path} ({str(e).splitlines()[0]})") from None
@@ -537,11 +613,9 @@ def load_speech_tokenizer(path: str | Path, *, dtype: str | torch.dtype | None =
     cfg_file, wfile = folder / "config.json", folder / "model.safetensors"
     if not cfg_file.is_file():
         raise ModelLoadError(f"{cfg_file}: not found; {fix}")
+    data = read_json_object(cfg_file)
     try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
         cfg = SpeechTokenizerConfig.from_dict(data)
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg}); restore the original file") from None
     except (TypeError, ValueError, AttributeError) as e:
         raise ModelLoadError(f"{cfg_file}: {e}; {fix}") from None
     if not wfile.is_file():

@@ -41,10 +41,11 @@ def test_asr_training_sample_losses_and_labels(env):
     seq = tokenize_conversation(msgs, tok, cfg, output_type="text")
     h = tok.encode("hello")
     b = tok.blank
+    # ct after the user audio (an audio message ending a turn); none after the assistant text
     assert seq.audio_ids == [tok.user_start, cfg.kimia_media_begin, *codes, cfg.kimia_media_end, tok.speech_ct,
-                             tok.msg_end, tok.assistant_start, *[b] * len(h), b, tok.speech_ct, tok.msg_end]
-    assert seq.text_ids == [b] * 6 + [b] + h + [tok.text_eos, b, b]
-    assert seq.text_loss == [False] * 7 + [True] * (len(h) + 1) + [False, False]
+                             tok.msg_end, tok.assistant_start, *[b] * len(h), b, tok.msg_end]
+    assert seq.text_ids == [b] * 6 + [b] + h + [tok.text_eos, b]
+    assert seq.text_loss == [False] * 7 + [True] * (len(h) + 1) + [False]
     assert not any(seq.audio_loss)
     lab = seq.labels(tok.pad)
     assert lab["text_labels"] == seq.text_ids[1:] + [tok.pad]
@@ -66,7 +67,7 @@ def test_multi_turn_both_and_audio_answer(env):
     assert seq.audio_ids == [tok.user_start, cfg.kimia_media_begin, *c1, cfg.kimia_media_end, tok.speech_ctd,
                              tok.msg_end, tok.assistant_start, *[b] * len(hi), b, cfg.kimia_media_begin, *c2,
                              cfg.kimia_media_end, tok.speech_ctd, tok.msg_end, tok.user_start, *[b] * len(ok),
-                             tok.speech_ctd, tok.msg_end]
+                             tok.msg_end]
     # assistant audio: loss on its codes and its media_end, not on media_begin
     i = seq.audio_ids.index(c2[0])
     assert seq.audio_loss[i] and seq.audio_loss[i + 1] and not seq.audio_loss[i - 1]

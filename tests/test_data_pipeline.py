@@ -38,13 +38,14 @@ def test_asr_sample_streams_match_the_official_rules(tiny, synth):
     codes, answer = conv[1]["audio_tokens"], tok.encode(conv[2]["content"])
     instr = tok.encode(ASR_INSTRUCTION)
     b = tok.blank
-    # user: start, instruction, audio; ct + msg_end; assistant: start, text, eos, ct + msg_end
+    # user: start, instruction, audio, ct (audio ends the turn) + msg_end; assistant: start, text, eos,
+    # msg_end (a text message ending a turn gets no ct)
     assert s.seq.audio_ids == ([tok.user_start] + [b] * len(instr) + [cfg.kimia_media_begin] + codes
                                + [cfg.kimia_media_end, tok.speech_ct, tok.msg_end, tok.assistant_start]
-                               + [b] * (len(answer) + 1) + [tok.speech_ct, tok.msg_end])
-    assert s.seq.text_ids == ([b] + instr + [b] * (len(codes) + 2) + [b, b, b] + answer + [tok.text_eos, b, b])
+                               + [b] * (len(answer) + 1) + [tok.msg_end])
+    assert s.seq.text_ids == ([b] + instr + [b] * (len(codes) + 2) + [b, b, b] + answer + [tok.text_eos, b])
     n_user = 1 + len(instr) + len(codes) + 2 + 2 + 1
-    assert s.seq.text_loss == [False] * n_user + [True] * (len(answer) + 1) + [False, False]
+    assert s.seq.text_loss == [False] * n_user + [True] * (len(answer) + 1) + [False]
     assert not any(s.seq.audio_loss)
     assert s.output_type == "text" and s.audio == [path.parent / conv[1]["content"]]
 
@@ -70,12 +71,12 @@ def test_multi_turn_and_audio_answer_streams(tiny, tmp_path, synth):
     hello, one_two, again, three = (tok.encode(t) for t in ("hello", "one two", "again", "three"))
     qc, ac = q["audio_tokens"], a["audio_tokens"]
     expected_audio = ([tok.user_start] + [b] * len(hello) + [mb, *qc, me, ct, tok.msg_end]
-                      + [tok.assistant_start] + [b] * (len(one_two) + 1) + [ct, tok.msg_end]
-                      + [tok.user_start] + [b] * len(again) + [ct, tok.msg_end]
+                      + [tok.assistant_start] + [b] * (len(one_two) + 1) + [tok.msg_end]
+                      + [tok.user_start] + [b] * len(again) + [tok.msg_end]
                       + [tok.assistant_start] + [b] * (len(three) + 1) + [mb, *ac, me, ct, tok.msg_end])
     expected_text = ([b] + hello + [b] * (len(qc) + 2) + [b, b]
-                     + [b] + one_two + [tok.text_eos, b, b]
-                     + [b] + again + [b, b]
+                     + [b] + one_two + [tok.text_eos, b]
+                     + [b] + again + [b]
                      + [b] + three + [tok.text_eos] + [b] * (len(ac) + 2) + [b, b])
     assert s.audio_ids == expected_audio
     assert s.text_ids == expected_text
@@ -192,7 +193,7 @@ def test_padded_batch_loss_equals_mean_of_samples_alone(tiny, synth):
     data = load_samples(path, tiny.tokenizer, tiny.config)
     ds = KimiDataset(data.samples, tiny.tokenizer.pad, tiny.config.kimia_adaptor_input_dim,
                      FeatureStore(tiny.feature_encoder))
-    picks = [1, 2, 3, 4]
+    picks = [1, 2, 3, 0]  # both, text, both, text
     assert len({len(data.samples[i]) for i in picks}) == 4  # all lengths differ
     model = tiny.model.eval()
     with torch.no_grad():

@@ -116,3 +116,19 @@ def test_corpus_rates_sum_edits_over_reference_lengths():
     total.add(score("five six", "five seven"))
     assert (total.word_errors, total.ref_words, total.samples) == (1, 6, 2)
     assert total.wer == pytest.approx(1 / 6)  # not the mean of 0 and 0.5
+
+
+def test_long_pair_counts_known_edits():
+    """3,000 words with 30 substitutions, 20 deletions and 10 insertions placed apart: 60 edits."""
+    ref = [f"w{i}" for i in range(3000)]
+    hyp = list(ref)
+    for i in range(30):
+        hyp[100 * i] = f"x{i}"  # substitutions at 0, 100, ..., 2900
+    for i in range(20):
+        hyp[100 * i + 50] = None  # deletions at 50, 150, ...
+    hyp = [w for w in hyp if w is not None]
+    for i in range(10):
+        hyp.insert(200 * i + 20, f"ins{i}")
+    counts = score(" ".join(ref), " ".join(hyp))
+    assert (counts.word_errors, counts.ref_words) == (60, 3000)
+    assert edit_distance(ref, hyp) == 60

@@ -76,7 +76,7 @@ def test_merged_folder_is_release_layout_and_matches_base_plus_adapter(tiny_dir,
     out = tmp_path / "merged"
     code, stdout, stderr = cli("merge", "-m", tiny_dir, "-a", adapter, "-o", out, "--max-shard-size", "20KB")
     assert code == 0, stderr
-    assert "Merged 1 adapter" in stdout and "hard-linked" in stdout
+    assert "Merged 1 adapter" in stdout and "(0 hard-linked)" in stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all(s.startswith("model-") and s.endswith(f"-of-{len(shards)}.safetensors")
@@ -92,7 +92,8 @@ def test_merged_folder_is_release_layout_and_matches_base_plus_adapter(tiny_dir,
     assert (out / "config.json").read_text() == (tiny_dir / "config.json").read_text()
     for rel in ("whisper-large-v3/model.safetensors", "whisper-large-v3/config.json", "tiktoken.model",
                 "tokenizer_config.json", "generation_config.json"):
-        assert (out / rel).stat().st_ino == (tiny_dir / rel).stat().st_ino  # hard-linked, not copied
+        assert (out / rel).read_bytes() == (tiny_dir / rel).read_bytes()
+        assert (out / rel).stat().st_ino != (tiny_dir / rel).stat().st_ino  # a copy: editing it leaves the base
     assert _leftovers(tmp_path) == []
 
     merged = load_model(out, dtype="float32")  # strict: every tensor name and shape must match
@@ -147,7 +148,7 @@ def test_plain_text_llm(tmp_path):
         torch.testing.assert_close(merged.model(ids).logits, ref.model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_refuses_non_empty_output_then_overwrites(tiny_dir, tmp_path, cli):
+def test_overwrite_replaces_only_a_folder_merge_wrote(tiny_dir, tmp_path, cli):
     adapter = make_adapter(tiny_dir, tmp_path / "adapter", "q_proj")
     out = tmp_path / "out"
     out.mkdir()
@@ -155,11 +156,75 @@ def test_refuses_non_empty_output_then_overwrites(tiny_dir, tmp_path, cli):
     code, stdout, stderr = cli("merge", "-m", tiny_dir, "-a", adapter, "-o", out)
     assert code == 1 and "not empty" in stderr and "--overwrite" in stderr
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     code, _, stderr = cli("merge", "-m", tiny_dir, "-a", adapter, "-o", out, "--overwrite")
+    assert code == 1 and "not made by kimi-lora" in stderr and "never replaced" in stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder is fine
+    code, _, stderr = cli("merge", "-m", tiny_dir, "-a", adapter, "-o", out)
     assert code == 0, stderr
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    marker = json.loads((out / ".kimi-lora.json").read_text())
+    assert marker["command"] == "merge" and marker["tool"] == "kimi-lora"
+    (out / "note.txt").write_text("a file merge did not write")
+    code, _, stderr = cli("merge", "-m", tiny_dir, "-a", adapter, "-o", out, "--overwrite")
+    assert code == 0, stderr  # the folder is merge's own: replaced as a whole
+    assert not (out / "note.txt").exists() and (out / "model.safetensors.index.json").is_file()
     assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_never_deletes_the_adapter_inside_the_output(tiny_dir, tmp_path, cli):
+    out = tmp_path / "out"
+    adapter = make_adapter(tiny_dir, out / "adapter", "q_proj")
+    (out / "notes.txt").write_text("mine")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    code, _, stderr = cli("merge", "-m", tiny_dir, "-a", adapter, "-o", out, "--overwrite")
+    assert code == 1 and "contains the adapter folder" in stderr
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+def test_merged_files_are_copies_unless_link_files(tiny_dir, tmp_path, cli):
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter", "q_proj")
+    code, _, stderr = cli("merge", "-m", tiny_dir, "-a", adapter, "-o", tmp_path / "m")
+    assert code == 0, stderr
+    cfg = tmp_path / "m" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"vocab_size"', '"edited_vocab_size"'))  # edit in place
+    assert '"vocab_size"' in (tiny_dir / "config.json").read_text()  # the base is untouched
+    code, stdout, stderr = cli("merge", "-m", tiny_dir, "-a", adapter, "-o", tmp_path / "linked", "--link-files")
+    assert code == 0, stderr
+    whisper = "whisper-large-v3/model.safetensors"
+    assert (tmp_path / "linked" / whisper).stat().st_ino == (tiny_dir / whisper).stat().st_ino
+    for small in ("config.json", "whisper-large-v3/config.json", "tiktoken.model"):
+        assert (tmp_path / "linked" / small).stat().st_ino != (tiny_dir / small).stat().st_ino
+    assert "(1 hard-linked)" in stdout
+
+
+def test_a_rerun_removes_what_killed_merges_left(tiny_dir, tmp_path, cli):
+    import subprocess
+    import sys
+
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter", "q_proj")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = sleeper.pid
+    host = __import__("socket").gethostname()
+    left = {}
+    for pid in (dead.pid, alive):
+        p = tmp_path / f".out.partial-{pid}"
+        p.mkdir()
+        (p / "model-1-of-2.safetensors").write_bytes(b"x" * 1000)
+        (p / ".kimi-lora.json").write_text(json.dumps({"tool": "kimi-lora", "command": "merge", "pid": pid,
+                                                       "host": host}))
+        left[pid] = p
+    foreign = tmp_path / f".out.partial-{dead.pid + 100000}"
+    foreign.mkdir()  # same name pattern, but no marker: not ours
+    try:
+        code, _, stderr = cli("merge", "-m", tiny_dir, "-a", adapter, "-o", tmp_path / "out")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert code == 0, stderr
+    assert not left[dead.pid].exists() and "left by an interrupted `kimi-lora merge`" in " ".join(stderr.split())
+    assert left[alive].exists() and foreign.exists()  # a live run's folder and a foreign one stay
 
 
 def test_mismatched_base_reported_before_writing(tiny_dir, tmp_path, cli):
@@ -216,7 +281,7 @@ def test_cli_errors_are_one_line(tiny_dir, tmp_path, cli):
         (("-a", adapter, "-o", tmp_path / "o", "--weights", "a,b"), "--weights"),
         (("-a", adapter, "-o", tmp_path / "o", "--max-shard-size", "lots"), "--max-shard-size"),
         (("-a", tmp_path / "nope", "-o", tmp_path / "o"), "no such adapter folder"),
-        (("-a", adapter, "-o", tiny_dir / "sub"), "overlaps the base"),
+        (("-a", adapter, "-o", tiny_dir / "sub"), "is inside the base model folder"),
         (("-a", adapter, "-o", tmp_path / "o", "--dtype", "int8"), "--dtype"),
     ]:
         code, _, stderr = cli("merge", "-m", tiny_dir, *args)

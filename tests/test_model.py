@@ -200,3 +200,22 @@ def test_attention_mask_must_cover_cache_and_new_tokens(model):
         with pytest.raises(ValueError, match="expected 6 \\(cached \\+ new\\)"):
             model(a[None, 5:], text_input_ids=t[None, 5:], attention_mask=torch.ones(1, 1), past_key_values=cache,
                   use_cache=True)
+
+
+def test_adaptor_layer_norm_uses_the_config_epsilon(tiny_dir):
+    """The official adaptor LayerNorm takes config.rms_norm_eps (not a fixed 1e-6)."""
+    import dataclasses
+
+    from kimi_lora_cli.loading import load_model
+
+    cfg = dataclasses.replace(load_model(tiny_dir, weights=False, load_whisper=False).config, rms_norm_eps=0.5)
+    torch.manual_seed(0)
+    model = KimiAudioForCausalLM(cfg)
+    ln = model.model.vq_adaptor.layers[4]
+    assert ln.eps == 0.5
+    x = torch.randn(3, cfg.kimia_adaptor_input_dim)
+    with torch.no_grad():
+        h = model.model.vq_adaptor.layers[3](torch.nn.functional.silu(model.model.vq_adaptor.layers[0](x)))
+        mean, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+        expected = (h - mean) / torch.sqrt(var + 0.5) * ln.weight + ln.bias
+        torch.testing.assert_close(model.model.vq_adaptor(x), expected)

@@ -82,3 +82,22 @@ def test_bad_added_tokens_decoder_is_a_load_error(tmp_path, tiny_dir):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="added_tokens_decoder entry 'not-an-id'"):
         load_model(d, load_whisper=False)
+
+
+def test_encoder_input_is_the_log_mel_rounded_to_bfloat16(tiny):
+    """The official path casts the log-mel to bfloat16 before the encoder in every run; so do we
+    (float32 encoder here), and `mel_dtype=None` keeps the float32 log-mel."""
+    from kimi_lora_cli.models.kimi_audio.whisper import WhisperFeatureEncoder
+
+    enc = tiny.feature_encoder
+    assert enc.dtype == torch.float32 and enc.mel_dtype == torch.bfloat16
+    wave = torch.sin(torch.arange(1280 * 5) / 3.0) * 0.4
+    padded = torch.nn.functional.pad(wave, (0, 480000 - len(wave)))
+    mel = log_mel(padded[None])
+    with torch.no_grad():
+        rounded = enc.encoder(mel.to(torch.bfloat16).float()).last_hidden_state[0, :20].reshape(5, -1)
+        full = enc.encoder(mel).last_hidden_state[0, :20].reshape(5, -1)
+    assert not torch.equal(rounded, full)
+    torch.testing.assert_close(enc.encode(wave), rounded, atol=0, rtol=0)
+    exact = WhisperFeatureEncoder(enc.encoder, mel_dtype=None)
+    torch.testing.assert_close(exact.encode(wave), full, atol=0, rtol=0)

@@ -139,7 +139,7 @@ def test_bad_data_is_reported_line_by_line_before_training(cli, tiny_dir, data, 
 def test_two_processes_give_the_same_adapter_as_one(tiny_dir, data, tmp_path):
     common = ["--model-name-or-path", str(tiny_dir), "--data-path", str(data), "--use-lora", "--lora-dropout", "0",
               "--learning-rate", "1e-2", "--num-train-epochs", "2", "--logging-steps", "1", "--device", "cpu",
-              "--lora-target", "all,heads"]
+              "--lora-target", "all,heads", "--eval-data-path", str(data), "--eval-generate", "all"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     one = subprocess.run([sys.executable, "-m", "kimi_lora_cli", "train", *common, "--output-dir", str(tmp_path / "one"),
@@ -151,14 +151,24 @@ def test_two_processes_give_the_same_adapter_as_one(tiny_dir, data, tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     assert two.stderr.count("Component") == 1  # only rank 0 prints
+    banner = " ".join(two.stderr.split())
+    assert "World size 2 (DDP, cpu" in banner
+    assert "Batch 2 per device x 1 accumulation x 2 processes = 4 samples per step" in banner
+    assert "Steps 1 per epoch, 2 in total" in banner and "Evaluation 4 samples, 4 decoded for WER/CER" in banner
     a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), (k, (a[k] - b[k]).abs().max())
-    la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    ra = [json.loads(x) for x in (tmp_path / "one" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "two" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    la, lb = [r["loss"] for r in ra if "loss" in r], [r["loss"] for r in rb if "loss" in r]
     assert la == pytest.approx(lb, abs=1e-4) and len(la) == 2
+    # each rank decodes its share of the eval set; the reduced scores equal one process's
+    ea, eb = [r for r in ra if "eval_wer" in r], [r for r in rb if "eval_wer" in r]
+    assert len(ea) == len(eb) == 1 and ea[0]["eval_generated"] == eb[0]["eval_generated"] == 4
+    for key in ("eval_wer", "eval_cer", "eval_loss"):
+        assert ea[0][key] == pytest.approx(eb[0][key], abs=1e-4), key
 
 
 @pytest.mark.parametrize("extra, expect", [

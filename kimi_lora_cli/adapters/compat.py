@@ -57,6 +57,9 @@ def read_base(path: str | Path) -> BaseCheckpoint:
             if name not in tensors or tensors[name].file != file:
                 raise ModelLoadError(f"{index}: lists {name} in {Path(file).name}, which does not hold it; "
                                      "re-download the checkpoint")
+    from kimi_lora_cli.loading import check_header_shapes
+
+    check_header_shapes(info, {name: loc.shape for name, loc in tensors.items()})  # a base that cannot load never "fits"
     return BaseCheckpoint(path=folder, info=info, files=list(info.weight_files), tensors=tensors,
                           index_file=index if index.is_file() else None)
 

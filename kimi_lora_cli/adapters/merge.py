@@ -34,7 +34,7 @@ from kimi_lora_cli.adapters.safetensors_io import (
     torch_dtype,
 )
 from kimi_lora_cli.errors import AdapterError, ConfigError
-from kimi_lora_cli.fileops import link_or_copy
+from kimi_lora_cli.fileops import link_or_copy, naming_errors, remove_tree
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +57,7 @@ class MergeSpec:
     allow_pickle: bool = False
     verify: bool = False  # compare logits with base + adapters (peft) before the folder is put in place
     device: str = "cpu"  # where --verify runs the two models
+    link_files: bool = False  # hard-link the base's other weight files (e.g. Whisper) instead of copying
 
 
 @dataclass
@@ -97,20 +98,16 @@ def _resolve_out_dtype(dtype: str) -> str | None:
 
 
 def _check_output(spec: MergeSpec, base: BaseCheckpoint) -> Path:
-    out = spec.output.expanduser().resolve()
-    base_dir = base.path.resolve()
-    if out == base_dir or base_dir in out.parents or out in base_dir.parents:
-        raise ConfigError(f"--output {spec.output} overlaps the base model folder {base.path}; "
-                          "write the merged model to a separate folder")
-    for a in spec.adapters:
-        if out == Path(a).expanduser().resolve():
-            raise ConfigError(f"--output {spec.output} is the adapter folder; choose a new folder")
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--output {spec.output} is a file; choose a folder path")
-        if any(out.iterdir()) and not spec.overwrite:
-            raise ConfigError(f"--output {spec.output} is not empty; pass --overwrite to replace it, "
-                              "or choose another folder")
+    """The output is no input, and only an absent, empty or merge-written folder is replaced."""
+    from kimi_lora_cli.outputs import check_output, replaceable, user_entries
+
+    out = check_output(spec.output, [("base model folder", base.path),
+                                     *(("adapter folder", a) for a in spec.adapters)], flag="--output")
+    if user_entries(out):
+        if not spec.overwrite:
+            raise ConfigError(f"--output {spec.output} is not empty; pass --overwrite to replace it (only a "
+                              "folder `kimi-lora merge` wrote), or choose another folder")
+        replaceable(out, "merge", flag="--output")
     return out
 
 
@@ -297,7 +294,7 @@ def _is_weight_file(path: Path, base: BaseCheckpoint) -> bool:
 def _write_config(base: BaseCheckpoint, tmp: Path, out_dtype: str | None, counts: dict[str, int]) -> None:
     src = base.path / "config.json"
     if out_dtype is None:
-        link_or_copy(src, tmp / "config.json", counts)
+        link_or_copy(src, tmp / "config.json", counts)  # always a copy: editing it must not touch the base
         return
     cfg = dict(base.config)
     name = DTYPES[out_dtype][0]
@@ -305,7 +302,8 @@ def _write_config(base: BaseCheckpoint, tmp: Path, out_dtype: str | None, counts
         cfg["dtype"] = name
     else:
         cfg["torch_dtype"] = name
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    with naming_errors(tmp / "config.json"):
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_shards(tmp: Path, names: list[str], shards, ops: dict[str, _Ops], say):
@@ -371,32 +369,40 @@ def merge_adapters(spec: MergeSpec, progress: Callable[[str], None] | None = Non
     n = len(shards)
     names = [f"model-{i + 1}-of-{n}.safetensors" for i in range(n)]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from kimi_lora_cli.outputs import clean_dead_partials, write_marker
+
+    with naming_errors(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    clean_dead_partials(out.parent, out.name, "merge", say)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    counts = {"linked": 0, "copied": 0}
+    with naming_errors(tmp):
+        tmp.mkdir()
+    counts = {"linked": 0, "copied": 0, "cloned": 0}
     try:
+        # The marker first: a killed run's folder is then recognisable as ours and removed by the next.
+        write_marker(tmp, "merge", base=str(base.path), adapters=[str(a) for a in spec.adapters])
         changed, weight_map, total = _write_shards(tmp, names, shards, ops, say)
         missing = sorted(set(ops) - set(changed))
         if missing:  # cannot happen after check_against_base; a guard against silent no-ops
             raise AdapterError(f"adapter tensors {missing[:3]} were not applied")
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        with naming_errors(tmp / INDEX_NAME):
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         _write_config(base, tmp, out_dtype, counts)
         for entry in sorted(base.path.iterdir()):
             if entry.name.startswith(".") or entry.name == "config.json" or _is_weight_file(entry, base):
                 continue
-            link_or_copy(entry, tmp / entry.name, counts, say)
+            link_or_copy(entry, tmp / entry.name, counts, say, link_weights=spec.link_files)
         checked = _verify(spec, base, weights, tmp, say) if spec.verify else None
         _swap_into_place(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     say(f"merged {len(changed)} tensors, copied {len(weight_map) - len(changed)} unchanged")
     return MergeResult(output=out, shards=names, tensors=len(weight_map), changed=changed, total_bytes=total,
-                       linked_files=counts["linked"], copied_files=counts["copied"],
+                       linked_files=counts["linked"], copied_files=counts["copied"] + counts["cloned"],
                        seconds=time.perf_counter() - start,
                        dtype=DTYPES[out_dtype][0] if out_dtype else (base.info.dtype or "auto"), verify=checked)
 
@@ -417,14 +423,15 @@ def _verify(spec: MergeSpec, base: BaseCheckpoint, weights: list[float], folder:
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder to `out`; an old `out` is removed only after that succeeded."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        try:
+    with naming_errors(out):
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
             tmp.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

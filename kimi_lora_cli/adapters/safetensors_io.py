@@ -7,6 +7,7 @@ untouched ones as a kernel-side byte copy.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.errors import ModelLoadError
+from kimi_lora_cli.fileops import naming_errors
 
 if TYPE_CHECKING:
     import torch
@@ -109,9 +111,10 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as safetensors writes it
         self.total = offset
-        self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.file.write(struct.pack("<Q", len(raw)))
-        self.file.write(raw)
+        with naming_errors(path):
+            self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
+            self.file.write(struct.pack("<Q", len(raw)))
+            self.file.write(raw)
         self.position = 0
 
     def _next(self, name: str, nbytes: int) -> None:
@@ -126,24 +129,30 @@ class ShardWriter:
         t = tensor.detach().contiguous().cpu()
         self._next(name, t.numel() * t.element_size())
         if t.numel():
-            self.file.write(t.view(-1).view(torch.uint8).numpy().data)
+            with naming_errors(self.path):
+                self.file.write(t.view(-1).view(torch.uint8).numpy().data)
 
     def copy_bytes(self, name: str, loc: TensorLoc) -> None:
         """Copy a tensor's bytes straight from its source file (in the kernel where possible)."""
         self._next(name, loc.nbytes)
-        self.file.flush()
-        with open(loc.file, "rb") as src:
-            copy_range(src.fileno(), self.file.fileno(), loc.offset, loc.nbytes)
-        self.file.seek(0, os.SEEK_END)
+        with naming_errors(self.path):
+            self.file.flush()
+            with open(loc.file, "rb") as src:
+                copy_range(src.fileno(), self.file.fileno(), loc.offset, loc.nbytes)
+            self.file.seek(0, os.SEEK_END)
 
     def close(self) -> None:
-        self.file.close()
+        with naming_errors(self.path):
+            self.file.close()
         if self.position != len(self.expected):
             raise RuntimeError(f"{self.path}: {len(self.expected) - self.position} tensors were not written")
 
     def abort(self) -> None:
         if not self.file.closed:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass  # the write error that led here is the one to report
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, chunk: int = 64 << 20) -> None:
@@ -154,8 +163,10 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, chunk: int = 
         if use_kernel:
             try:
                 n = os.copy_file_range(src_fd, dst_fd, min(remaining, 1 << 30), pos)
-            except OSError:
-                use_kernel = False
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO):
+                    raise
+                use_kernel = False  # not supported here: plain reads and writes
         if not use_kernel:
             data = os.pread(src_fd, min(remaining, chunk), pos)
             n = len(data)

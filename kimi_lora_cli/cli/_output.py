@@ -29,6 +29,14 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, so clean-up code runs as for Ctrl-C); exit 143."""
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def guarded(fn: F) -> F:
     """Turn core errors into one-line messages with a non-zero exit (traceback only in debug)."""
 
@@ -47,6 +55,15 @@ def guarded(fn: F) -> F:
         except KeyboardInterrupt:
             err.print("Interrupted.")
             raise typer.Exit(130) from None
+        except Terminated:
+            err.print("Terminated.")
+            raise typer.Exit(143) from None
+        except OSError as e:
+            if debug_enabled():
+                raise
+            from kimi_lora_cli.fileops import describe_os_error
+
+            raise fail(_escape(describe_os_error(e))) from None
         except Exception as e:  # noqa: BLE001 - the boundary: no traceback for users
             if debug_enabled():
                 raise

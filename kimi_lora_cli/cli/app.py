@@ -48,4 +48,13 @@ app.command("demo", rich_help_panel="Run")(guarded(demo))
 
 
 def main() -> None:
-    app()
+    import signal
+
+    from kimi_lora_cli.cli._output import Terminated, on_sigterm
+
+    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C: partial outputs are cleaned, exit 143.
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        app()
+    except Terminated:  # outside a command body (while parsing, say)
+        raise SystemExit(143) from None

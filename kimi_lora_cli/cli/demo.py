@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 DEMO_SAMPLES = 8
-MARKER = ".kimi-lora-demo"
 
 
 def _invoke(args: list[str]) -> None:
@@ -54,16 +52,26 @@ def demo(
     from kimi_lora_cli.cli._output import err, out
     from kimi_lora_cli.data.synthetic import write_synthetic_dataset
     from kimi_lora_cli.errors import ConfigError
+    from kimi_lora_cli.fileops import naming_errors, remove_tree, write_atomic
     from kimi_lora_cli.inference.metrics import score
     from kimi_lora_cli.models.kimi_audio.tiny import build_tiny_checkpoint
+    from kimi_lora_cli.outputs import (
+        OLD_DEMO_MARKER,
+        check_output,
+        marker_info,
+        user_entries,
+        write_marker,
+    )
 
-    work = (workdir or Path("kimi-lora-demo")).resolve()
-    marker = work / MARKER
-    if work.exists() and any(work.iterdir()) and not marker.is_file():
+    work = check_output(workdir or Path("kimi-lora-demo"), [], flag="--workdir")
+    info = marker_info(work)
+    ours = (info is not None and info.get("command") == "demo") or (work / OLD_DEMO_MARKER).is_file()
+    if user_entries(work) and not ours:
         raise ConfigError(f"{work}: folder is not empty and was not made by `kimi-lora demo`; "
                           "pass a new or empty --workdir (the demo replaces its own outputs there)")
-    work.mkdir(parents=True, exist_ok=True)
-    marker.write_text("made by kimi-lora demo; its outputs here are replaced on every run\n")
+    with naming_errors(work):
+        work.mkdir(parents=True, exist_ok=True)
+    write_marker(work, "demo")
     model = work / "Kimi-Audio-tiny"
     if not (model / "config.json").is_file():
         err.print(f"Building a tiny random Kimi-Audio (release layout) in {model}")
@@ -71,10 +79,12 @@ def demo(
     data = write_synthetic_dataset(work / "data", json.loads((model / "config.json").read_text()),
                                    n=DEMO_SAMPLES, seed=0)
     adapter, merged, preds = work / "adapter", work / "merged", work / "predictions.jsonl"
-    # A rerun starts the steps afresh (only the demo's own outputs are removed).
-    for old in (adapter, merged):
-        if old.is_dir():
-            shutil.rmtree(old)
+    # A rerun starts the steps afresh (only the outputs the demo's own steps wrote are removed).
+    for old, command in ((adapter, "train"), (merged, "merge")):
+        if old.is_dir() and (marker_info(old) or {}).get("command") == command:
+            remove_tree(old)
+        elif old.exists():
+            raise ConfigError(f"{old}: not written by the demo's `kimi-lora {command}`; move it away and rerun")
     preds.unlink(missing_ok=True)
     err.print(f"Data: {data} ({DEMO_SAMPLES} synthetic clips with audio_tokens and transcripts)")
 
@@ -92,7 +102,7 @@ def demo(
              "--max-new-tokens", "24"])
 
     summary = summarize(work, adapter, preds, score)
-    (work / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(work / "demo_summary.json", json.dumps(summary, indent=2))
     err.rule(style="cyan")
     out.print(f"[bold]What to notice[/] (from {work}):")
     out.print(f"  loss fell: {summary['loss_first']:.3f} -> {summary['loss_last']:.4f} "

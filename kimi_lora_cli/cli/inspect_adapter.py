@@ -23,7 +23,7 @@ def inspect_adapter(
     stats: Annotated[bool, typer.Option(
         "--stats", help="Load the adapter tensors: per-module norm of the update (scaling * B @ A), "
         "zero / empty / NaN detection.")] = False,
-    top: Annotated[int, typer.Option("--top", help="Rows of the --stats table to print (0 = all).")] = 40,
+    top: Annotated[int, typer.Option("--top", min=0, help="Rows of the --stats table to print (0 = all).")] = 40,
     as_json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:

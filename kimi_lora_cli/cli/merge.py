@@ -28,15 +28,20 @@ def merge(
                                          "dtype's tolerance. Loads the model twice, one after the other.")] = False,
     device: Annotated[str, typer.Option("--device", help="Where --verify runs: auto (cuda if available), "
                                         "cpu, cuda, cuda:1, ...")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output (only after "
-                                            "the new folder is complete).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an --output folder that an earlier "
+                                            "`kimi-lora merge` wrote (only after the new folder is complete); "
+                                            "other folders are never replaced.")] = False,
+    link_files: Annotated[bool, typer.Option("--link-files", help="Hard-link the base's other weight files "
+                                             "(whisper-large-v3/*.safetensors, ...) instead of copying them: "
+                                             "saves space, but the two folders then share those files.")] = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Merge LoRA adapter(s) into the base weights and write a complete model folder.
 
     Streams the base one tensor at a time (memory: about the adapter plus the largest adapted
-    tensor), rewrites only the tensors the adapter changes, copies everything else, and hard-links
-    whisper-large-v3/, tokenizer and other files. The result loads like the release folder.
+    tensor), rewrites only the tensors the adapter changes, and copies everything else
+    (whisper-large-v3/, tokenizer, configs; a copy-on-write clone where the file system has one,
+    hard links for weight files with --link-files). The result loads like the release folder.
 
     [bold]Examples[/]
 
@@ -61,6 +66,9 @@ def merge(
             parsed_weights = tuple(float(w) for w in weights.split(",") if w.strip())
         except ValueError:
             raise ConfigError(f"--weights {weights!r}: give numbers separated by commas, e.g. 0.7,0.3") from None
+    from kimi_lora_cli.devices import check_device
+
+    check_device(device)
     if device == "auto":
         device = "cpu"
         if verify:
@@ -69,13 +77,13 @@ def merge(
             device = "cuda" if torch.cuda.is_available() else "cpu"
     spec = MergeSpec(model=model, adapters=tuple(adapter), output=output, weights=parsed_weights, dtype=dtype,
                      max_shard_size=shard_bytes, overwrite=overwrite, allow_pickle=allow_pickle, verify=verify,
-                     device=device)
+                     device=device, link_files=link_files)
     result = merge_adapters(spec, progress=lambda msg: err.print(escape(msg), highlight=False))
     n = len(adapter)
     out.print(f"Merged {n} adapter{'s' if n > 1 else ''} into [bold]{escape(str(result.output))}[/]: "
               f"{len(result.shards)} shards, {len(result.changed)} of {result.tensors} tensors changed, "
               f"{human_bytes(result.total_bytes)} ({result.dtype}), {result.linked_files + result.copied_files} "
-              f"other files ({result.linked_files} hard-linked), {result.seconds:.1f} s.")
+              f"other files ({result.linked_files} hard-linked), {result.seconds:.1f} s.", soft_wrap=True)
     if result.verify is not None:
         v = result.verify
         for head, diff in v.diffs.items():

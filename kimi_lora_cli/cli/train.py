@@ -13,11 +13,13 @@ from typer.core import TyperCommand
 P_DATA = "Model and data"
 P_LORA = "LoRA"
 P_OPT = "Optimisation"
+P_EVAL = "Evaluation and best model"
 P_RUN = "Saving, logging, resuming, launching"
 
 # Boolean flags that the guide writes with a value (`--bf16 True`, `--use_lora false`).
 BOOL_FLAGS = ("use-lora", "use-dora", "use-rslora", "train-embeddings", "bf16", "fp16", "gradient-checkpointing",
-              "group-by-length", "packing", "lazy-preprocess")
+              "group-by-length", "packing", "lazy-preprocess", "load-best-model-at-end", "greater-is-better",
+              "overwrite-output-dir")
 LIST_FLAGS = ("--lora-target", "--lora-target-modules", "--target", "--modules-to-save")
 TRUE_WORDS = {"true", "1", "yes", "y", "on"}
 FALSE_WORDS = {"false", "0", "no", "n", "off"}
@@ -121,15 +123,41 @@ def train(
     output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="Where the adapter, checkpoints "
                                                    "and logs go. \\[default: output/kimi-lora]",
                                                    rich_help_panel=P_DATA)] = None,
-    eval_ratio: Annotated[float | None, typer.Option("--eval-ratio", help="Hold out this share of the samples "
-                                                     "for evaluation. \\[default: 0]", rich_help_panel=P_DATA)] = None,
+    eval_data_path: Annotated[str | None, typer.Option(
+        "--eval-data-path", help="Evaluation jsonl (same format and checks as --data-path).",
+        rich_help_panel=P_EVAL)] = None,
+    eval_ratio: Annotated[float | None, typer.Option("--eval-ratio", help="Or hold out this share of the training "
+                                                     "samples for evaluation. \\[default: 0]",
+                                                     rich_help_panel=P_EVAL)] = None,
     evaluation_strategy: Annotated[str | None, typer.Option("--evaluation-strategy", "--eval-strategy",
-                                                            help="no, steps or epoch. \\[default: steps]",
-                                                            rich_help_panel=P_DATA)] = None,
+                                                            help="no, steps or epoch; also once at the end. "
+                                                            "\\[default: steps]", rich_help_panel=P_EVAL)] = None,
     eval_steps: Annotated[int | None, typer.Option("--eval-steps", help="Evaluate every N steps. \\[default: "
-                                                   "--save-steps]", rich_help_panel=P_DATA)] = None,
-    per_device_eval_batch_size: Annotated[int | None, typer.Option("--per-device-eval-batch-size",
-                                                                   rich_help_panel=P_DATA, hidden=True)] = None,
+                                                   "--save-steps]", rich_help_panel=P_EVAL)] = None,
+    eval_generate: Annotated[str | None, typer.Option(
+        "--eval-generate", help="Greedy-decode N eval conversations (or all) at each evaluation with the infer "
+        "engine under the current adapter; logs eval_wer / eval_cer.", rich_help_panel=P_EVAL)] = None,
+    eval_max_new_tokens: Annotated[int | None, typer.Option(
+        "--eval-max-new-tokens", help="Decode budget per conversation. \\[default: 2 x longest reference + 16]",
+        rich_help_panel=P_EVAL)] = None,
+    metric_for_best_model: Annotated[str | None, typer.Option(
+        "--metric-for-best-model", help="eval_wer, eval_cer or eval_loss (also eval_text_loss, eval_audio_loss): "
+        "tracked in trainer_state.json; every evaluation then saves a checkpoint.", rich_help_panel=P_EVAL)] = None,
+    greater_is_better: Annotated[bool | None, typer.Option(
+        "--greater-is-better/--no-greater-is-better", help="\\[default: no for loss, wer and cer]",
+        rich_help_panel=P_EVAL)] = None,
+    load_best_model_at_end: Annotated[bool | None, typer.Option(
+        "--load-best-model-at-end/--no-load-best-model-at-end", help="The final adapter is the best checkpoint's "
+        "(by --metric-for-best-model, default eval_loss).", rich_help_panel=P_EVAL)] = None,
+    early_stopping_patience: Annotated[int | None, typer.Option(
+        "--early-stopping-patience", help="Stop after N evaluations without improvement of the metric.",
+        rich_help_panel=P_EVAL)] = None,
+    early_stopping_threshold: Annotated[float | None, typer.Option(
+        "--early-stopping-threshold", help="Least change that counts as an improvement. \\[default: 0]",
+        rich_help_panel=P_EVAL)] = None,
+    per_device_eval_batch_size: Annotated[int | None, typer.Option(
+        "--per-device-eval-batch-size", help="Eval micro-batch. \\[default: the training one for the loss, 16 for "
+        "decoding]", rich_help_panel=P_EVAL)] = None,
     model_max_length: Annotated[int | None, typer.Option("--model-max-length", help="Longest sequence in tokens. "
                                                          "\\[default: max_position_embeddings]",
                                                          rich_help_panel=P_DATA)] = None,
@@ -220,12 +248,21 @@ def train(
     logging_steps: Annotated[int | None, typer.Option("--logging-steps", help="\\[default: 10]",
                                                       rich_help_panel=P_RUN)] = None,
     resume_from_checkpoint: Annotated[str | None, typer.Option(
-        "--resume-from-checkpoint", help="latest (newest checkpoint in --output-dir) or a checkpoint-N folder.",
+        "--resume-from-checkpoint", help="latest (newest checkpoint in --output-dir) or a checkpoint-N folder; "
+        "the run's settings must match the checkpoint's, except max_steps, num_train_epochs, learning_rate, "
+        "save/logging/eval steps, save_total_limit, report_to, device and gradient_checkpointing.",
         rich_help_panel=P_RUN)] = None,
+    overwrite_output_dir: Annotated[bool | None, typer.Option(
+        "--overwrite-output-dir/--no-overwrite-output-dir", help="Start over in an --output-dir an earlier "
+        "`kimi-lora train` wrote (its adapter, checkpoints and logs are removed; other folders are never "
+        "touched).", rich_help_panel=P_RUN)] = None,
     deepspeed: Annotated[str | None, typer.Option("--deepspeed", help="DeepSpeed config: zero2 or zero3 (shipped "
                                                   "with kimi-lora) or a JSON path; \"auto\" values are filled from the flags.", rich_help_panel=P_RUN)] = None,
-    report_to: Annotated[str | None, typer.Option("--report-to", help="none, tensorboard or wandb. \\[default: none]",
+    report_to: Annotated[str | None, typer.Option("--report-to", help="Trackers: tensorboard, wandb (comma list), "
+                                                  "all (every installed one) or none. \\[default: none]",
                                                   rich_help_panel=P_RUN)] = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="Name of the run in the trackers.",
+                                                 rich_help_panel=P_RUN)] = None,
     num_processes: Annotated[int | None, typer.Option("--num-processes", "--nproc-per-node", help="Launch N "
                                                       "processes on this machine (torchrun).",
                                                       rich_help_panel=P_RUN)] = None,
@@ -235,7 +272,7 @@ def train(
 ) -> None:
     """Fine-tune Kimi-Audio on a jsonl of conversations; writes a PEFT adapter (or a full model).
 
-    Every flag of the official LoRA guide works, in its underscore spelling too, so its command can be pasted after `kimi-lora train`. The data is checked in full before the first step; every problem is listed with its line number. Ctrl-C stops at the next step, saves a checkpoint and exits 130.
+    Every flag of the official LoRA guide works, in its underscore spelling too, so its command can be pasted after `kimi-lora train`. The data is checked in full before the first step; every problem is listed with its line number. Ctrl-C (or SIGTERM) stops at the next step, saves a checkpoint and exits 130 (143). An --output-dir that holds an earlier run is refused unless you resume it or pass --overwrite-output-dir.
 
     [bold]Examples[/]
 
@@ -262,30 +299,43 @@ def train(
         if "packing_length" in flags and not cfg.packing:
             raise ConfigError("--packing-length sets the row length of --packing; add --packing (or drop "
                               "--packing-length)")
+        if num_processes is not None and num_processes < 1:
+            raise ConfigError(f"--num-processes must be at least 1, not {num_processes}")
         if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
+            from kimi_lora_cli.training.output import OutputDir
             from kimi_lora_cli.training.trainer import preflight
 
+            OutputDir(cfg).check(resuming=cfg.resume_from_checkpoint is not None)
             preflight(cfg)  # bad data is reported here once, not by N processes
             _launch(ctx, num_processes)
         from kimi_lora_cli.training.reporting import Reporter
         from kimi_lora_cli.training.trainer import train as run_training
 
-        result = run_training(cfg, Reporter(console=err, enabled=rank == 0))
+        command = ["kimi-lora", "train", *ctx.meta.get("kimi_lora_train_args", [])]
+        result = run_training(cfg, Reporter(console=err, enabled=rank == 0), command=command)
     except KimiLoraError:
         if rank != 0:
             raise typer.Exit(1) from None  # rank 0 reports it
         raise
+    stopped = 128 + (result.signal or 2)  # 130 for Ctrl-C, 143 for SIGTERM
     if not result.is_main:
-        raise typer.Exit(130 if result.interrupted else 0)
+        raise typer.Exit(stopped if result.interrupted else 0)
     if result.interrupted:
         err.print(f"Stopped at step {result.global_step}/{result.total_steps}; checkpoint saved to "
                   f"{result.checkpoint}. Resume with --resume-from-checkpoint latest.")
-        raise typer.Exit(130)
+        raise typer.Exit(stopped)
     loss = ""
     if result.first_loss is not None and result.last_loss is not None:
         loss = f", loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
     if result.last_eval_loss is not None:
         loss += f", eval loss {result.last_eval_loss:.4f}"
+    if "eval_wer" in result.last_eval:
+        loss += f", eval WER {result.last_eval['eval_wer']:.4f}"
+    if result.best_checkpoint is not None:
+        held = " (the saved adapter)" if cfg.load_best_model_at_end else ""
+        loss += f"; best {cfg.best_metric_name} {result.best_metric:.4f} at {Path(result.best_checkpoint).name}{held}"
+    if result.stopped_early:
+        loss += "; stopped early"
     what = "adapter" if cfg.lora_enabled else "model"
     out.print(f"Trained {result.global_step} steps on {result.samples} samples{loss} in {result.seconds:.1f} s.")
     out.print(f"Saved the {what} to [bold]{result.output_dir}[/] ({', '.join(p.name for p in result.saved[:4])}"

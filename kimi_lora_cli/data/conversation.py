@@ -9,8 +9,10 @@ Rules (reference document, section 2), applied message by message:
     on assistant codes and their media_end;
   * audio-text (assistant history): audio stream delay blanks then the codes (not continuous);
     text stream the text ids padded with blanks to delay + n_codes;
-  * when the message is the last one or the next one changes role: speech_ct (output "text") or
-    speech_ctd (output "both"), then msg_end, both with a blank on the text stream;
+  * turn end (the message is the last one or the next one changes role): an AUDIO message gets
+    speech_ct (output "text") or speech_ctd (output "both") right after its media_end; then every
+    message kind gets msg_end; both with a blank on the text stream. Text and audio-text messages get
+    no ct/ctd (the official `tokenize_message` emits ct/ctd only in its audio branch);
   * a generation prompt appends assistant start / blank.
 Labels are each stream shifted left by one with pad_id at the end; masks shift the same way.
 Every audio message is its own media span with its own continuous features (the official
@@ -120,6 +122,8 @@ def tokenize_conversation(
             for c in codes:
                 seq._push(c, blank, cont=True, a_loss=loss)
             seq._push(media_end, blank, a_loss=loss)
+            if _ends_turn(messages, i):
+                seq._push(ct, blank)
         else:  # audio-text: assistant history with both the speech codes and its text
             if role != "assistant":
                 raise ConversationError(f"message {i}: audio-text messages are assistant history only")
@@ -137,14 +141,16 @@ def tokenize_conversation(
             padded = text_ids + [blank] * (delay + len(codes) - len(text_ids))
             for a, t in zip([blank] * delay + codes, padded):
                 seq._push(a, t)
-        last = i == len(messages) - 1
-        if last or messages[i + 1].get("role") != role:
-            seq._push(ct, blank)
+        if _ends_turn(messages, i):
             seq._push(tok.msg_end, blank)
         prev_role = role
     if add_generation_prompt:
         seq._push(tok.assistant_start, blank)
     return seq
+
+
+def _ends_turn(messages: Sequence[dict[str, Any]], i: int) -> bool:
+    return i == len(messages) - 1 or messages[i + 1].get("role") != messages[i].get("role")
 
 
 def _codes(msg: dict[str, Any], index: int, config: Any) -> list[int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.errors import ConfigError, DataError
+from kimi_lora_cli.fileops import naming_errors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,6 +87,19 @@ class _AudioStore:
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memory_bytes = 0
         self._digests: dict[tuple[str, int, int], str] = {}
+        self._clean_dead_tmp()
+
+    def _clean_dead_tmp(self) -> None:
+        """Remove `.<sha256><suffix>.<pid>.tmp` files that killed runs of this tool left in the cache."""
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return
+        from kimi_lora_cli.outputs import pid_alive
+
+        pattern = re.compile(rf"^\.[0-9a-f]{{64}}{re.escape(self.suffix)}\.(\d+)\.tmp$")
+        for f in self.cache_dir.iterdir():
+            m = pattern.match(f.name)
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+                f.unlink(missing_ok=True)
 
     # -- what a subclass supplies ---------------------------------------------------------------
     def _compute(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
@@ -144,8 +159,13 @@ class _AudioStore:
         tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
         meta = {"format": "pt", "samples": str(samples), "rows": str(value.shape[0]), "dtype": str(value.dtype),
                 self.model_key: self.fingerprint, **self._metadata()}
-        save_file({self.tensor_name: value.detach().to("cpu").contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, f)
+        try:
+            with naming_errors(f):
+                save_file({self.tensor_name: value.detach().to("cpu").contiguous()}, str(tmp), metadata=meta)
+                os.replace(tmp, f)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _remember(self, digest: str, value: torch.Tensor) -> None:
         if digest in self._memory:
@@ -228,7 +248,9 @@ class FeatureStore(_AudioStore):
 
     def __init__(self, encoder: Any, cache_dir: str | Path | None = None, memory_budget_bytes: int = 4 << 30,
                  batch_size: int = 8) -> None:
-        super().__init__(encoder, fingerprint(encoder.encoder), cache_dir, memory_budget_bytes,
+        # The mel rounding changes every row, so it is part of the entry's identity.
+        mel = str(getattr(encoder, "mel_dtype", None)).replace("torch.", "")
+        super().__init__(encoder, f"{fingerprint(encoder.encoder)}:mel-{mel}", cache_dir, memory_budget_bytes,
                          batch_size)
 
     @property

@@ -30,8 +30,9 @@ from typing import Any
 
 from kimi_lora_cli.data.audio import AudioError, load_audio
 from kimi_lora_cli.data.features import CodeStore, FeatureStore
-from kimi_lora_cli.data.schema import AudioRef, LineCheck, check_line
+from kimi_lora_cli.data.schema import AudioRef, LineCheck, check_line, decode_line, read_lines
 from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
+from kimi_lora_cli.fileops import naming_errors, write_atomic
 
 STATE_VERSION = 1
 
@@ -125,25 +126,23 @@ def _has_work(ref: AudioRef, features: bool) -> bool:
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as f:
-        yield from enumerate(f, start=1)
+    yield from read_lines(path)
 
 
 def _decode(raw: bytes, line: int) -> tuple[str | None, Finding | None]:
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError as e:
-        return None, Finding(line, f"not UTF-8 (byte {e.start}); save the file as UTF-8")
+    text, problem = decode_line(raw)
+    return text, Finding(line, problem) if problem else None
 
 
 def _model_vocab(model: Path) -> tuple[int, int]:
-    from kimi_lora_cli.loading import inspect_folder
+    from kimi_lora_cli.loading import inspect_folder, kimi_config
 
     info = inspect_folder(model, need_weights=False)
     if not info.is_kimi:
         raise ModelLoadError(f"{model / 'config.json'}: not a Kimi-Audio config (no kimia_* keys); pass the "
                              "Kimi-Audio model folder as --model")
-    return int(info.config.get("kimia_token_offset", 152064)), int(info.config.get("vocab_size", 168448))
+    cfg = kimi_config(info)  # every value checked
+    return cfg.kimia_token_offset, cfg.vocab_size
 
 
 def _options_key(spec: PrepareSpec, offset: int) -> dict[str, Any]:
@@ -169,9 +168,7 @@ def _load_state(paths: _Paths, options: dict[str, Any], overwrite: bool) -> dict
 
 
 def _write_state(paths: _Paths, state: dict[str, Any]) -> None:
-    tmp = paths.state.with_name(paths.state.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
-    os.replace(tmp, paths.state)
+    write_atomic(paths.state, json.dumps(state, indent=1))
 
 
 def _scan(spec: PrepareSpec, offset: int, vocab: int, resume_line: int,
@@ -180,7 +177,8 @@ def _scan(spec: PrepareSpec, offset: int, vocab: int, resume_line: int,
     data_dir = spec.data.parent
     findings: list[Finding] = []
     bad: dict[int, list[str]] = {}
-    totals = {"lines": 0, "files": 0, "seconds": 0.0, "tokens": 0, "prefix_sha256": hashlib.sha256()}
+    totals = {"lines": 0, "files": 0, "seconds": 0.0, "tokens": 0, "prefix_sha256": hashlib.sha256(),
+              "records": 0, "cwd_paths": set()}
     have_tokenizer = spec.speech_tokenizer is not None
     tick = PrepareProgress("check")
     for number, raw in _read_lines(spec.data):
@@ -202,6 +200,8 @@ def _scan(spec: PrepareSpec, offset: int, vocab: int, resume_line: int,
             findings.extend(Finding(number, p) for p in chk.problems)
             bad[number] = chk.problems
             continue
+        totals["records"] += 1
+        totals["cwd_paths"].update(ref.path for ref in chk.audios if ref.via_cwd)
         if number >= resume_line:
             totals["lines"] += 1
             for ref in chk.audios:
@@ -213,22 +213,42 @@ def _scan(spec: PrepareSpec, offset: int, vocab: int, resume_line: int,
     return findings, bad, totals
 
 
-def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | None = None,
-            log: Callable[[str], None] | None = None) -> PrepareResult:
-    """Run `kimi-lora prepare` (see module docstring). Raises DataProblems listing every bad line."""
-    log = log or (lambda _msg: None)
-    if not spec.data.is_file():
+def check_paths(spec: PrepareSpec) -> _Paths:
+    """Every check of the options and paths, before anything is read or written: the output and the
+    rejects file are new files (or, with --overwrite, earlier results), never an input."""
+    from kimi_lora_cli.devices import check_device
+    from kimi_lora_cli.outputs import check_output
+
+    if not spec.data.exists():
         raise DataError(f"{spec.data}: no such data file; pass the jsonl with --data")
-    if spec.output.resolve() == spec.data.resolve():
-        raise ConfigError(f"{spec.output}: --output must differ from --data (the input is never rewritten)")
+    if not spec.data.is_file():
+        raise DataError(f"{spec.data}: not a file; pass the jsonl with --data")
     if spec.batch_size < 1:
         raise ConfigError(f"--batch-size {spec.batch_size}: must be at least 1")
     if spec.recompute and spec.speech_tokenizer is None:
         raise ConfigError("--recompute needs --speech-tokenizer DIR (the glm-4-voice-tokenizer folder)")
+    check_device(spec.device)
     paths = _Paths.of(spec)
+    inputs = [("--data file", spec.data), ("model folder", spec.model),
+              ("speech tokenizer folder", spec.speech_tokenizer)]
+    if spec.output.resolve() == spec.data.resolve():
+        raise ConfigError(f"{spec.output}: --output must differ from --data (the input is never rewritten)")
+    check_output(spec.output, inputs, flag="--output", kind="file")
+    check_output(paths.rejects, [*inputs, ("--output file", spec.output)], flag="--rejects", kind="file")
     if paths.output.exists() and not spec.overwrite:
         raise ConfigError(f"{paths.output}: already exists (a finished prepare run); pass --overwrite to rebuild "
                           "it or choose another --output")
+    if paths.rejects.exists() and not spec.overwrite:
+        raise ConfigError(f"--rejects {paths.rejects}: already exists; pass --overwrite to replace it (only with "
+                          "a file an earlier prepare wrote) or choose another --rejects")
+    return paths
+
+
+def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | None = None,
+            log: Callable[[str], None] | None = None) -> PrepareResult:
+    """Run `kimi-lora prepare` (see module docstring). Raises DataProblems listing every bad line."""
+    log = log or (lambda _msg: None)
+    paths = check_paths(spec)
     offset, vocab = _model_vocab(spec.model)
     options = _options_key(spec, offset)
     state = _load_state(paths, options, spec.overwrite)
@@ -243,10 +263,16 @@ def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | Non
     if findings and not spec.skip_bad:
         raise DataProblems(spec.data, findings, "; fix them (or pass --skip-bad to write the bad lines to a "
                                                 "rejects file and go on)")
+    if not totals["records"] and not findings:
+        raise DataError(f"{spec.data}: no samples (the file is empty); pass a jsonl with one conversation per line")
 
     result = PrepareResult(output=paths.output, resumed_at_line=resume_line if state else 0)
     if spec.speech_tokenizer is not None and not totals["tokens"] and not state:
         result.notes.append("every audio message already has audio_tokens: --speech-tokenizer was not needed")
+    if totals["cwd_paths"]:
+        result.notes.append(f"{len(totals['cwd_paths'])} audio paths are not next to {spec.data} and were found "
+                            f"relative to the current folder {Path.cwd()}; {paths.output} names them by absolute "
+                            "path")
     runner = _Runner(spec, paths, offset, vocab, totals, result, progress)
     runner.run(state, bad)
     return result
@@ -362,15 +388,19 @@ class _Runner:
             prefix.update(raw)
             problems = bad.get(number) or (failed.get(number) if chk is not None else None)
             if problems:
-                rej.write((json.dumps({"line": number, "problems": problems,
-                                       "text": raw.decode("utf-8", "replace").rstrip("\n")},
-                                      ensure_ascii=False) + "\n").encode())
+                with naming_errors(self.paths.rejects_partial):
+                    rej.write((json.dumps({"line": number, "problems": problems,
+                                           "text": raw.decode("utf-8", "replace").rstrip("\n")},
+                                          ensure_ascii=False) + "\n").encode())
                 res.lines_rejected += 1
             elif chk is not None:
-                out.write((json.dumps(chk.record, ensure_ascii=False) + "\n").encode())
+                with naming_errors(self.paths.partial):
+                    out.write((json.dumps(chk.record, ensure_ascii=False) + "\n").encode())
                 res.lines_written += 1
-        out.flush()
-        rej.flush()
+        with naming_errors(self.paths.partial):
+            out.flush()
+        with naming_errors(self.paths.rejects_partial):
+            rej.flush()
         counters = {k: getattr(res, k) for k in ("lines_written", "lines_rejected", "audio_tokenized", "audio_kept",
                                                  "seconds_tokenized", "features_written", "features_reused",
                                                  "paths_rewritten")}
@@ -423,12 +453,16 @@ class _Runner:
                 msg = chk.record["conversation"][ref.index]
                 if not ref.needs_tokens:
                     res.audio_kept += 1
+                new = None
                 if ref.via_data_dir and self.data_dir.resolve() != self.out_dir:
-                    rel = os.path.relpath(ref.path.resolve(), self.out_dir)
+                    new = os.path.relpath(ref.path.resolve(), self.out_dir)
+                elif ref.via_cwd:  # valid only from this folder: written resolved
+                    new = str(ref.path.resolve())
+                if new is not None:
                     if isinstance(msg["content"], list):  # audio-text: [audio_path, text]
-                        msg["content"][0] = rel
+                        msg["content"][0] = new
                     else:
-                        msg["content"] = rel
+                        msg["content"] = new
                     res.paths_rewritten += 1
         self.tick.lines_done += len(checks)
         self.tick.files_done += len(jobs)

@@ -60,6 +60,8 @@ class Sample:
     seq: TokenizedConversation
     audio: list[Path] = field(default_factory=list)
     truncated: bool = False
+    # The checked messages, audio contents as resolved paths (evaluation decodes from these).
+    conversation: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.seq)
@@ -77,6 +79,7 @@ class LoadedData:
     skipped_too_long: int = 0
     truncated: int = 0
     audio_tokenized: int = 0  # files given audio_tokens by the speech tokenizer
+    cwd_paths: int = 0  # audio paths found only relative to the current folder
 
     @property
     def tokens(self) -> int:
@@ -97,6 +100,7 @@ class AudioRef:
     continuous: bool = True  # an "audio" message (Whisper features); "audio-text" history is codes only
     path: Path | None = None
     via_data_dir: bool = False  # found relative to the jsonl's folder
+    via_cwd: bool = False  # found only relative to the current folder (the official demo data's way)
     samples: int = 0  # 16 kHz length from the file header
     needs_tokens: bool = False  # audio_tokens missing (or to be recomputed)
 
@@ -172,11 +176,30 @@ def check_tokens(tokens: Any, offset: int, vocab_size: int) -> str | None:
 
 
 def parse_line(text: str) -> tuple[Any, str | None]:
-    """(object, None) or (None, problem) for one jsonl line."""
+    """(object, None) or (None, problem) for one jsonl line. Columns count characters from 1 in
+    the line as written (a leading byte-order mark is not one of them)."""
     try:
-        return json.loads(text), None
+        return json.loads(text.removeprefix("\ufeff")), None
     except json.JSONDecodeError as e:
         return None, f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+
+
+def decode_line(raw: bytes) -> tuple[str | None, str | None]:
+    """(text, None) or (None, problem) for the bytes of one jsonl line."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, (f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8")
+
+
+def read_lines(path: Path):
+    """(line number, raw bytes) of every line, split at \n only (as jsonl is defined; U+2028 and
+    form feeds inside a line are text) - the one line reader of train, prepare and infer."""
+    try:
+        with open(path, "rb") as f:
+            yield from enumerate(f, start=1)
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; pass the jsonl file") from None
 
 
 def check_record(
@@ -262,6 +285,7 @@ def check_record(
         ref = AudioRef(i, audio or "", continuous=mtype == "audio", needs_tokens=needs_tokens)
         if audio:
             ref.path, ref.via_data_dir = resolve_audio(audio, data_dir, cwd)
+            ref.via_cwd = ref.path is not None and not ref.via_data_dir and not Path(audio).expanduser().is_absolute()
             if ref.path is None:
                 if need_file:
                     problems.append(f"{where}: audio file {audio!r} not found (looked at it as given, in "
@@ -323,23 +347,26 @@ def has_loss(seq: TokenizedConversation) -> bool:
 
 def iter_records(path: Path):
     """(line, location, object, error) per record: one JSON object per line, or (as some guides write
-    it) one JSON array of objects, whose entries are then located as `FILE: entry N`."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e}); pass a UTF-8 jsonl file") from None
-    if text.lstrip().startswith("["):
+    it) one JSON array of objects, whose entries are then located as `FILE: entry N`. A line that is
+    not UTF-8 or not JSON is an error of that line (the same words in every command)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n").startswith("["):
+        raw = path.read_bytes()
         try:
-            items = json.loads(text)
-        except json.JSONDecodeError:
+            items = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             items = None
         if isinstance(items, list):
             for i, obj in enumerate(items, 1):
                 yield i, f"{path}: entry {i}", obj, None
             return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            yield lineno, f"{path}:{lineno}", *parse_line(line)
+    for lineno, raw in read_lines(path):
+        text, problem = decode_line(raw)
+        if problem is not None:
+            yield lineno, f"{path}:{lineno}", None, problem
+        elif text.strip():
+            yield lineno, f"{path}:{lineno}", *parse_line(text)
 
 
 def load_samples(
@@ -373,7 +400,8 @@ def load_samples(
         lines += 1
         if error is not None:
             problems.append((lineno, f"{where}: {error}"))
-            if lines == NOT_JSONL_AFTER and len(problems) == lines and all("invalid JSON" in p for _, p in problems):
+            if lines == NOT_JSONL_AFTER and len(problems) == lines and all(
+                    "invalid JSON" in p or "not UTF-8" in p for _, p in problems):
                 raise DataError(f"{path}: not a jsonl file (its first {lines} lines are not JSON objects); "
                                 "pass the jsonl with one conversation per line")
             continue
@@ -384,6 +412,7 @@ def load_samples(
         else:
             checked.append((where, obj, chk))
     tokenized = 0
+    cwd_paths = len({ref.path for _, _, chk in checked for ref in chk.audios if ref.via_cwd})
     needed = [ref for _, _, chk in checked for ref in chk.audios if ref.needs_tokens]
     if needed and not problems:  # the speech tokenizer runs only on data that is otherwise sound
         paths = list(dict.fromkeys(ref.path for ref in needed))
@@ -426,8 +455,12 @@ def load_samples(
             truncated += 1
             cut = True
         audio = [ref.path for ref in chk.audios if ref.continuous]
+        conversation = [dict(m) for m in obj["conversation"]]
+        for ref in chk.audios:
+            if ref.continuous:
+                conversation[ref.index]["content"] = str(ref.path.resolve())
         samples.append(Sample(line=chk.line, source=path, task_type=task, output_type=output_type, seq=seq,
-                              audio=audio[: len(seq.media)], truncated=cut))
+                              audio=audio[: len(seq.media)], truncated=cut, conversation=conversation))
     if problems:
         problems = [p for _, p in sorted(problems, key=lambda item: item[0])]
         shown = problems[:MAX_LISTED_PROBLEMS]
@@ -439,4 +472,4 @@ def load_samples(
         reason = f" ({skipped} longer than {limit_flag} {max_length} were skipped)" if skipped else ""
         raise DataError(f"{path}: no usable samples{reason}; the file needs at least one conversation")
     return LoadedData(samples=samples, path=path, lines=lines, skipped_too_long=skipped, truncated=truncated,
-                      audio_tokenized=tokenized)
+                      audio_tokenized=tokenized, cwd_paths=cwd_paths)

@@ -1,4 +1,4 @@
-"""Word and character error rates with a documented text normalisation (pure Python).
+"""Word and character error rates with a documented text normalisation.
 
 Normalisation (`normalize_text`), applied to reference and prediction alike:
   1. Unicode NFKC (full-width letters and digits become ASCII, compatibility forms fold);
@@ -11,7 +11,8 @@ WER = word-level edit distance (substitutions + deletions + insertions) / refere
 CER = character-level edit distance over the normalised text with spaces removed / reference
 characters. Corpus figures sum the edits and the reference lengths over all samples (not a
 mean of per-sample rates). An empty reference scores 0 errors against an empty prediction
-and one error per predicted word (character) otherwise.
+and one error per predicted word (character) otherwise. The edit distance is rapidfuzz's
+(C++; a 3,000-word pair takes milliseconds), used by `infer` and by evaluation during training.
 """
 
 from __future__ import annotations
@@ -52,16 +53,10 @@ def normalize_text(text: str) -> str:
 
 
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:
-    """Levenshtein distance (unit costs) between two sequences."""
-    if len(ref) < len(hyp):
-        ref, hyp = hyp, ref
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
+    """Levenshtein distance (unit costs) between two sequences of words or characters."""
+    from rapidfuzz.distance import Levenshtein
+
+    return Levenshtein.distance(ref, hyp)
 
 
 @dataclass

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
+from kimi_lora_cli.fileops import naming_errors
+from kimi_lora_cli.inference.decode import plan_batches
 from kimi_lora_cli.inference.generation import GenerationConfig, StreamTokens, generate, unwrap_model
 from kimi_lora_cli.inference.metrics import ErrorCounts, score
 from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
@@ -118,7 +120,7 @@ def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
 def resolve_device(device: str | None) -> str:
     import torch
 
-    if device:
+    if device and device != "auto":
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
         return device
@@ -143,6 +145,34 @@ def _check_spec(spec: InferSpec) -> None:
                           "features)")
     if spec.compare_base and not spec.adapters:
         raise ConfigError("--compare-base needs at least one --adapter (without one, the base is all that runs)")
+    from kimi_lora_cli.devices import check_device
+
+    check_device(spec.device)
+    if spec.output is not None:
+        check_output_file(spec)
+
+
+def check_output_file(spec: InferSpec) -> None:
+    """--output is a new file or a predictions file of an earlier run - never an input, never a file
+    inside the model, adapter or speech tokenizer folders, never some other existing file."""
+    from kimi_lora_cli.outputs import check_output
+
+    output = Path(spec.output).expanduser()
+    inputs = [("model folder", spec.model), *((f"adapter folder ({name})", folder) for name, folder in spec.adapters),
+              ("--data file", spec.data), ("--audio file", spec.audio), ("--audio-tokens file", spec.audio_tokens),
+              ("speech tokenizer folder", spec.speech_tokenizer)]
+    check_output(output, inputs, flag="--output", kind="file")
+    if output.is_file() and output.stat().st_size:
+        with open(output, "rb") as f:
+            first = f.readline()
+        try:
+            rec = json.loads(first)
+            ours = isinstance(rec, dict) and {"id", "adapter", "prediction"} <= set(rec)
+        except ValueError:
+            ours = False
+        if not ours:
+            raise ConfigError(f"--output {output} exists and is not a predictions file of `kimi-lora infer`; it is "
+                              "never replaced - choose another --output")
 
 
 # -------------------------------------------------------------------------------------------
@@ -189,20 +219,33 @@ class PredictionWriter:
         self.path = path
         self._f = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a" if resume else "w", encoding="utf-8")
+            with naming_errors(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(path, "ab" if resume else "wb")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is None:
             return
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        start = self._f.tell()
+        try:
+            with naming_errors(self.path):
+                self._f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                self._f.flush()
+                os.fsync(self._f.fileno())
+        except OSError:
+            try:  # a line that did not fit is cut off, so the file stays whole lines for --resume
+                self._f.truncate(start)
+            except OSError:
+                pass
+            raise
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
-            self._f = None
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 # -------------------------------------------------------------------------------------------
@@ -296,14 +339,11 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
 
     _check_spec(spec)
     output = Path(spec.output).expanduser() if spec.output is not None else None
-    if output is not None and output.is_dir():
-        raise ConfigError(f"--output {output}: is a folder; pass a file name such as preds.jsonl")
-    if output is not None and spec.data is not None and output.resolve() == Path(spec.data).expanduser().resolve():
-        raise ConfigError(f"--output {output}: is the --data file; write predictions to another file")
     config = loaded.config if loaded is not None else model_config(spec)
     speech_codes = speech_codes_loader(spec, config)
+    notes: list[str] = []
     if spec.data is not None:
-        samples = read_samples(spec.data, config, speech_codes=speech_codes)
+        samples = read_samples(spec.data, config, speech_codes=speech_codes, notes=notes)
     else:
         codes = None
         if spec.audio_tokens is not None:
@@ -344,11 +384,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
     new_records: list[dict[str, Any]] = []
 
     # Similar lengths in one batch waste less compute on padding; each output type on its own.
-    order = sorted(todo, key=lambda s: (out_type[s.id], lengths[s.id]))
-    batches = []
-    for otype in ("text", "both"):
-        group = [s for s in order if out_type[s.id] == otype]
-        batches += [(otype, group[i : i + spec.batch_size]) for i in range(0, len(group), spec.batch_size)]
+    batches = plan_batches(todo, out_type, lengths, spec.batch_size)
 
     writer = PredictionWriter(output, spec.resume)
     if progress is not None:
@@ -397,7 +433,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
             summary.scored += 1
             summary.counts.add(score(ref, r.get("prediction") or ""))
     otypes = tuple(sorted({out_type[s.id] for s in samples}))
-    notes = [DETOKENIZER_NOTE] if "both" in otypes else []
+    notes += [DETOKENIZER_NOTE] if "both" in otypes else []
     return InferReport(model=str(loaded.info.path), variants=variants, samples=samples, records=records,
                        summaries=summaries, output=str(output) if output else None, skipped=skipped,
                        output_types=otypes, notes=notes)

@@ -117,9 +117,10 @@ def _prompt_messages(obj: dict[str, Any], chk: LineCheck) -> list[dict[str, Any]
 
 
 def read_samples(path: str | Path, config: Any, *, speech_codes: SpeechCodes | None = None,
-                 cwd: str | Path | None = None) -> list[InferSample]:
+                 cwd: str | Path | None = None, notes: list[str] | None = None) -> list[InferSample]:
     """Read and check every line of a jsonl file (or JSON array); one DataError lists every problem
-    as `FILE:LINE: ...`. With `speech_codes`, audio messages without audio_tokens get theirs from it."""
+    as `FILE:LINE: ...`. With `speech_codes`, audio messages without audio_tokens get theirs from it.
+    `notes` hears (once) about audio paths found only relative to the current folder."""
     from kimi_lora_cli.data.conversation import output_type_for_task
 
     path = Path(path).expanduser()
@@ -153,7 +154,11 @@ def read_samples(path: str | Path, config: Any, *, speech_codes: SpeechCodes | N
         meta.append((sid, where))
     _raise_problems(path, problems)
     if not checked:
-        raise DataError(f"{path}: no samples (the file is empty)")
+        raise DataError(f"{path}: no samples (the file is empty); pass a jsonl with one conversation per line")
+    via_cwd = {ref.path for _, chk in checked for ref in chk.audios if ref.via_cwd}
+    if via_cwd and notes is not None:
+        notes.append(f"{len(via_cwd)} audio paths are not next to {path} and were found relative to the current "
+                     f"folder {Path(cwd) if cwd is not None else Path.cwd()}; `kimi-lora prepare` writes them resolved")
     _fill_codes(checked, speech_codes)
     samples: list[InferSample] = []
     for (obj, chk), (sid, where) in zip(checked, meta):

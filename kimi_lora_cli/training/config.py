@@ -16,7 +16,9 @@ from typing import Any
 from kimi_lora_cli.errors import ConfigError
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-REPORT_TO = ("none", "tensorboard", "wandb")
+REPORT_TO = ("none", "all", "tensorboard", "wandb")
+DECODE_BATCH = 16
+EVAL_METRICS = ("eval_loss", "eval_text_loss", "eval_audio_loss", "eval_wer", "eval_cer")
 ALIASES = {
     "lora_r": "lora_rank",
     "lora_target_modules": "lora_target",
@@ -45,6 +47,14 @@ class TrainConfig:
     evaluation_strategy: str = "steps"  # no | steps | epoch (only with eval_ratio > 0)
     eval_steps: int | None = None  # default: every save_steps and at the end
     per_device_eval_batch_size: int | None = None
+    eval_data_path: str | None = None  # evaluation jsonl (same format and checks as data_path)
+    eval_generate: str | None = None  # N or "all": greedy-decode N eval conversations -> eval_wer / eval_cer
+    eval_max_new_tokens: int | None = None  # default: twice the longest reference + 16
+    metric_for_best_model: str | None = None  # eval_loss | eval_wer | eval_cer (...)
+    greater_is_better: bool | None = None  # default: False for loss / wer / cer
+    load_best_model_at_end: bool = False
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
     # LoRA
     use_lora: bool = False
     lora_rank: int = 8
@@ -92,8 +102,10 @@ class TrainConfig:
     save_total_limit: int | None = None
     logging_steps: int = 10
     resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False  # replace a folder an earlier `kimi-lora train` wrote
     deepspeed: str | None = None
-    report_to: str = "none"
+    report_to: str = "none"  # comma list of tensorboard, wandb; all; none
+    run_name: str | None = None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -172,7 +184,18 @@ class TrainConfig:
         need(self.per_device_train_batch_size >= 1, "--per-device-train-batch-size must be at least 1")
         need(self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be at least 1")
         need(self.learning_rate >= 0, "--learning-rate must not be negative")
+        need(self.max_steps == -1 or self.max_steps >= 1,
+             f"--max-steps must be at least 1 (or -1 to train --num-train-epochs), not {self.max_steps}")
         need(self.num_train_epochs > 0 or self.max_steps > 0, "--num-train-epochs must be positive (or set --max-steps)")
+        need(self.lora_alpha > 0, f"--lora-alpha must be positive (got {self.lora_alpha})")
+        need(self.weight_decay >= 0, "--weight-decay must not be negative")
+        need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "--adam-beta1/--adam-beta2 must be in [0, 1)")
+        need(self.adam_epsilon > 0, "--adam-epsilon must be positive")
+        need(self.max_grad_norm >= 0, "--max-grad-norm must not be negative (0 turns clipping off)")
+        need(self.eval_steps is None or self.eval_steps >= 1, "--eval-steps must be at least 1")
+        need(self.per_device_eval_batch_size is None or self.per_device_eval_batch_size >= 1,
+             "--per-device-eval-batch-size must be at least 1")
+        need(bool(str(self.output_dir).strip()), "--output-dir must not be empty")
         need(0.0 <= self.eval_ratio < 1.0, f"--eval-ratio must be in [0, 1) (got {self.eval_ratio})")
         need(self.evaluation_strategy in ("no", "steps", "epoch"),
              f"--evaluation-strategy must be no, steps or epoch (got {self.evaluation_strategy!r})")
@@ -189,13 +212,71 @@ class TrainConfig:
         need(self.save_steps >= 1 and self.logging_steps >= 1, "--save-steps and --logging-steps must be at least 1")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "--save-total-limit must be at least 1")
         need(not (self.bf16 and self.fp16), "pick one of --bf16 and --fp16")
-        need(self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)} (got {self.report_to!r})")
+        trackers = [t.strip() for t in self.report_to.replace(" ", ",").split(",") if t.strip()]
+        need(all(t in REPORT_TO for t in trackers),
+             f"--report-to takes a comma list of {', '.join(REPORT_TO)} (got {self.report_to!r})")
+        self._validate_evaluation(need)
         need(self.text_loss_weight >= 0 and self.audio_loss_weight >= 0, "loss weights must not be negative")
         need(self.text_loss_weight + self.audio_loss_weight > 0, "at least one loss weight must be positive")
+        from kimi_lora_cli.devices import check_device
+
+        check_device(self.device)
         if not self.lora_enabled:
             need(not self.modules_to_save and not self.train_embeddings,
                  "--modules-to-save / --train-embeddings are LoRA options; add --use-lora (full fine-tuning "
                  "trains every weight anyway)")
+
+    def _validate_evaluation(self, need: Any) -> None:
+        gen = self.eval_generate
+        need(gen is None or gen == "all" or (gen.isdigit() and int(gen) >= 0),
+             f"--eval-generate takes a number of conversations or 'all' (got {gen!r})")
+        need(self.eval_max_new_tokens is None or self.eval_max_new_tokens >= 1, "--eval-max-new-tokens must be at least 1")
+        need(self.eval_steps is None or self.eval_steps >= 1, "--eval-steps must be at least 1")
+        metric = self.best_metric_name
+        if metric is not None:
+            need(metric in EVAL_METRICS, f"--metric-for-best-model must be one of {', '.join(EVAL_METRICS)} "
+                 f"(got {self.metric_for_best_model!r})")
+            need(metric in ("eval_loss", "eval_text_loss", "eval_audio_loss") or self.eval_generate_count != 0,
+                 f"--metric-for-best-model {metric} is measured by decoding; add --eval-generate N (or all)")
+            need(self.has_eval_set and self.evaluation_strategy != "no",
+                 f"--metric-for-best-model {metric} needs evaluations: pass --eval-data-path FILE or --eval-ratio, "
+                 "and an --eval-strategy other than no")
+        need(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+             "--early-stopping-patience must be at least 1")
+        need(self.early_stopping_threshold >= 0, "--early-stopping-threshold must not be negative")
+        need(self.eval_generate_count == 0 or self.has_eval_set,
+             "--eval-generate decodes evaluation conversations: pass --eval-data-path FILE or --eval-ratio")
+        need(not (self.eval_data_path and self.eval_ratio > 0), "pick one of --eval-data-path and --eval-ratio")
+
+    @property
+    def has_eval_set(self) -> bool:
+        return bool(self.eval_data_path) or self.eval_ratio > 0
+
+    @property
+    def eval_generate_count(self) -> int:
+        """0 = no decoding, -1 = every eval conversation, else at most that many."""
+        if self.eval_generate in (None, "0"):
+            return 0
+        return -1 if self.eval_generate == "all" else int(self.eval_generate)
+
+    @property
+    def best_metric_name(self) -> str | None:
+        """The watched metric (HF names: `wer` means `eval_wer`); eval_loss when only
+        --load-best-model-at-end or --early-stopping-patience asks for one."""
+        metric = self.metric_for_best_model
+        if metric is None and (self.load_best_model_at_end or self.early_stopping_patience):
+            metric = "eval_loss"
+        if metric is not None and not metric.startswith("eval_"):
+            metric = f"eval_{metric}"
+        return metric
+
+    @property
+    def best_greater_is_better(self) -> bool:
+        from kimi_lora_cli.training.state import default_greater_is_better
+
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return default_greater_is_better(self.best_metric_name or "eval_loss")
 
     @property
     def lora_enabled(self) -> bool:
@@ -220,15 +301,24 @@ class TrainConfig:
     def eval_batch_size(self) -> int:
         return self.per_device_eval_batch_size or self.per_device_train_batch_size
 
+    @property
+    def decode_batch_size(self) -> int:
+        # Decoding is step-bound: a wide batch costs little more than one sample (greedy outputs do
+        # not depend on the batch), so it gets its own, larger default.
+        return self.per_device_eval_batch_size or DECODE_BATCH
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["modules_to_save"] = list(self.modules_to_save)
         return d
 
     def to_yaml(self) -> str:
+        """The settings to repeat this run (what to do with an existing folder is not one of them)."""
         import yaml
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        d = self.to_dict()
+        d.pop("overwrite_output_dir")
+        return yaml.safe_dump(d, sort_keys=False)
 
 
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -239,7 +329,9 @@ def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
     """Turn YAML / flag values into the field's type (bools accept true/false/1/0/yes/no)."""
     hint = {f.name: f.type for f in fields(TrainConfig)}[name]
     try:
-        if hint == "bool":
+        if hint.startswith("bool"):
+            if value is None and "None" in hint:
+                return None
             if isinstance(value, bool):
                 return value
             text = str(value).strip().lower()

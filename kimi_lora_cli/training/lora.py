@@ -36,6 +36,18 @@ def lora_config(cfg: TrainConfig, selection: TargetSelection):
     )
 
 
+def check_modules_to_save(model: Any, names: tuple[str, ...] | list[str]) -> None:
+    """Every --modules-to-save entry names a module of `model` (peft matches the full name or its
+    dotted tail); checked on the meta skeleton, before any weight is read."""
+    modules = [n for n, _ in model.named_modules() if n]
+    for want in names:
+        if not any(n == want or n.endswith("." + want) for n in modules):
+            tails = sorted({n.rsplit(".", 1)[-1] for n in modules if "." not in n or n.count(".") <= 1})
+            raise ConfigError(f"--modules-to-save {want!r} matches no module of the model; use a module name "
+                              f"such as {', '.join(t for t in tails if not t.isdigit())[:200]} "
+                              "(`kimi-lora list-modules` lists them)")
+
+
 def wrap_lora(model: Any, cfg: TrainConfig, base_path: str | None = None) -> tuple[Any, TargetSelection]:
     """Freeze the base model and add adapters on the modules `cfg.lora_target` selects."""
     from peft import get_peft_model

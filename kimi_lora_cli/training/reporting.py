@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
+from kimi_lora_cli.fileops import naming_errors, write_atomic
 from kimi_lora_cli.formatting import human_count
 
 
@@ -24,6 +25,8 @@ class Reporter:
         self._progress = None
         self._task = None
         self._start = time.perf_counter()
+        self._first_step = 0
+        self._last: dict[str, Any] | None = None
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         if self.enabled:
@@ -51,6 +54,7 @@ class Reporter:
 
     def start(self, total_steps: int, first_step: int) -> None:
         self._start = time.perf_counter()
+        self._first_step = first_step
         if not self.enabled or not self.rich:
             return
         from rich.progress import (
@@ -69,21 +73,53 @@ class Reporter:
         self._progress.start()
         self._task = self._progress.add_task("train", total=total_steps, completed=first_step, info="")
 
-    def step(self, step: int, metrics: dict[str, Any], logged: bool) -> None:
+    def step(self, step: int, total_steps: int, record: dict[str, Any] | None) -> None:
+        """After each optimizer step; `record` is the step's logged metrics (None between log steps).
+        The bar shows the last logged values; plain lines (no terminal) carry elapsed time, percent and
+        ETA so a nohup / Slurm log shows progress."""
         if not self.enabled:
             return
+        if record is not None:
+            self._last = record
         if self._progress is not None:
-            info = (f"epoch {metrics['epoch']:.2f} loss {metrics['loss']:.4f} (text {metrics['text_loss']:.4f} "
-                    f"audio {metrics['audio_loss']:.4f}) lr {metrics['learning_rate']:.2e} "
-                    f"{metrics.get('tokens_per_second', 0):.0f} tok/s")
+            m = self._last
+            info = "" if m is None else (
+                f"epoch {m['epoch']:.2f} loss {m['loss']:.4f} (text {m['text_loss']:.4f} audio {m['audio_loss']:.4f}) "
+                f"lr {m['learning_rate']:.2e} {m.get('tokens_per_second', 0):.0f} tok/s")
             self._progress.update(self._task, completed=step, info=info)
-        elif logged:
+        elif record is not None:
+            elapsed = time.perf_counter() - self._start
+            done = step - self._first_step
+            eta = elapsed / done * (total_steps - step) if done > 0 else 0.0
             self.console.print(
-                f"step {step}/{metrics['total_steps']} epoch {metrics['epoch']:.2f} loss {metrics['loss']:.4f} "
-                f"text_loss {metrics['text_loss']:.4f} audio_loss {metrics['audio_loss']:.4f} "
-                f"lr {metrics['learning_rate']:.3e} tokens/s {metrics.get('tokens_per_second', 0):.0f}",
+                f"step {step}/{total_steps} ({100.0 * step / max(total_steps, 1):.1f}%) epoch {record['epoch']:.2f} "
+                f"loss {record['loss']:.4f} text_loss {record['text_loss']:.4f} audio_loss {record['audio_loss']:.4f} "
+                f"lr {record['learning_rate']:.3e} tokens/s {record.get('tokens_per_second', 0):.0f} "
+                f"elapsed {_clock(elapsed)} eta {_clock(eta)}",
                 soft_wrap=True,
             )
+
+    def eval_pairs(self, pairs: list[tuple[str, str, str]]) -> None:
+        """A few (reference, prediction) pairs of the last decoding evaluation."""
+        if not self.enabled:
+            return
+        from rich.table import Table
+
+        table = Table(title="eval samples", title_justify="left", show_lines=False)
+        table.add_column("id", overflow="fold")
+        table.add_column("reference", overflow="fold")
+        table.add_column("prediction", overflow="fold")
+        for sid, ref, pred in pairs:
+            table.add_row(sid, ref, pred)
+        self.console.print(table)
+
+    def banner(self, rows: list[tuple[str, str]]) -> None:
+        """The run's shape before the first step (world size, batches, steps, parameters, ...)."""
+        if not self.enabled:
+            return
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            self.console.print(f"[bold]{key:<{width}}[/]  {value}", soft_wrap=True)
 
     def stop(self) -> None:
         if self._progress is not None:
@@ -91,11 +127,40 @@ class Reporter:
             self._progress = None
 
 
-class MetricsLog:
-    """logs/metrics.jsonl (one object per logging step or evaluation) + optional trackers."""
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
-    def __init__(self, output_dir: Path, enabled: bool, report_to: str = "none", resume_step: int = 0,
-                 config: dict[str, Any] | None = None) -> None:
+
+TRACKERS = ("tensorboard", "wandb")
+TRACKER_INSTALL = {"tensorboard": "pip install tensorboard (or 'kimi-lora[tensorboard]')",
+                   "wandb": "pip install wandb"}
+
+
+def parse_report_to(value: str | None) -> list[str]:
+    """--report-to as the HF Trainer reads it: a comma list of trackers, `all` (every installed one) or
+    `none`. Unknown names are errors; a named tracker that is not installed is an error here, before
+    any weight is read."""
+    import importlib.util
+
+    names = [v.strip().lower() for v in (value or "none").replace(" ", ",").split(",") if v.strip()]
+    if not names or names == ["none"]:
+        return []
+    if "all" in names:
+        return [t for t in TRACKERS if importlib.util.find_spec(t) is not None]
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"--report-to {value}: unknown tracker {name!r}; use tensorboard, wandb, all or none")
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"--report-to {name} needs the {name} package: {TRACKER_INSTALL[name]}")
+    return list(dict.fromkeys(names))
+
+
+class MetricsLog:
+    """logs/metrics.jsonl (one object per logging step or evaluation) + the --report-to trackers."""
+
+    def __init__(self, output_dir: Path, enabled: bool, report_to: str | None = "none", resume_step: int = 0,
+                 config: dict[str, Any] | None = None, run_name: str | None = None) -> None:
         self.enabled = enabled
         self.path = output_dir / "logs" / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
@@ -114,42 +179,44 @@ class MetricsLog:
                 if rec.get("step", 0) <= resume_step:
                     kept.append(rec)
             self.records = kept
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
-        if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("--report-to tensorboard needs the tensorboard package: "
-                                  "pip install 'kimi-lora[tensorboard]'") from None
-            self._tb = SummaryWriter(str(output_dir / "logs" / "tensorboard"))
-        elif report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("--report-to wandb needs the wandb package: pip install wandb") from None
-            self._wandb = wandb.init(config=config or {}, dir=str(output_dir / "logs"))
+        trackers = parse_report_to(report_to)
+        if "tensorboard" in trackers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(output_dir / "logs" / "tensorboard" / (run_name or "")))
+        if "wandb" in trackers:
+            import wandb
+
+            self._wandb = wandb.init(config=config or {}, dir=str(output_dir / "logs"), name=run_name)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as f:
+        with naming_errors(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         step = record.get("step", 0)
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
             for k, v in numbers.items():
-                self._tb.add_scalar(k, v, step)
+                self._tb.add_scalar(_tracker_key(k), v, step)
+            self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log(numbers, step=step)
+            self._wandb.log({_tracker_key(k): v for k, v in numbers.items()}, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _tracker_key(key: str) -> str:
+    """HF Trainer's grouping in trackers: eval metrics under eval/, the rest under train/."""
+    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:

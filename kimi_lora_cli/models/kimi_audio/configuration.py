@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 KIMI_ARCHITECTURES = ("MoonshotKimiaForCausalLM", "KimiAudioForCausalLM", "KimiAudioModel")
+# Sizes that must be at least 1 (token ids and offsets may be 0).
+POSITIVE_INTS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "kimia_adaptor_input_dim",
+                 "kimia_audio_output_vocab", "kimia_text_output_vocab", "kimia_mimo_layers"}
 
 
 @dataclass
@@ -56,6 +60,12 @@ class KimiAudioConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def model_type(self) -> str:
+        # What a transformers config carries (peft's causal-LM wrapper reads it); the official class
+        # sets none, so "" unless config.json names one.
+        return str(self.raw.get("model_type") or "")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KimiAudioConfig:
         known = {f.name for f in fields(cls)} - {"raw"}
@@ -83,6 +93,22 @@ class KimiAudioConfig:
         return cls.from_json_file(Path(folder) / "config.json")
 
     def validate(self) -> None:
+        for f in fields(self):
+            if f.name in ("raw", "attn_implementation", "torch_dtype"):
+                continue
+            value = getattr(self, f.name)
+            if f.type == "int":
+                low = 1 if f.name in POSITIVE_INTS else 0
+                if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                    raise ValueError(f"{f.name} = {value!r} is not valid (expected a whole number >= {low})")
+            elif f.type == "float":
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                    raise ValueError(f"{f.name} = {value!r} is not valid (expected a positive number)")
+            elif f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} = {value!r} is not valid (expected true or false)")
+            elif f.name == "eos_token_ids" and not (isinstance(value, list) and all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+                raise ValueError(f"eos_token_ids = {value!r} is not valid (expected a list of token ids)")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "

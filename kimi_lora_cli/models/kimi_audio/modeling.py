@@ -222,7 +222,7 @@ class VQAdaptor(nn.Module):
             nn.SiLU(),
             nn.Dropout(0.0),
             nn.Linear(config.hidden_size, config.hidden_size, bias=True),
-            nn.LayerNorm(config.hidden_size, eps=1e-6, bias=True),
+            nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps, bias=True),  # official: rms_norm_eps
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,6 +290,21 @@ class KimiAudioForCausalLM(nn.Module):
     # -- conveniences used by peft / trainers -------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        # The text head, as in the official model (peft saves it with an adapter that targets lm_head).
+        return self.lm_head
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, past_key_values: KimiKVCache | None = None,
+                                      **kwargs: object) -> dict[str, object]:
+        """Inputs of the next forward: with a cache only the positions it does not hold yet (peft's
+        causal-LM wrapper requires this hook; kimi-lora's own generation loop does not use it)."""
+        if past_key_values is not None:
+            seen = past_key_values.get_seq_length()
+            input_ids = input_ids[:, seen:]
+            kwargs = {k: (v[:, seen:] if k in ("text_input_ids", "is_continuous_mask") and v is not None else v)
+                      for k, v in kwargs.items()}
+        return {"input_ids": input_ids, "past_key_values": past_key_values, **kwargs}
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.gradient_checkpointing = True

@@ -10,6 +10,10 @@ per piece token_len = (L - 1) // 1280 + 1; zero-pad to 30 s; 128-bin log-mel (n_
 hop 160, Hann, last frame dropped, log10 floor 1e-10, clamp to max - 8, (x + 4) / 4);
 the encoder's 1500 output frames; keep token_len * 4 frames; concatenate the pieces and
 fold 4 consecutive frames into one row. One row lines up with one semantic code.
+
+The official encoder input is the log-mel rounded to bfloat16 whatever the run's dtype (the model was
+trained on those rounded values), so `encode` rounds it too by default; `mel_dtype=None` (constructor
+argument or attribute) keeps the float32 log-mel instead.
 """
 
 from __future__ import annotations
@@ -116,9 +120,11 @@ def whisper_config_from_tensors(shapes: dict[str, tuple[int, ...]]) -> WhisperCo
 class WhisperFeatureEncoder:
     """Frozen Whisper encoder plus the mel front end; produces the adaptor's input rows."""
 
-    def __init__(self, encoder: torch.nn.Module, source: str = "") -> None:
+    def __init__(self, encoder: torch.nn.Module, source: str = "", mel_dtype: torch.dtype | None = torch.bfloat16
+                 ) -> None:
         self.encoder = encoder.eval().requires_grad_(False)
         self.source = source
+        self.mel_dtype = mel_dtype  # the log-mel is rounded to this before the encoder (official: bfloat16)
         self.n_mels = encoder.config.num_mel_bins
         self.row_dim = encoder.config.d_model * FRAMES_PER_ROW
 
@@ -174,7 +180,10 @@ class WhisperFeatureEncoder:
             group = pieces[start : start + max_pieces]
             batch = torch.stack([p for p, _ in group]).to(self.device)
             signal = max(r for _, r in group) * SAMPLES_PER_ROW  # no piece has audio past this sample
-            mel = log_mel(batch, self.n_mels, signal_samples=signal).to(self.dtype)
+            mel = log_mel(batch, self.n_mels, signal_samples=signal)
+            if self.mel_dtype is not None:
+                mel = mel.to(self.mel_dtype)
+            mel = mel.to(self.dtype)
             hidden = self.encoder(mel).last_hidden_state
             frames.extend(hidden[k, : rows * FRAMES_PER_ROW] for k, (_, rows) in enumerate(group))
         out: list[list[torch.Tensor]] = [[] for _ in waveforms]

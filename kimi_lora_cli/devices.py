@@ -1,0 +1,19 @@
+"""Device names as the commands accept them (checked before anything loads; no torch import)."""
+
+from __future__ import annotations
+
+import re
+
+from kimi_lora_cli.errors import ConfigError
+
+_DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|npu|hpu|meta)(:\d+)?$")
+
+
+def check_device(value: str | None, flag: str = "--device", allow_auto: bool = True) -> str | None:
+    """`value` unchanged when it names a device torch knows (cpu, cuda, cuda:1, mps, ...)."""
+    if value is None or value == "" or (allow_auto and value == "auto"):
+        return value
+    if not _DEVICE.match(value) or value.startswith("meta"):
+        raise ConfigError(f"{flag} {value!r} is not a device; use cpu, cuda, cuda:N or mps"
+                          + (" (or auto)" if allow_auto else ""))
+    return value
