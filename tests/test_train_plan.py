@@ -99,3 +99,106 @@ def test_shipped_deepspeed_configs_by_name(name, stage):
     out = deepspeed_config(cfg, world=4)
     assert out["zero_optimization"]["stage"] == stage
     assert out["train_batch_size"] == 24 and out["bf16"]["enabled"] is True
+
+
+def _naive_ffd(lengths, capacity):
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((j for j, f in enumerate(free) if f >= lengths[i]), None)
+        if j is None:
+            rows.append([])
+            free.append(capacity)
+            j = len(rows) - 1
+        rows[j].append(i)
+        free[j] -= lengths[i]
+    return rows
+
+
+def test_pack_rows_is_first_fit_decreasing():
+    import random
+
+    from kimi_lora_cli.training.plan import pack_rows
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 400) for _ in range(300)]
+    rows = pack_rows(list(range(300)), lengths, 512)
+    assert rows == _naive_ffd(lengths, 512)
+    assert sorted(i for r in rows for i in r) == list(range(300))
+    assert all(sum(lengths[i] for i in r) <= 512 for r in rows)
+    assert sum(lengths) / (512 * len(rows)) > 0.95  # almost no padding left
+    with pytest.raises(ValueError, match="more than the packing length 512"):
+        pack_rows([0, 1], [10, 513], 512)
+
+
+def test_packing_plan_is_deterministic_and_covers_every_sample_once_per_epoch():
+    from kimi_lora_cli.training.plan import BatchPlan, PackedMicro, packed_epoch_rows
+
+    lengths = [10 + (i * 37) % 200 for i in range(101)]
+    indices = list(range(1, 101))  # sample 0 is held out
+    rows0 = packed_epoch_rows(indices, lengths, 256, seed=3, epoch=0)
+    assert rows0 == packed_epoch_rows(indices, lengths, 256, seed=3, epoch=0)
+    rows1 = packed_epoch_rows(indices, lengths, 256, seed=3, epoch=1)
+    assert rows1 != rows0 and len(rows1) == len(rows0)  # reshuffled, same number of rows
+    assert packed_epoch_rows(indices, lengths, 256, seed=4, epoch=0) != rows0
+
+    def plan(world, rank, per_device, accumulation=1):
+        return BatchPlan(indices, lengths, 3, world, rank, per_device, accumulation, packing_length=256)
+
+    one = plan(1, 0, 4)
+    n_steps = one.steps_per_epoch()
+    assert n_steps == -(-len(rows0) // 4)
+    stream = one.steps()
+    epochs = [[next(stream) for _ in range(n_steps)] for _ in range(2)]
+    for e, steps in enumerate(epochs):
+        assert all(s.epoch == e for s in steps) and steps[-1].step_in_epoch == n_steps - 1
+        seen = [i for s in steps for mb in s.micro for i in mb]
+        assert sorted(seen) == indices  # every sample exactly once per epoch
+        for s in steps:
+            assert all(isinstance(mb, PackedMicro) and len(mb.rows) <= 4 for mb in s.micro)
+            assert s.total_samples == sum(len(mb) for mb in s.micro)
+    # resume: a fresh plan gives the very same steps, so skipping the done ones continues exactly
+    again = plan(1, 0, 4).steps()
+    assert [next(again).micro for _ in range(n_steps + 2)] == [s.micro for s in epochs[0] + epochs[1][:2]]
+
+
+@pytest.mark.parametrize("world, per_device, accumulation", [(2, 1, 1), (3, 1, 2), (2, 2, 1)])
+def test_packing_plan_shares_each_step_among_processes(world, per_device, accumulation):
+    from kimi_lora_cli.training.plan import BatchPlan
+
+    lengths = [10 + (i * 53) % 230 for i in range(77)]
+    indices = list(range(77))
+    single = BatchPlan(indices, lengths, 0, 1, 0, world * per_device * accumulation, 1, packing_length=256)
+    ranks = [BatchPlan(indices, lengths, 0, world, r, per_device, accumulation, packing_length=256)
+             for r in range(world)]
+    n_steps = ranks[0].steps_per_epoch()
+    assert n_steps == single.steps_per_epoch()
+    per_rank = [[next(s) for _ in range(n_steps)] for s in (p.steps() for p in ranks)]
+    alone = single.steps()
+    seen = []
+    for k in range(n_steps):
+        one = next(alone)
+        steps = [per_rank[r][k] for r in range(world)]
+        assert len({len(s.micro) for s in steps}) == 1  # ranks stay in lockstep
+        assert len({s.total_samples for s in steps}) == 1
+        assert all(1 <= len(mb.rows) <= per_device for s in steps for mb in s.micro)  # never above the ask
+        step_samples = [i for s in steps for mb in s.micro for i in mb]
+        assert len(step_samples) == steps[0].total_samples
+        # the same samples as one process taking the whole global batch (so the same gradient)
+        assert sorted(step_samples) == sorted(i for mb in one.micro for i in mb)
+        seen += step_samples
+    assert sorted(seen) == indices
+
+
+def test_packed_eval_batches_cover_the_held_out_samples_on_every_rank():
+    from kimi_lora_cli.training.plan import BatchPlan
+
+    lengths = [10 + (i * 53) % 230 for i in range(40)]
+    held = list(range(0, 39, 3))
+    plans = [BatchPlan(list(range(40)), lengths, 0, 2, r, 1, 1, packing_length=256) for r in range(2)]
+    batches = [p.eval_batches(held, 2) for p in plans]
+    assert len(batches[0]) == len(batches[1])
+    got = sorted(i for b in batches for mb in b for i in mb)
+    assert got == held
+    assert all(len(mb.rows) <= 2 for b in batches for mb in b if mb)
+    padded = BatchPlan(list(range(40)), lengths, 0, 2, 1, 1, 1).eval_batches(held, 3)
+    assert [len(mb) for mb in padded] == [3, 3, 0]  # 7 + 6 samples: rank 1 runs a third, empty pass

@@ -18,7 +18,7 @@ P_RUN = "Saving, logging, resuming, launching"
 
 # Boolean flags that the guide writes with a value (`--bf16 True`, `--use_lora false`).
 BOOL_FLAGS = ("use-lora", "use-dora", "use-rslora", "train-embeddings", "bf16", "fp16", "gradient-checkpointing",
-              "group-by-length", "lazy-preprocess", "load-best-model-at-end", "greater-is-better",
+              "group-by-length", "packing", "lazy-preprocess", "load-best-model-at-end", "greater-is-better",
               "overwrite-output-dir")
 LIST_FLAGS = ("--lora-target", "--lora-target-modules", "--target", "--modules-to-save")
 TRUE_WORDS = {"true", "1", "yes", "y", "on"}
@@ -167,6 +167,13 @@ def train(
     group_by_length: Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length",
                                                          help="Batch samples of similar length (less padding).",
                                                          rich_help_panel=P_DATA)] = None,
+    packing: Annotated[bool | None, typer.Option(
+        "--packing/--no-packing", help="Pack samples end to end into rows of --packing-length tokens (no compute "
+        "on padding); each sample still attends only to itself and keeps its own loss. "
+        "--per-device-train-batch-size then counts rows.", rich_help_panel=P_DATA)] = None,
+    packing_length: Annotated[int | None, typer.Option(
+        "--packing-length", help="Tokens per packed row; longer samples follow --too-long. \\[default: "
+        "--model-max-length]", rich_help_panel=P_DATA)] = None,
     feature_cache_dir: Annotated[str | None, typer.Option(
         "--feature-cache-dir", "--cache-features", help="Also keep Whisper features on disk here, reused by later "
         "runs; the folder `kimi-lora prepare --cache-features` filled is reused as is.",
@@ -289,6 +296,9 @@ def train(
         if not cfg.lora_enabled and given:
             raise ConfigError(f"--{given[0].replace('_', '-')} is a LoRA option but --use-lora is not set; add "
                               "--use-lora (or drop the LoRA options for full fine-tuning)")
+        if "packing_length" in flags and not cfg.packing:
+            raise ConfigError("--packing-length sets the row length of --packing; add --packing (or drop "
+                              "--packing-length)")
         if num_processes is not None and num_processes < 1:
             raise ConfigError(f"--num-processes must be at least 1, not {num_processes}")
         if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kimi_lora_cli.data.collate import collate
+from kimi_lora_cli.data.collate import collate, collate_packed
 from kimi_lora_cli.data.features import FeatureStore
 from kimi_lora_cli.data.schema import Sample
 
@@ -26,15 +26,31 @@ class KimiDataset:
         return [len(s) for s in self.samples]
 
     def batch(self, indices: Sequence[int]) -> dict[str, Any]:
-        chosen = [self.samples[i] for i in indices]
-        rows = None
-        paths = [p for s in chosen for p in s.audio]
+        """Padded micro-batch of `indices`; packed rows when `indices` carries `.rows` (the packing
+        plan's micro-batches: a list of the samples that also says which ones share a row)."""
+        rows = getattr(indices, "rows", None)
+        if rows is not None:
+            return self.batch_rows(rows, getattr(indices, "length", None))
+        return self._collate([[i] for i in indices], packed=False)
+
+    def batch_rows(self, rows: Sequence[Sequence[int]], length: int | None = None) -> dict[str, Any]:
+        """Packed micro-batch: `rows[r]` are the samples laid end to end in row r, rows padded to
+        `length` (at least the longest row)."""
+        return self._collate(rows, packed=True, length=length)
+
+    def _collate(self, rows: Sequence[Sequence[int]], packed: bool, length: int | None = None) -> dict[str, Any]:
+        chosen = [[self.samples[i] for i in row] for row in rows]
+        flat_samples = [s for row in chosen for s in row]
+        feature_rows = None
+        paths = [p for s in flat_samples for p in s.audio]
         if paths:
             if self.store is None:
                 raise ValueError("samples hold audio but the dataset has no feature store")
             flat = self.store.rows(paths)
-            rows, k = [], 0
-            for s in chosen:
-                rows.append(flat[k : k + len(s.audio)])
+            feature_rows, k = [], 0
+            for s in flat_samples:
+                feature_rows.append(flat[k : k + len(s.audio)])
                 k += len(s.audio)
-        return collate(chosen, self.pad_id, self.feature_dim, rows)
+        if packed:
+            return collate_packed(chosen, self.pad_id, self.feature_dim, feature_rows, length=length)
+        return collate(flat_samples, self.pad_id, self.feature_dim, feature_rows)

@@ -378,6 +378,7 @@ def load_samples(
     too_long: str = "error",
     cwd: str | Path | None = None,
     speech_codes: Callable[[], CodeStore] | None = None,
+    limit_flag: str = "--model-max-length",
 ) -> LoadedData:
     """Read and check the whole jsonl; raise one DataError listing every problem (file:line).
 
@@ -441,7 +442,7 @@ def load_samples(
         if max_length is not None and len(seq) > max_length:
             if too_long == "error":
                 problems.append((chk.line,
-                                 f"{where}: {len(seq)} tokens, longer than --model-max-length {max_length}; raise "
+                                 f"{where}: {len(seq)} tokens, longer than {limit_flag} {max_length}; raise "
                                  "it, or pass --too-long skip (drop such lines) or --too-long truncate"))
                 continue
             if too_long == "skip":
@@ -468,7 +469,7 @@ def load_samples(
                 "(fix them and rerun):")
         raise DataError("\n".join([head, *("  " + p for p in shown)] + ([f"  ... and {more} more"] if more else [])))
     if not samples:
-        reason = f" ({skipped} longer than --model-max-length {max_length} were skipped)" if skipped else ""
+        reason = f" ({skipped} longer than {limit_flag} {max_length} were skipped)" if skipped else ""
         raise DataError(f"{path}: no usable samples{reason}; the file needs at least one conversation")
     return LoadedData(samples=samples, path=path, lines=lines, skipped_too_long=skipped, truncated=truncated,
                       audio_tokenized=tokenized, cwd_paths=cwd_paths)

@@ -88,6 +88,8 @@ class TrainConfig:
     model_max_length: int | None = None
     too_long: str = "error"  # error | skip | truncate
     group_by_length: bool = False
+    packing: bool = False  # samples laid end to end in rows of packing_length tokens (no padding compute)
+    packing_length: int | None = None  # default: model_max_length, else max_position_embeddings
     feature_cache_dir: str | None = None
     speech_tokenizer: str | None = None  # glm-4-voice-tokenizer folder: audio_tokens for messages lacking them
     # precision and memory
@@ -204,6 +206,9 @@ class TrainConfig:
         need(self.too_long in ("error", "skip", "truncate"), f"--too-long must be error, skip or truncate "
              f"(got {self.too_long!r})")
         need(self.model_max_length is None or self.model_max_length >= 8, "--model-max-length must be at least 8")
+        need(self.packing_length is None or self.packing_length >= 8, "--packing-length must be at least 8")
+        need(not (self.packing and self.group_by_length), "--packing and --group-by-length both cut padding; "
+             "pick one (--packing leaves almost none)")
         need(self.save_steps >= 1 and self.logging_steps >= 1, "--save-steps and --logging-steps must be at least 1")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "--save-total-limit must be at least 1")
         need(not (self.bf16 and self.fp16), "pick one of --bf16 and --fp16")
@@ -276,6 +281,21 @@ class TrainConfig:
     @property
     def lora_enabled(self) -> bool:
         return self.use_lora or self.use_dora or self.use_rslora
+
+    def row_length(self, max_position_embeddings: int) -> int | None:
+        """Tokens per packed row (None without --packing)."""
+        if not self.packing:
+            return None
+        return self.packing_length or self.model_max_length or max_position_embeddings
+
+    def sample_limit(self, max_position_embeddings: int) -> tuple[int, str]:
+        """(longest sample in tokens, the flag that sets it): what --too-long applies to. A packed
+        sample must also fit in one row."""
+        limit, flag = self.model_max_length or max_position_embeddings, "--model-max-length"
+        rows = self.row_length(max_position_embeddings)
+        if rows is not None and rows < limit:
+            return rows, "--packing-length"
+        return limit, flag
 
     @property
     def eval_batch_size(self) -> int:

@@ -64,6 +64,7 @@ class Evaluator:
     max_new_tokens: int = 64
     sharded: bool = False  # weights gathered per forward (ZeRO-3): every rank decodes everything
     autocast: Callable[[], Any] | None = None
+    plan: Any = None  # BatchPlan: its eval batches (packed rows with --packing)
     last_pairs: list[tuple[str, str, str]] = field(default_factory=list)
 
     def evaluate(self, model: Any, unwrapped: Any) -> dict[str, float]:
@@ -82,13 +83,10 @@ class Evaluator:
     def _loss(self, model: Any) -> dict[str, float]:
         from kimi_lora_cli.training.loss import compute_loss
 
-        mine = self.indices[self.rank :: self.world]
         # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively);
         # a rank that ran out of samples repeats one and does not count it.
-        per_rank = math.ceil(len(self.indices) / self.world)
         sums = [0.0, 0.0, 0.0, 0.0]
-        for b in range(math.ceil(per_rank / self.batch_size)):
-            chunk = mine[b * self.batch_size : (b + 1) * self.batch_size]
+        for chunk in self._batches():
             parts = compute_loss(model, self.to_device(chunk or self.indices[:1]), self.text_weight,
                                  self.audio_weight)
             if not chunk:
@@ -100,6 +98,14 @@ class Evaluator:
         total, text, audio, n = self.reduce(sums)
         n = max(n, 1.0)
         return {"eval_loss": total / n, "eval_text_loss": text / n, "eval_audio_loss": audio / n}
+
+    def _batches(self) -> list[list[int]]:
+        if self.plan is not None:
+            return self.plan.eval_batches(self.indices, self.batch_size)
+        mine = self.indices[self.rank :: self.world]
+        per_rank = math.ceil(len(self.indices) / self.world)
+        return [mine[b * self.batch_size : (b + 1) * self.batch_size]
+                for b in range(math.ceil(per_rank / self.batch_size))]
 
     def _decode(self, unwrapped: Any) -> dict[str, float]:
         import contextlib

@@ -38,7 +38,7 @@ class EvaluationMixin:
                          text_weight=cfg.text_loss_weight, audio_weight=cfg.audio_loss_weight, generate=generate,
                          tokenizer=tokenizer, config=config, store=self.store,
                          max_new_tokens=cfg.eval_max_new_tokens or default_max_new_tokens(generate, tokenizer),
-                         sharded=sharded, autocast=self.accelerator.autocast)
+                         sharded=sharded, autocast=self.accelerator.autocast, plan=self.plan)
 
     def _banner(self) -> None:
         from kimi_lora_cli.formatting import human_count
@@ -53,7 +53,9 @@ class EvaluationMixin:
             if self.selection is not None else "full fine-tuning"
         rows = [("World size", f"{self.world} ({engine}, {self.device})"),
                 ("Batch", f"{cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
-                          f"accumulation x {self.world} processes = {per_step} samples per step"),
+                          f"accumulation x {self.world} processes = {per_step} "
+                          f"{'packed rows' if cfg.packing else 'samples'} per step"),
+                *([("Packing", self.plan.packing_summary())] if cfg.packing else []),
                 ("Steps", f"{self.steps_per_epoch} per epoch, {self.total_steps} in total"),
                 ("Trainable", f"{human_count(trainable)} of {human_count(total)} parameters "
                               f"({100.0 * trainable / max(total, 1):.3f}%)"),
@@ -71,7 +73,6 @@ class EvaluationMixin:
             self.reporter.eval_pairs(pairs)
         return metrics
 
-    # -- the loop -------------------------------------------------------------------------------
     # -- evaluation, best model, early stopping -----------------------------------------------
     def _evaluate_and_track(self, step: int, epoch: float, metrics: MetricsLog, result: TrainResult) -> None:
         ev = self.evaluate()

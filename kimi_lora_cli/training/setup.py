@@ -50,9 +50,9 @@ def preflight(cfg: TrainConfig, skeleton: Any = None) -> Any:
     from kimi_lora_cli.data.schema import load_samples
 
     skeleton = skeleton or model_skeleton(cfg)
-    max_len = cfg.model_max_length or skeleton.config.max_position_embeddings
+    max_len, flag = cfg.sample_limit(skeleton.config.max_position_embeddings)
     return load_samples(cfg.data_path, skeleton.tokenizer, skeleton.config, max_length=max_len,
-                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config))
+                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config), limit_flag=flag)
 
 
 def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:

@@ -128,7 +128,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
 
             resolve_targets(linear_entries(skeleton.model), cfg.lora_target)
             check_modules_to_save(skeleton.model, cfg.modules_to_save)
-        max_len = cfg.model_max_length or config.max_position_embeddings
+        max_len, _ = cfg.sample_limit(config.max_position_embeddings)
         data = preflight(cfg, skeleton)
         self.data = data
         if data.audio_tokenized:
@@ -219,16 +219,14 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.store = store
         self.dataset = KimiDataset(self.samples, skeleton.tokenizer.pad, config.kimia_adaptor_input_dim, store)
 
-        from kimi_lora_cli.training.plan import total_steps
+        from kimi_lora_cli.training.plan import BatchPlan
 
         self.fixed_micro = bool(cfg.deepspeed)
-        self.total_steps = total_steps(len(self.train_idx), cfg.num_train_epochs, cfg.max_steps, self.world,
-                                       cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                                       self.fixed_micro)
-        from kimi_lora_cli.training.plan import steps_per_epoch
-
-        self.steps_per_epoch = max(1, steps_per_epoch(len(self.train_idx), self.world, cfg.per_device_train_batch_size,
-                                                      cfg.gradient_accumulation_steps, self.fixed_micro))
+        self.plan = BatchPlan(self.train_idx, self.dataset.lengths(), cfg.seed, self.world, self.rank,
+                              cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.group_by_length,
+                              self.fixed_micro, cfg.row_length(config.max_position_embeddings))
+        self.total_steps = self.plan.total_steps(cfg.num_train_epochs, cfg.max_steps)
+        self.steps_per_epoch = max(1, self.plan.steps_per_epoch())
         optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -268,6 +266,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
 
+    # -- the loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         try:
             return self._run()
@@ -277,7 +276,6 @@ class Trainer(CheckpointMixin, EvaluationMixin):
     def _run(self) -> TrainResult:
 
         from kimi_lora_cli.training.loss import compute_loss
-        from kimi_lora_cli.training.plan import iterate_steps
 
         cfg, acc = self.cfg, self.accelerator
         result = TrainResult(output_dir=self.output_dir, global_step=0, total_steps=self.total_steps,
@@ -303,9 +301,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if start_step >= self.total_steps:
             self.reporter.print(f"Checkpoint step {start_step} already reaches the {self.total_steps} planned steps.")
 
-        lengths = self.dataset.lengths()
-        plan = iterate_steps(self.train_idx, lengths, cfg.seed, self.world, self.rank, cfg.per_device_train_batch_size,
-                             cfg.gradient_accumulation_steps, cfg.group_by_length, self.fixed_micro)
+        plan = self.plan.steps()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         eval_every = cfg.eval_steps or cfg.save_steps
         do_eval = bool(self.eval_idx) and cfg.evaluation_strategy != "no"

@@ -18,8 +18,9 @@ Embedding: embed(audio ids); at continuous positions (embed + adaptor(features))
 then + embed(text ids). Parameter names equal the release checkpoint's, so its safetensors
 load strictly. Padding is handled by the attention mask and by positions counted from
 each sample's first real token, so a padded batch gives each sample the logits it would
-get alone. `past_key_values` / `use_cache=True` keep a KV cache for both stacks
-(`KimiKVCache`). `gradient_checkpointing_enable()` recomputes every layer of both stacks
+get alone. Packed rows (`sequence_ids=` [B, L], several samples per row) get a block-diagonal
+causal attention and positions restarting at 0 per sample (packing.py).
+`past_key_values` / `use_cache=True` keep a KV cache for both stacks (`KimiKVCache`). `gradient_checkpointing_enable()` recomputes every layer of both stacks
 in the backward pass.
 """
 
@@ -34,6 +35,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig
+from kimi_lora_cli.models.kimi_audio.packing import (
+    PackedRows,
+    attend_packed,
+    choose_backend,
+    packed_positions,
+)
 
 SQRT2 = math.sqrt(2.0)
 
@@ -149,26 +156,32 @@ class KimiAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
 
     def _attend(self, q, k, v, mask, is_causal):
+        groups = self.num_heads // self.num_kv_heads
+        if isinstance(mask, PackedRows):
+            return attend_packed(q, k, v, mask, groups, self._eager)
         if self.attn_implementation == "flash_attention_2" and mask is None and q.is_cuda:
             from flash_attn import flash_attn_func  # optional; only when installed and asked for
 
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal)
             return out.transpose(1, 2)
-        groups = self.num_heads // self.num_kv_heads
         if self.attn_implementation == "eager":
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            elif is_causal:
-                q_len, k_len = q.shape[2], k.shape[2]
-                causal = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
-                scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-            return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+            return self._eager(q, k, v, mask, is_causal)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, enable_gqa=groups > 1
         )
+
+    def _eager(self, q, k, v, mask, is_causal=False):
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        elif is_causal:
+            q_len, k_len = q.shape[2], k.shape[2]
+            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 class KimiMLP(nn.Module):
@@ -271,6 +284,8 @@ class KimiAudioForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mimo_output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # How packed rows (`sequence_ids`) attend: auto, sdpa, eager, flex or flash (see packing.py).
+        self.packed_attention = "auto"
 
     # -- conveniences used by peft / trainers -------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
@@ -341,6 +356,7 @@ class KimiAudioForCausalLM(nn.Module):
         continuous_features: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        sequence_ids: torch.Tensor | None = None,
         past_key_values: KimiKVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
@@ -350,21 +366,35 @@ class KimiAudioForCausalLM(nn.Module):
     ) -> KimiAudioOutput:
         """See the module docstring. `logits_to_keep=k` keeps only the last k positions;
         `text_logits_mask` / `audio_logits_mask` ([B, L] bool) compute a head only on the
-        selected rows (what a loss needs), returning [N, V]."""
+        selected rows (what a loss needs), returning [N, V]. `sequence_ids` ([B, L]) marks packed
+        rows: runs of equal ids are separate samples (attention_mask is then not needed)."""
         cfg = self.config
         bsz, q_len = input_ids.shape
         cache = past_key_values
+        if sequence_ids is not None and (use_cache or cache is not None):
+            raise ValueError("packed rows (sequence_ids) are for training and scoring; they take no KV cache")
         if use_cache and cache is None:
             cache = self.new_cache()
         past_len = cache.get_seq_length() if cache is not None else 0
         hidden = self.embed(input_ids, text_input_ids, is_continuous_mask, continuous_features)
-        if position_ids is None:
+        if sequence_ids is not None:
+            if sequence_ids.shape != input_ids.shape:
+                raise ValueError(f"sequence_ids has shape {tuple(sequence_ids.shape)}, input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            if position_ids is None:
+                position_ids = packed_positions(sequence_ids)
+        elif position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
             else:
                 position_ids = torch.arange(past_len, past_len + q_len, device=hidden.device)[None].expand(bsz, -1)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, hidden.dtype)
-        mask, is_causal = build_attention_mask(attention_mask, q_len, past_len, hidden.device)
+        if sequence_ids is not None:
+            backend = choose_backend(self.packed_attention, cfg.attn_implementation, hidden.device)
+            mask, is_causal = PackedRows(sequence_ids, backend), False
+            mask.auto = self.packed_attention == "auto"
+        else:
+            mask, is_causal = build_attention_mask(attention_mask, q_len, past_len, hidden.device)
 
         mimo_hidden = None
         n_main = len(self.model.layers)
