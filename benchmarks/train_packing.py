@@ -12,6 +12,7 @@ Every mode holds at most B x packing-length tokens in a micro-batch (the same me
 is real (non-padding) tokens per second, with the share of computed positions that were padding.
 
     python benchmarks/train_packing.py [--samples 160] [--micro 4,8] [--configs tiny,larger]
+        [--lengths train-clean,dev-clean]
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def run_epoch(model, dataset, steps) -> dict:
             "padding": 1 - real / computed, "max_tokens": max(a * b for a, b in micro_shapes)}
 
 
-def bench(name: str, shape: dict, n: int, micro: int, seed: int) -> float:
+def bench(name: str, shape: dict, n: int, micro: int, seed: int, kind: str) -> float:
     import torch
     from _librispeech import asr_samples
 
@@ -89,11 +90,11 @@ def bench(name: str, shape: dict, n: int, micro: int, seed: int) -> float:
     from kimi_lora_cli.training.plan import BatchPlan
 
     config, model = build(shape)
-    samples, store, longest = asr_samples(n, config, seed)
+    samples, store, longest = asr_samples(n, config, seed, kind=kind)
     dataset = KimiDataset(samples, config.pad_token_id, config.kimia_adaptor_input_dim, store)
     lengths = dataset.lengths()
     row = longest
-    print(f"\n[{name}] hidden {config.hidden_size}, {config.num_hidden_layers}+{config.kimia_mimo_layers} layers, "
+    print(f"\n[{name}, {kind} lengths] hidden {config.hidden_size}, {config.num_hidden_layers}+{config.kimia_mimo_layers} layers, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; {n} samples, "
           f"{sum(lengths)} tokens, {min(lengths)}-{max(lengths)} per sample (mean {sum(lengths) / n:.0f}); "
           f"micro-batch {micro} samples or {micro} rows of {row}; {torch.get_num_threads()} threads")
@@ -128,10 +129,14 @@ def main() -> None:
     ap.add_argument("--micro", default="4,8", help="micro-batch sizes to try, comma-separated")
     ap.add_argument("--configs", default="tiny,larger")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lengths", default="train-clean,dev-clean",
+                    help="duration histograms: train-clean (LibriSpeech training, mean ~12.5 s) and/or dev-clean "
+                    "(dev/test sets, mean ~8 s)")
     args = ap.parse_args()
-    for name in args.configs.split(","):
-        for micro in args.micro.split(","):
-            bench(name, CONFIGS[name], args.samples, int(micro), args.seed)
+    for kind in args.lengths.split(","):
+        for name in args.configs.split(","):
+            for micro in args.micro.split(","):
+                bench(name, CONFIGS[name], args.samples, int(micro), args.seed, kind)
 
 
 if __name__ == "__main__":
