@@ -94,8 +94,14 @@ def part1(args) -> None:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     t0 = time.perf_counter()
-    model = build_kimi_model(cfg, device=device)
+    model = build_kimi_model(cfg, device=device)  # parameters allocated, not initialised
     torch.set_default_dtype(default)
+    with torch.no_grad():  # a release-like scale, so the loss is a number (uninitialised memory gives NaN)
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0) if "norm" in name else p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e9:.2f} B parameters, bf16, built in {time.perf_counter() - t0:.1f} s on {device}")
     model.gradient_checkpointing_enable()
