@@ -26,6 +26,17 @@ def tiny(tiny_dir):
     return load_model(tiny_dir, dtype="float32")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: threads only add contention on a shared 2-core machine (training tests)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def cli():
     """Invoke the real Typer app in-process; returns (exit_code, stdout, stderr)."""
