@@ -94,6 +94,23 @@ def init_process_group(device_type: str) -> bool:
     return True
 
 
+def return_freed_memory() -> None:
+    """Hand large freed blocks straight back to the system (glibc). FSDP gathers and frees every
+    layer's weights in each forward and backward; with shards in CPU memory, glibc's malloc would
+    keep those blocks in its heap (its mmap threshold rises with every large block freed) and the
+    process would grow back to a whole-model footprint. Fixing the threshold at glibc's starting value
+    (128 KiB) stops that."""
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(m_mmap_threshold, 128 * 1024)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def units(inner: Any) -> list[Any]:
     """The modules that get their own FSDP unit, in forward order (the root comes last)."""
     return [*inner.model.layers, *inner.model.mimo_layers, inner.lm_head, inner.mimo_output]
@@ -120,6 +137,8 @@ def shard_model(inner: Any, fsdp: FsdpSettings, device: Any) -> Any:
         # A rank whose micro-batch has no audio does not use the adaptor: its gradients count as zeros
         # (DDP's find_unused_parameters), so every rank reduces the same tensors.
         inner.set_reduce_scatter_unused_params(True)
+    if fsdp.cpu_offload or torch.device(device).type == "cpu":
+        return_freed_memory()
     inner.to_empty(device="cpu" if fsdp.cpu_offload else device)
     return inner
 
