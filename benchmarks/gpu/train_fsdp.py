@@ -189,7 +189,7 @@ def worker(args) -> None:
         for offload in (False, True):
             if offload and args.skip_offload:
                 continue
-            say(f"Part 2: kimi-lora train --fsdp --bf16 --gradient-checkpointing"
+            say("Part 2: kimi-lora train --fsdp --bf16 --gradient-checkpointing"
                 + (" --fsdp-cpu-offload" if offload else "") + ": " + part2(args, work, offload))
     if dist.is_initialized():
         dist.destroy_process_group()
