@@ -61,12 +61,12 @@ def wrap_lora(model: Any, cfg: TrainConfig, base_path: str | None = None) -> tup
     return peft_model, selection
 
 
-def init_adapter_weights(model: Any, seed: int) -> int:
+def init_adapter_weights(model: Any, seed: int) -> set[int]:
     """Give every LoRA layer its starting weights, the same for any number of processes and any
     sharding (the model may be built on the meta device and FSDP-sharded): lora_A ~ U(-b, b) with
     b = 1/sqrt(in_features) (peft's default, kaiming-uniform with a = sqrt(5)) drawn from a generator
     seeded by `seed` and the module's name, lora_B = 0, and DoRA's magnitude = the row norms of the
-    base weight (what peft computes while B is 0). Returns the number of layers initialised."""
+    base weight (what peft computes while B is 0). Returns the ids of the parameters it set."""
     import math
     import zlib
 
@@ -75,7 +75,7 @@ def init_adapter_weights(model: Any, seed: int) -> int:
 
     from kimi_lora_cli.sharded import copy_full_, local, local_rows
 
-    n = 0
+    done: set[int] = set()
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -88,6 +88,8 @@ def init_adapter_weights(model: Any, seed: int) -> int:
                 local(b).zero_()
                 if module.lora_B[adapter].bias is not None:
                     local(module.lora_B[adapter].bias).zero_()
+                    done.add(id(module.lora_B[adapter].bias))
+            done |= {id(a), id(b)}
             magnitudes = getattr(module, "lora_magnitude_vector", None)
             if magnitudes is not None and adapter in magnitudes:
                 m = magnitudes[adapter].weight
@@ -96,8 +98,8 @@ def init_adapter_weights(model: Any, seed: int) -> int:
                     raise RuntimeError(f"{name}: DoRA magnitude and base weight are sharded differently")
                 with torch.no_grad():
                     local(m).copy_(torch.linalg.norm(local(w), dim=1).to(local(m).dtype))
-            n += 1
-    return n
+                done.add(id(m))
+    return done
 
 
 def base_name(param_name: str) -> str:

@@ -264,9 +264,15 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.loaded = load_model(weights, dtype=load_dtype(cfg), device=self.device, base_path=base, prepare=prepare)
         self.selection = wrapped.get("selection")
         if self.selection is not None:
+            from kimi_lora_cli.sharded import checkpoint_key
             from kimi_lora_cli.training.lora import init_adapter_weights
 
-            init_adapter_weights(self.loaded.model, cfg.seed)
+            done = init_adapter_weights(self.loaded.model, cfg.seed)
+            unset = [n for n, p in self.loaded.model.named_parameters() if checkpoint_key(n) is None
+                     and id(p) not in done]
+            if unset:  # a peft adapter kind this trainer does not know how to start
+                raise ConfigError(f"no starting values for adapter weights {', '.join(unset[:3])}; "
+                                  "train plain LoRA / DoRA targets")
         self.model = self.loaded.model
         return self.model
 
