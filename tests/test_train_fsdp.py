@@ -166,6 +166,11 @@ def test_fsdp_in_one_process_and_with_cpu_offload_trains_like_plain(cli, tiny_di
     for name, extra in runs.items():
         code, _, err = cli("train", *args, *extra, "--output-dir", tmp_path / name)
         assert code == 0, err
+    # bf16 in a process of its own (accelerate fixes a process's mixed precision at its first run)
+    bf16 = subprocess.run([sys.executable, "-m", "kimi_lora_cli", "train", *args, "--fsdp", "--bf16",
+                           "--gradient-checkpointing", "--output-dir", str(tmp_path / "bf16")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # the run's own process group is gone again
@@ -174,6 +179,10 @@ def test_fsdp_in_one_process_and_with_cpu_offload_trains_like_plain(cli, tiny_di
         a = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
         b = load_file(str(tmp_path / name / "adapter_model.safetensors"))
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # bfloat16 weights gathered for compute: the same curve up to bfloat16 rounding, a complete adapter
+    assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "plain"), abs=0.05)
+    adapter = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert adapter.keys() == a.keys() and all(t.numel() for t in adapter.values())
     saved = yaml_config(tmp_path / "offload")
     assert saved["fsdp"] is True and saved["fsdp_cpu_offload"] is True
 
