@@ -23,6 +23,7 @@ def main(result_path: str, settings: str) -> None:
     cfg = TrainConfig.build({}, json.loads(settings))
     trainer = Trainer(cfg)
     trainer.setup()
+    together = False
     try:
         trainer._run()
         model = trainer._unwrapped()
@@ -56,8 +57,9 @@ def main(result_path: str, settings: str) -> None:
                 "compared": len(common),
             }
             Path(result_path).write_text(json.dumps(result), encoding="utf-8")
+        together = True
     finally:
-        trainer._release()
+        trainer._release(together=together)
 
 
 if __name__ == "__main__":

@@ -314,17 +314,24 @@ class Trainer(CheckpointMixin, EvaluationMixin):
 
     def run(self) -> TrainResult:
         try:
-            return self._run()
-        finally:
+            result = self._run()
+        except BaseException:
             self._release()
+            raise
+        self._release(together=True)
+        return result
 
-    def _release(self) -> None:
-        """Unlock the output folder; destroy the process group this run created (FSDP)."""
+    def _release(self, together: bool = False) -> None:
+        """Unlock the output folder; destroy the process group this run created (FSDP). `together`:
+        the run ended normally, so every process first waits for the others (a process that tears its
+        connections down while another still uses them aborts)."""
         self.out.release()
         if getattr(self, "owns_group", False):
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if together and dist.get_world_size() > 1:
+                    dist.barrier()
                 dist.destroy_process_group()
             self.owns_group = False
 
