@@ -192,6 +192,7 @@ def worker(args) -> None:
             say("Part 2: kimi-lora train --fsdp --bf16 --gradient-checkpointing"
                 + (" --fsdp-cpu-offload" if offload else "") + ": " + part2(args, work, offload))
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
