@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,18 +468,32 @@ def load_model(
     load_tokenizer_: bool = True,
     attn_implementation: str = "sdpa",
     adapters_trainable: bool = False,
+    prepare: Callable[[Any], Any] | None = None,
 ) -> LoadedModel:
     """Load a model folder (see module docstring). `adapters` = [(name, folder), ...] are
     attached with peft, the first one active. `base_path` is where tokenizer and Whisper are
-    looked up when `path` lacks them (the guide's --model_name_or_path)."""
+    looked up when `path` lacks them (the guide's --model_name_or_path).
+
+    `prepare(model)` (Kimi-Audio): the model is built on the meta device and handed to `prepare`
+    before any tensor is read; it may wrap adapters and shard the model across processes (FSDP2)
+    and returns the module to fill. Whatever is still on the meta device is then allocated on
+    `device` and every parameter reads only the rows it holds, straight from the files, so no
+    process holds a full CPU copy first. Adapter weights are left to the caller."""
     import torch
 
     info = inspect_folder(path, allow_pickle=allow_pickle, need_weights=weights, base_path=base_path)
     torch_dtype = resolve_dtype(dtype, info)
     device = torch.device(device)
     encoder = None
+    if prepare is not None and not (info.is_kimi and weights):
+        raise ModelLoadError(f"{info.path}: a prepared (meta-device) load needs a Kimi-Audio folder with weights")
     if info.is_kimi:
-        if weights:
+        if prepare is not None:
+            from kimi_lora_cli.sharded import load_kimi_prepared
+
+            model, cfg, encoder = load_kimi_prepared(info, torch_dtype, device, base_path, load_whisper,
+                                                     attn_implementation, prepare)
+        elif weights:
             model, cfg, encoder = _load_kimi(info, torch_dtype, device, base_path, load_whisper, attn_implementation)
         else:
             cfg = kimi_config(info, attn_implementation)
@@ -486,7 +501,7 @@ def load_model(
             info.num_parameters = sum(p.numel() for p in model.parameters())
     else:
         model, cfg = _load_hf(info, torch_dtype, device, weights, allow_pickle)
-    if info.is_kimi:
+    if info.is_kimi and prepare is None:
         model.name_or_path = str(info.path)  # peft saves it as the adapter's base_model_name_or_path
     tokenizer = load_tokenizer(info) if load_tokenizer_ else None
     loaded = LoadedModel(model=model, tokenizer=tokenizer, feature_encoder=encoder, info=info, config=cfg)

@@ -19,7 +19,7 @@ P_RUN = "Saving, logging, resuming, launching"
 # Boolean flags that the guide writes with a value (`--bf16 True`, `--use_lora false`).
 BOOL_FLAGS = ("use-lora", "use-dora", "use-rslora", "train-embeddings", "bf16", "fp16", "gradient-checkpointing",
               "group-by-length", "packing", "lazy-preprocess", "load-best-model-at-end", "greater-is-better",
-              "overwrite-output-dir")
+              "overwrite-output-dir", "fsdp", "fsdp-cpu-offload")
 LIST_FLAGS = ("--lora-target", "--lora-target-modules", "--target", "--modules-to-save")
 TRUE_WORDS = {"true", "1", "yes", "y", "on"}
 FALSE_WORDS = {"false", "0", "no", "n", "off"}
@@ -258,6 +258,13 @@ def train(
         "touched).", rich_help_panel=P_RUN)] = None,
     deepspeed: Annotated[str | None, typer.Option("--deepspeed", help="DeepSpeed config: zero2 or zero3 (shipped "
                                                   "with kimi-lora) or a JSON path; \"auto\" values are filled from the flags.", rich_help_panel=P_RUN)] = None,
+    fsdp: Annotated[bool | None, typer.Option(
+        "--fsdp/--no-fsdp", help="Shard weights, gradients and optimizer state over the processes (FSDP2): each "
+        "holds 1/N of the model, for models past one GPU's memory. With --num-processes, torchrun or "
+        "`accelerate launch --use_fsdp`.", rich_help_panel=P_RUN)] = None,
+    fsdp_cpu_offload: Annotated[bool | None, typer.Option(
+        "--fsdp-cpu-offload/--no-fsdp-cpu-offload", help="With --fsdp: keep the shards, gradients and optimizer "
+        "state in CPU memory (slower; fits larger models).", rich_help_panel=P_RUN)] = None,
     report_to: Annotated[str | None, typer.Option("--report-to", help="Trackers: tensorboard, wandb (comma list), "
                                                   "all (every installed one) or none. \\[default: none]",
                                                   rich_help_panel=P_RUN)] = None,
@@ -279,6 +286,8 @@ def train(
       $ kimi-lora train --model-name-or-path ./Kimi-Audio-7B-Instruct --data-path data.jsonl --use-lora --lora-rank 8 --lora-target all --bf16 --output-dir out/asr-lora
 
       $ torchrun --nproc_per_node 8 -m kimi_lora_cli train --config train.yaml --deepspeed ds_zero3.json
+
+      $ kimi-lora train --config train.yaml --fsdp --bf16 --gradient-checkpointing --num-processes 8
 
       $ kimi-lora train --config out/asr-lora/train_config.yaml --resume-from-checkpoint latest
     """

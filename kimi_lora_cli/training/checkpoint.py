@@ -240,6 +240,18 @@ def save_tensors(tensors: dict[str, Any], path: Path) -> None:
                   metadata={"format": "pt"})
 
 
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} from a safetensors header (no tensor read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+        raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0][:160]}); resume from another "
+                          "checkpoint") from None
+
+
 def load_tensors(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 

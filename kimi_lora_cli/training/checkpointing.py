@@ -1,6 +1,9 @@
 """Checkpoints and final saves of a training run (a part of `Trainer`, split out for size): atomic
 `checkpoint-N/` folders with everything a resume needs, the resume itself, restoring the best
-checkpoint's weights, and the final adapter / full model."""
+checkpoint's weights, and the final adapter / full model.
+
+Under FSDP every tensor is gathered to full size before it is saved (the files are the same as an
+unsharded run's), and on loading each process reads only the rows it holds."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from kimi_lora_cli.training.saving import atomic_files, save_adapter, save_full_
 
 class CheckpointMixin:
     """Expects the Trainer's attributes: cfg, accelerator, model, optimizer, scheduler, out, output_dir,
-    selection, deepspeed, rank, world, is_main, loaded, state, metrics, data_sha256, resume_state."""
+    selection, deepspeed, fsdp, rank, world, is_main, loaded, state, metrics, data_sha256, resume_state."""
 
     def save_checkpoint(self, step: int, extra: dict[str, Any]) -> Path:
         acc = self.accelerator
@@ -44,10 +47,15 @@ class CheckpointMixin:
         if self.deepspeed:
             self.model.save_checkpoint(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
         trainable = gathered_named_parameters(unwrapped, acc)
+        optimizer = None
+        if self.fsdp is not None:  # every process takes part in gathering the sharded state
+            optimizer = self.fsdp.full_optimizer_state(self.optimizer, keep=self.is_main)
+        elif self.is_main and not self.deepspeed:
+            optimizer = self.optimizer.state_dict()
         if self.is_main:
             if not self.deepspeed:
                 ckpt.save_tensors(trainable, tmp / "trainable.safetensors")
-                save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                save_torch(optimizer, tmp / "optimizer.pt")
             save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
             if self.selection is not None:
                 save_adapter(unwrapped, trainable, tmp)
@@ -71,18 +79,22 @@ class CheckpointMixin:
         if self.deepspeed:
             self.model.load_checkpoint(str(folder / "deepspeed"), load_module_strict=False)
         else:
-            tensors = ckpt.load_tensors(folder / "trainable.safetensors")
+            path = folder / "trainable.safetensors"
+            shapes = ckpt.tensor_shapes(path)
             params = dict(self._unwrapped().named_parameters())
-            missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+            missing = [n for n, p in params.items() if p.requires_grad and n not in shapes]
             if missing:
                 raise ConfigError(f"{folder}: checkpoint lacks {len(missing)} trainable tensors ({missing[0]}, ...); "
                                   "it comes from a run with other targets")
-            wrong = [n for n, t in tensors.items() if n in params and tuple(t.shape) != tuple(params[n].shape)]
+            wrong = [n for n, shape in shapes.items() if n in params and shape != tuple(params[n].shape)]
             if wrong:
-                raise ConfigError(f"{folder}: tensor {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, this "
+                raise ConfigError(f"{folder}: tensor {wrong[0]} has shape {shapes[wrong[0]]}, this "
                                   f"run's is {tuple(params[wrong[0]].shape)}; it comes from a run with other settings")
-            self._copy_trainable(tensors)
-            self.optimizer.load_state_dict(ckpt.load_torch_file(folder / "optimizer.pt"))
+            self._fill_trainable(path)
+            optimizer = ckpt.load_torch_file(folder / "optimizer.pt")
+            if self.fsdp is not None:
+                optimizer = self.fsdp.local_optimizer_state(optimizer, self.optimizer)
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(ckpt.load_torch_file(folder / "scheduler.pt"))
         resync_learning_rate(self.optimizer, self.scheduler, self.cfg.learning_rate)
         rng = ckpt.load_rng(folder, self.rank)
@@ -115,7 +127,10 @@ class CheckpointMixin:
             if self.is_main:
                 save_adapter(unwrapped, trainable, tmp)
         else:
-            state = acc.get_state_dict(self.model)
+            if self.fsdp is not None:
+                state = gathered_named_parameters(unwrapped, acc, only_trainable=False)
+            else:
+                state = acc.get_state_dict(self.model)
             if self.is_main:
                 save_full_model(state, tmp, self.cfg, self.loaded)
         acc.wait_for_everyone()
@@ -124,14 +139,19 @@ class CheckpointMixin:
         acc.wait_for_everyone()
         return files
 
-    def _copy_trainable(self, tensors: dict[str, Any]) -> None:
-        import torch
+    def _fill_trainable(self, path: Path) -> None:
+        """Copy a checkpoint's trainable tensors into the model (each process reads only its rows)."""
+        from safetensors import SafetensorError
 
-        params = dict(self._unwrapped().named_parameters())
-        with torch.no_grad():
-            for n, t in tensors.items():
-                if n in params:
-                    params[n].copy_(t.to(params[n].device, params[n].dtype))
+        from kimi_lora_cli.errors import ModelLoadError
+        from kimi_lora_cli.sharded import fill_from_file
+
+        params = {n: [p] for n, p in self._unwrapped().named_parameters()}
+        try:
+            fill_from_file(path, params)
+        except (ModelLoadError, SafetensorError, OSError) as e:
+            raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0][:160]}); resume from another "
+                              "checkpoint") from None
 
     def _load_best(self) -> None:
         """Put the best checkpoint's trainable weights back, so the final save is the best model."""
@@ -143,6 +163,6 @@ class CheckpointMixin:
             self.model.load_checkpoint(str(folder / "deepspeed"), load_module_strict=False,
                                        load_optimizer_states=False, load_lr_scheduler_states=False)
         else:
-            self._copy_trainable(ckpt.load_tensors(folder / "trainable.safetensors"))
+            self._fill_trainable(folder / "trainable.safetensors")
         self.reporter.print(f"Loaded the best checkpoint {folder.name} ({self.state.metric_for_best_model} "
                             f"{self.state.best_metric:.4f}) as the final {'adapter' if self.selection else 'model'}.")

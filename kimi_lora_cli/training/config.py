@@ -104,6 +104,8 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     overwrite_output_dir: bool = False  # replace a folder an earlier `kimi-lora train` wrote
     deepspeed: str | None = None
+    fsdp: bool = False  # FSDP2: every process holds 1/world of the model
+    fsdp_cpu_offload: bool = False  # FSDP shards, gradients and optimizer state in CPU memory
     report_to: str = "none"  # comma list of tensorboard, wandb; all; none
     run_name: str | None = None
 
@@ -212,6 +214,9 @@ class TrainConfig:
         need(self.save_steps >= 1 and self.logging_steps >= 1, "--save-steps and --logging-steps must be at least 1")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "--save-total-limit must be at least 1")
         need(not (self.bf16 and self.fp16), "pick one of --bf16 and --fp16")
+        need(not (self.fsdp and self.deepspeed), "pick one of --fsdp and --deepspeed (both shard the model)")
+        need(self.fsdp or not self.fsdp_cpu_offload, "--fsdp-cpu-offload needs --fsdp")
+        need(not (self.fsdp and self.fp16), "--fsdp trains in bfloat16 or float32: use --bf16 instead of --fp16")
         trackers = [t.strip() for t in self.report_to.replace(" ", ",").split(",") if t.strip()]
         need(all(t in REPORT_TO for t in trackers),
              f"--report-to takes a comma list of {', '.join(REPORT_TO)} (got {self.report_to!r})")

@@ -1,4 +1,4 @@
-"""Accelerate set-up: process rank before start-up, DeepSpeed config filling, gathering under ZeRO-3."""
+"""Accelerate set-up: process rank before start-up, DeepSpeed config filling, gathering under ZeRO-3 / FSDP."""
 
 from __future__ import annotations
 
@@ -78,8 +78,20 @@ def zero_stage(accelerator: Any) -> int:
 
 def gathered_named_parameters(model: Any, accelerator: Any, only_trainable: bool = True) -> dict[str, Any]:
     """{name: full CPU tensor} for the (trainable) parameters of the unwrapped model; under ZeRO-3
-    the partitioned parameters are gathered first, so nothing saved is an empty shard."""
+    the partitioned parameters are gathered first, so nothing saved is an empty shard. FSDP shards
+    are gathered one tensor at a time (every process takes part) and kept by the main process only
+    (the others get {})."""
+    from kimi_lora_cli.sharded import full_tensor, is_sharded
+
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not only_trainable]
+    if any(is_sharded(p) for _, p in params):
+        keep = accelerator.is_main_process
+        out = {}
+        for n, p in params:
+            t = full_tensor(p.detach())
+            if keep:
+                out[n] = t.to("cpu") if is_sharded(p) else t.to("cpu").clone()
+        return out
     if zero_stage(accelerator) == 3:
         import deepspeed
 

@@ -61,6 +61,47 @@ def wrap_lora(model: Any, cfg: TrainConfig, base_path: str | None = None) -> tup
     return peft_model, selection
 
 
+def init_adapter_weights(model: Any, seed: int) -> set[int]:
+    """Give every LoRA layer its starting weights, the same for any number of processes and any
+    sharding (the model may be built on the meta device and FSDP-sharded): lora_A ~ U(-b, b) with
+    b = 1/sqrt(in_features) (peft's default, kaiming-uniform with a = sqrt(5)) drawn from a generator
+    seeded by `seed` and the module's name, lora_B = 0, and DoRA's magnitude = the row norms of the
+    base weight (what peft computes while B is 0). Returns the ids of the parameters it set."""
+    import math
+    import zlib
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from kimi_lora_cli.sharded import copy_full_, local, local_rows
+
+    done: set[int] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter, a_layer in module.lora_A.items():
+            a, b = a_layer.weight, module.lora_B[adapter].weight
+            g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}:{adapter}".encode())) % 2**63)
+            bound = 1.0 / math.sqrt(a.shape[1])
+            copy_full_(a, torch.empty(tuple(a.shape), dtype=torch.float32).uniform_(-bound, bound, generator=g))
+            with torch.no_grad():
+                local(b).zero_()
+                if module.lora_B[adapter].bias is not None:
+                    local(module.lora_B[adapter].bias).zero_()
+                    done.add(id(module.lora_B[adapter].bias))
+            done |= {id(a), id(b)}
+            magnitudes = getattr(module, "lora_magnitude_vector", None)
+            if magnitudes is not None and adapter in magnitudes:
+                m = magnitudes[adapter].weight
+                w = module.get_base_layer().weight
+                if local_rows(m) != local_rows(w):
+                    raise RuntimeError(f"{name}: DoRA magnitude and base weight are sharded differently")
+                with torch.no_grad():
+                    local(m).copy_(torch.linalg.norm(local(w), dim=1).to(local(m).dtype))
+                done.add(id(m))
+    return done
+
+
 def base_name(param_name: str) -> str:
     """Module path of a parameter in the unwrapped model (peft prefixes and adapter parts removed)."""
     out, skip = [], False

@@ -24,7 +24,7 @@ from kimi_lora_cli.training.config import TrainConfig
 # save / log / evaluate, where the run executes); every other difference stops the resume.
 RESUMABLE_CHANGES = ("max_steps", "num_train_epochs", "learning_rate", "save_steps", "save_total_limit",
                      "logging_steps", "eval_steps", "evaluation_strategy", "per_device_eval_batch_size",
-                     "report_to", "device", "gradient_checkpointing", "feature_cache_dir", "output_dir",
+                     "report_to", "device", "gradient_checkpointing", "feature_cache_dir", "fsdp_cpu_offload", "output_dir",
                      "resume_from_checkpoint", "overwrite_output_dir")
 UNREPORTED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 # Compared through the global batch (processes x per-device batch x accumulation) instead.

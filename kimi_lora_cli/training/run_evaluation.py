@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 class EvaluationMixin:
     """Expects the Trainer's attributes: cfg, dataset, eval_idx, train_idx, store, accelerator, model,
-    reporter, state, selection, deepspeed, rank, world, is_main, device, steps_per_epoch, total_steps,
+    reporter, state, selection, deepspeed, fsdp, rank, world, is_main, device, steps_per_epoch, total_steps,
     output_dir, command."""
 
     def _make_evaluator(self, tokenizer: Any, config: Any) -> Any:
@@ -30,8 +30,8 @@ class EvaluationMixin:
             if not generate:
                 raise ConfigError("--eval-generate: no evaluation conversation ends with an assistant text answer "
                                   "to score")
-        sharded = bool(self.deepspeed and deepspeed_config(cfg, self.world).get("zero_optimization", {})
-                       .get("stage", 0) == 3)
+        sharded = self.fsdp is not None or bool(self.deepspeed and deepspeed_config(cfg, self.world)
+                                                 .get("zero_optimization", {}).get("stage", 0) == 3)
         return Evaluator(dataset=self.dataset, indices=self.eval_idx, batch_size=cfg.eval_batch_size,
                          decode_batch_size=cfg.decode_batch_size, rank=self.rank,
                          world=self.world, reduce=self._reduce, to_device=self._batch,
@@ -49,6 +49,8 @@ class EvaluationMixin:
         total = sum(p.numel() for p in self._unwrapped().parameters())
         precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
         engine = f"DeepSpeed {cfg.deepspeed}" if cfg.deepspeed else "DDP" if self.world > 1 else "single process"
+        if self.fsdp is not None:
+            engine = "FSDP" + (", CPU offload" if self.fsdp.settings.cpu_offload else "")
         targets = f"LoRA r={cfg.lora_rank} on {len(self.selection.names)} modules ({cfg.lora_target})" \
             if self.selection is not None else "full fine-tuning"
         rows = [("World size", f"{self.world} ({engine}, {self.device})"),

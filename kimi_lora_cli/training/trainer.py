@@ -1,7 +1,9 @@
-"""The training run: load -> pre-flight -> wrap -> accelerate -> loop -> atomic saves.
+"""The training run: pre-flight -> accelerate -> load (meta build, wrap, shard, fill) -> loop -> saves.
 
 `train(cfg)` is what `kimi-lora train` calls; the same function runs in every process under
-`torchrun` / `accelerate launch` (DDP) and with `--deepspeed` (ZeRO-2/3). One optimizer step takes
+`torchrun` / `accelerate launch` (DDP), with `--fsdp` (FSDP2) and with `--deepspeed` (ZeRO-2/3). The
+model is built on the meta device and each process reads its weights straight onto its device (with
+FSDP only its own shard), so no process holds a full CPU copy first. One optimizer step takes
 `world * per_device * accumulation` samples of the deterministic batch plan; each rank's loss is scaled
 so the step's gradient is that of the mean per-sample loss over the whole global batch.
 """
@@ -16,6 +18,7 @@ from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.fileops import write_atomic
+from kimi_lora_cli.sharded import as_plain
 from kimi_lora_cli.training import checkpoint as ckpt
 from kimi_lora_cli.training.checkpointing import CheckpointMixin
 from kimi_lora_cli.training.config import TrainConfig
@@ -63,18 +66,17 @@ class TrainResult:
 
 
 # -------------------------------------------------------------------------------------------
-# Set-up helpers
-# -------------------------------------------------------------------------------------------
-
-
-# -------------------------------------------------------------------------------------------
 # The run
 # -------------------------------------------------------------------------------------------
 
 
 class Trainer(CheckpointMixin, EvaluationMixin):
     def __init__(self, cfg: TrainConfig, reporter: Reporter | None = None) -> None:
+        from kimi_lora_cli.training.fsdp import from_launcher
+
+        cfg, self.launcher_notes = from_launcher(cfg)  # `accelerate launch --use_fsdp` -> --fsdp
         self.cfg = cfg
+        self.fsdp = None  # FsdpRun when the model is sharded
         self.rank = env_rank()
         self.world = env_world()
         self.is_main = self.rank == 0
@@ -95,7 +97,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         try:
             self._build()
         except BaseException:
-            self.out.release()
+            self._release()
             raise
 
     def _check_inputs(self) -> None:
@@ -107,6 +109,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         torch.manual_seed(cfg.seed)
         say = self.reporter.print
         parse_report_to(cfg.report_to)  # a missing tracker package fails here, before any weight is read
+        for note in self.launcher_notes:
+            say(f"[yellow]Note:[/] {note}")
         self.resume_dir, self.resume_state = None, None
         if cfg.resume_from_checkpoint:
             self.resume_dir = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
@@ -163,49 +167,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
     def _build(self) -> None:
         from kimi_lora_cli.data.dataset import KimiDataset
         from kimi_lora_cli.data.features import FeatureStore
-        from kimi_lora_cli.loading import load_model
 
-        cfg, data, skeleton, say = self.cfg, self.data, self.skeleton, self.reporter.print
+        cfg, skeleton, say = self.cfg, self.skeleton, self.reporter.print
         config = skeleton.config
-        weights, base = model_locations(cfg)
-        say(f"[bold]Loading[/] {weights}" + (f" (tokenizer and Whisper from {base})" if base else ""))
-        self.loaded = load_model(weights, dtype=load_dtype(cfg), device="cpu", base_path=base)
-
-        # Model: adapters or full fine-tuning; Whisper stays frozen outside the trained module.
-        model = self.loaded.model
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        self.selection = None
-        if cfg.lora_enabled:
-            from kimi_lora_cli.training.lora import wrap_lora
-
-            model, self.selection = wrap_lora(model, cfg, base_path=str(weights))
-        else:
-            model.requires_grad_(True)
-        self.model = model
-        self._report_parameters()
-
-        # Accelerate (DDP / DeepSpeed / single device).
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        has_audio_free = any(not s.seq.media for s in data.samples)
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=has_audio_free)]
-        kwargs: dict[str, Any] = {}
-        if cfg.deepspeed:
-            from accelerate.utils import DeepSpeedPlugin
-
-            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, self.world))
-        cpu = (cfg.device or "").startswith("cpu")
-        precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=handlers,
-                                       gradient_accumulation_steps=cfg.gradient_accumulation_steps
-                                       if cfg.deepspeed else 1, **kwargs)
-        acc = self.accelerator
-        if str(acc.distributed_type).endswith("FSDP"):
-            # Saving would need FSDP's full-state gathering, which is not wired (or tested) yet.
-            raise ConfigError("FSDP (accelerate --use_fsdp) is not supported by `kimi-lora train` yet; "
-                              "shard with --deepspeed zero3 instead")
+        acc = self._make_accelerator()
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         if self.world > 1:
             from accelerate.utils import broadcast_object_list
@@ -213,6 +178,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             ids = broadcast_object_list([self.out.run_id, self.out.series])
             self.out.run_id, self.out.series = ids
         self.device = acc.device
+        weights, base = model_locations(cfg)
+        say(f"[bold]Loading[/] {weights}" + (f" (tokenizer and Whisper from {base})" if base else ""))
+        model = self._load_model(weights, base)
+        self._report_parameters()
         encoder = self.loaded.feature_encoder
         encoder.encoder.to(self.device)
         store = FeatureStore(encoder, cache_dir=cfg.feature_cache_dir)
@@ -229,10 +198,81 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.steps_per_epoch = max(1, self.plan.steps_per_epoch())
         optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.fsdp is not None:  # sharded by kimi-lora; accelerate must not wrap it again
+            self.model, self.optimizer = model, acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         self.deepspeed = cfg.deepspeed is not None
         self.evaluator = self._make_evaluator(skeleton.tokenizer, config)
         self._banner()
+
+    def _make_accelerator(self) -> Any:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        cfg = self.cfg
+        has_audio_free = any(not s.seq.media for s in self.data.samples)
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=has_audio_free)]
+        kwargs: dict[str, Any] = {}
+        if cfg.deepspeed:
+            from accelerate.utils import DeepSpeedPlugin
+
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, self.world))
+        cpu = (cfg.device or "").startswith("cpu")
+        self.owns_group = False
+        if cfg.fsdp:
+            from kimi_lora_cli.training.fsdp import init_process_group
+
+            device_type = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+            self.owns_group = init_process_group(device_type)
+        precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=handlers,
+                                       gradient_accumulation_steps=cfg.gradient_accumulation_steps
+                                       if cfg.deepspeed else 1, **kwargs)
+        if str(self.accelerator.distributed_type).endswith("FSDP"):
+            raise ConfigError("accelerate is set up for FSDP but kimi-lora was not: run `kimi-lora train --fsdp` "
+                              "or `accelerate launch --use_fsdp --fsdp_version 2`")
+        return self.accelerator
+
+    def _load_model(self, weights: Path, base: Path | None) -> Any:
+        """Build on the meta device, wrap LoRA (or unfreeze everything), shard with --fsdp, then read
+        each parameter's own rows straight onto the device; adapters get their seeded start."""
+        from kimi_lora_cli.loading import load_model
+        from kimi_lora_cli.training import fsdp
+
+        cfg, wrapped = self.cfg, {}
+        settings = fsdp.settings(cfg) if cfg.fsdp else None
+
+        def prepare(inner: Any) -> Any:
+            if cfg.gradient_checkpointing:
+                inner.gradient_checkpointing_enable()
+            model = inner
+            if cfg.lora_enabled:
+                from kimi_lora_cli.training.lora import wrap_lora
+
+                model, wrapped["selection"] = wrap_lora(inner, cfg, base_path=str(weights))
+            else:
+                inner.requires_grad_(True)
+            if settings is not None:
+                fsdp.shard_model(inner, settings, self.device)
+                self.fsdp = fsdp.FsdpRun(inner, settings)
+            return model
+
+        self.loaded = load_model(weights, dtype=load_dtype(cfg), device=self.device, base_path=base, prepare=prepare)
+        self.selection = wrapped.get("selection")
+        if self.selection is not None:
+            from kimi_lora_cli.sharded import checkpoint_key
+            from kimi_lora_cli.training.lora import init_adapter_weights
+
+            done = init_adapter_weights(self.loaded.model, cfg.seed)
+            unset = [n for n, p in self.loaded.model.named_parameters() if checkpoint_key(n) is None
+                     and id(p) not in done]
+            if unset:  # a peft adapter kind this trainer does not know how to start
+                raise ConfigError(f"no starting values for adapter weights {', '.join(unset[:3])}; "
+                                  "train plain LoRA / DoRA targets")
+        self.model = self.loaded.model
+        return self.model
 
     def _report_parameters(self) -> None:
         from kimi_lora_cli.training.lora import parameter_rows
@@ -266,12 +306,33 @@ class Trainer(CheckpointMixin, EvaluationMixin):
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
 
+    def _no_sync(self) -> Any:
+        """Skip the gradient reduction (all but the last micro-batch of a step)."""
+        return self.fsdp.no_sync() if self.fsdp is not None else self.accelerator.no_sync(self.model)
+
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         try:
-            return self._run()
-        finally:
-            self.out.release()
+            result = self._run()
+        except BaseException:
+            self._release()
+            raise
+        self._release(together=True)
+        return result
+
+    def _release(self, together: bool = False) -> None:
+        """Unlock the output folder; destroy the process group this run created (FSDP). `together`:
+        the run ended normally, so every process first waits for the others (a process that tears its
+        connections down while another still uses them aborts)."""
+        self.out.release()
+        if getattr(self, "owns_group", False):
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                if together and dist.get_world_size() > 1:
+                    dist.barrier()
+                dist.destroy_process_group()
+            self.owns_group = False
 
     def _run(self) -> TrainResult:
 
@@ -327,7 +388,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                         last = i == n_micro - 1
                         acc.sync_gradients = last
                         batch = self._batch(micro)
-                        sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+                        sync = contextlib.nullcontext() if last else self._no_sync()
                         with sync:
                             parts = compute_loss(self.model, batch, cfg.text_loss_weight, cfg.audio_loss_weight)
                             loss = parts.total.sum() * (self.world / planned.total_samples)
@@ -363,7 +424,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                                   "tokens_per_second": toks / elapsed,
                                   "elapsed_seconds": round(time.perf_counter() - run_start, 3)}
                         if grad_norm is not None:
-                            record["grad_norm"] = float(grad_norm)
+                            record["grad_norm"] = float(as_plain(grad_norm))
                         metrics.write(record)
                         if result.first_loss is None:
                             result.first_loss = record["loss"]

@@ -314,7 +314,9 @@ class KimiAudioForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        weight = self.lm_head.weight
+        mesh = getattr(weight, "device_mesh", None)  # FSDP: shards may sit in CPU memory (offload)
+        return torch.device(mesh.device_type) if mesh is not None and mesh.device_type != "cpu" else weight.device
 
     @property
     def dtype(self) -> torch.dtype:
