@@ -29,10 +29,8 @@ run() {  # name, seconds, command...
   grep -v -E "Warning|warnings.warn|^\s*$" "$OUT/$name.log" | tail -n "${TAIL:-14}"
 }
 
-run detokenizer 100 $PY benchmarks/gpu/detokenizer_full.py
-run speech_tokenizer 70 $PY benchmarks/gpu/speech_tokenizer_full.py --batch 1,16,64 --pieces 64
-run train_full_size 120 $PY benchmarks/gpu/train_full_size.py --skip-zero3
-run train_packing 130 $PY benchmarks/gpu/train_packing.py
-if [ -f benchmarks/gpu/train_fsdp.py ]; then
-  run train_fsdp 120 $PY benchmarks/gpu/train_fsdp.py
-fi
+run train_fsdp 150 $PY benchmarks/gpu/train_fsdp.py
+run train_packing 140 $PY benchmarks/gpu/train_packing.py
+run detokenizer 90 $PY benchmarks/gpu/detokenizer_full.py
+run train_full_size 90 $PY benchmarks/gpu/train_full_size.py --skip-zero3
+run speech_tokenizer 60 $PY benchmarks/gpu/speech_tokenizer_full.py --batch 1,16,64 --pieces 64
