@@ -219,3 +219,22 @@ def test_adaptor_layer_norm_uses_the_config_epsilon(tiny_dir):
         mean, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
         expected = (h - mean) / torch.sqrt(var + 0.5) * ln.weight + ln.bias
         torch.testing.assert_close(model.model.vq_adaptor(x), expected)
+
+
+def test_audio_fusion_keeps_the_embedding_dtype_when_the_adaptor_runs_in_float32(tiny_dir):
+    """A float32 adaptor (autocast runs LayerNorm in float32 on CUDA) next to bf16 embeddings."""
+    from kimi_lora_cli.loading import load_model
+
+    model = load_model(tiny_dir, dtype="bfloat16", load_whisper=False).model.eval()
+    model.model.vq_adaptor.float()
+    cfg = model.config
+    a, t = _ids(cfg, 6, 3)
+    cont = torch.tensor([False, True, True, False, False, False])
+    feats = torch.randn(6, cfg.kimia_adaptor_input_dim) * cont[:, None]
+    with torch.no_grad():
+        emb = model.embed(a[None], t[None], cont[None], feats[None])[0]
+        base = model.model.embed_tokens(a).float()
+        fused = ((base + model.model.vq_adaptor(feats)) * math.sqrt(2)).bfloat16()
+    assert emb.dtype == torch.bfloat16
+    assert torch.equal(emb[1:3], (fused[1:3].float() + model.model.embed_tokens(t)[1:3].float()).bfloat16()) or \
+        torch.allclose(emb[1:3].float(), fused[1:3].float() + model.model.embed_tokens(t)[1:3].float(), atol=0.05)

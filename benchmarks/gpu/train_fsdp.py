@@ -229,7 +229,8 @@ def main() -> None:
         write_synthetic_dataset(work / "data", inspect_folder(model).config, n=8, task="mixed")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), __file__,
                *sys.argv[1:], "--work", str(work)]
-        raise SystemExit(subprocess.call(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}))
+        raise SystemExit(subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

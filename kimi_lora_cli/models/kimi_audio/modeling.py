@@ -340,7 +340,8 @@ class KimiAudioForCausalLM(nn.Module):
             mask = is_continuous_mask.bool()
             rows = self.model.vq_adaptor(continuous_features[mask].to(emb.dtype))
             emb = emb.clone()
-            emb[mask] = (emb[mask] + rows) * SQRT2
+            # Under autocast the adaptor's LayerNorm returns float32: round back to the embedding dtype.
+            emb[mask] = ((emb[mask] + rows) * SQRT2).to(emb.dtype)
         if text_input_ids is not None:
             emb = emb + self.model.embed_tokens(text_input_ids)
         return emb
