@@ -19,8 +19,9 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-run() {  # name, seconds, command...
+run() {  # name, seconds, command...  (ONLY=a,b runs just those)
   local name=$1 limit=$2
+  [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]] && return 0
   shift 2
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
