@@ -111,18 +111,26 @@ def check(model, dataset, rows, length, device) -> bool:
             print(f"  {backend:5s}: {len(order)} samples in {len(rows)} rows, per-sample loss max rel. error vs "
                   f"alone {err:.2e} -> {'OK' if good else 'FAILED'}")
     if device.type == "cuda":  # flex / flash backward (torch has no CPU backward for flex)
+        # bf16 gradients through 34 layers differ between any two attention kernels; the yardstick is how
+        # far two kernels that are right by construction (split: causal SDPA per sample; sdpa: one dense
+        # block mask) are apart. auto must be within twice that (or 1e-2).
         params = [p for p in model.parameters() if p.requires_grad]
         grads = {}
-        for backend in ("auto", "split"):
+        for backend in ("auto", "split", "sdpa"):
             core.packed_attention = backend
             loss_of(model, dataset, micro, device)[0].total.mean().backward()
             grads[backend] = torch.cat([p.grad.float().flatten() for p in params])
             model.zero_grad(set_to_none=True)
-        a, b = grads["auto"], grads["split"]
-        rel = float((a - b).norm() / b.norm())
-        good = rel < 3e-2
+
+        def rel(x, y):
+            return float((grads[x] - grads[y]).norm() / grads[y].norm())
+
+        floor = rel("sdpa", "split")
+        err = rel("auto", "split")
+        good = err <= max(2 * floor, 1e-2)
         ok &= good
-        print(f"  LoRA gradients auto ({auto}) vs split: rel. error {rel:.2e} -> {'OK' if good else 'FAILED'}")
+        print(f"  LoRA gradients: auto ({auto}) vs split rel. error {err:.2e}, sdpa vs split {floor:.2e}, "
+              f"auto vs sdpa {rel('auto', 'sdpa'):.2e} -> {'OK' if good else 'FAILED'}")
     core.packed_attention = "auto"
     return ok
 
@@ -166,6 +174,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed micro-batches per mode")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--samples", type=int, default=320)
+    ap.add_argument("--check-only", action="store_true", help="only the packed-row checks")
     ap.add_argument("--lengths", default="train-clean,dev-clean", help="duration histograms (benchmarks/_librispeech.py)")
     args = ap.parse_args()
 
@@ -189,6 +198,8 @@ def main() -> None:
             # the check uses micro-batch-sized rows, so flex compiles for the shape the packing run uses
             rows = pack_rows(list(range(min(len(samples), 3 * args.micro))), lengths, longest)[: args.micro]
             ok = check(model, dataset, rows, longest, device)
+            if args.check_only:
+                break
 
         n = args.steps + args.warmup
         indices = list(range(len(samples)))
