@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from kimi_lora_cli.adapters.reading import Adapter
-from kimi_lora_cli.adapters.safetensors_io import FLOAT_DTYPES, TensorLoc, header_locations
 from kimi_lora_cli.errors import ModelLoadError
+from kimi_lora_cli.safetensors_io import FLOAT_DTYPES, TensorLoc, header_locations
 
 
 @dataclass

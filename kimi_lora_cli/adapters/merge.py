@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.adapters.compat import BaseCheckpoint, check_against_base, read_base, summarize_problems
 from kimi_lora_cli.adapters.reading import Adapter, LoraModule, read_adapter
-from kimi_lora_cli.adapters.safetensors_io import (
+from kimi_lora_cli.errors import AdapterError, ConfigError
+from kimi_lora_cli.fileops import link_or_copy, naming_errors, remove_tree
+from kimi_lora_cli.safetensors_io import (
     DTYPES,
     FLOAT_DTYPES,
     ShardWriter,
@@ -33,8 +35,6 @@ from kimi_lora_cli.adapters.safetensors_io import (
     read_tensor,
     torch_dtype,
 )
-from kimi_lora_cli.errors import AdapterError, ConfigError
-from kimi_lora_cli.fileops import link_or_copy, naming_errors, remove_tree
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +90,7 @@ def _resolve_out_dtype(dtype: str) -> str | None:
         return None
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
     name = aliases.get(dtype, dtype).replace("torch.", "")
-    from kimi_lora_cli.adapters.safetensors_io import TORCH_TO_ST
+    from kimi_lora_cli.safetensors_io import TORCH_TO_ST
 
     if name not in TORCH_TO_ST:
         raise ConfigError(f"--dtype {dtype!r} is not supported; use auto, float32, bfloat16 or float16")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kimi_lora_cli.adapters.safetensors_io import DTYPES, TensorLoc, header_locations, numel
 from kimi_lora_cli.errors import AdapterError, KimiLoraError
+from kimi_lora_cli.safetensors_io import DTYPES, TensorLoc, header_locations, numel
 
 if TYPE_CHECKING:
     import torch
@@ -168,7 +168,7 @@ class Adapter:
         """One adapter tensor, read on its own unless everything is loaded already."""
         if self._loaded is not None:
             return self._loaded[key]
-        from kimi_lora_cli.adapters.safetensors_io import read_tensor
+        from kimi_lora_cli.safetensors_io import read_tensor
 
         return read_tensor(self.tensors[key])
 
@@ -178,7 +178,7 @@ class Adapter:
             if self.format == "pickle":
                 self._loaded = _load_pickle(self.weights_file)
             else:
-                from kimi_lora_cli.adapters.safetensors_io import read_tensor
+                from kimi_lora_cli.safetensors_io import read_tensor
 
                 self._loaded = {k: read_tensor(loc) for k, loc in self.tensors.items()}
         return self._loaded

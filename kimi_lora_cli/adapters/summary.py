@@ -11,7 +11,7 @@ from typing import Any
 
 from kimi_lora_cli.adapters.compat import check_against_base, read_base
 from kimi_lora_cli.adapters.reading import Adapter, component_of, looks_like_kimi, read_adapter
-from kimi_lora_cli.adapters.safetensors_io import all_finite
+from kimi_lora_cli.safetensors_io import all_finite
 from kimi_lora_cli.targets import ModuleEntry, group_entries, layer_index
 
 

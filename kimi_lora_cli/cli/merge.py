@@ -52,9 +52,9 @@ def merge(
     from rich.markup import escape
 
     from kimi_lora_cli.adapters.merge import MergeSpec, merge_adapters
-    from kimi_lora_cli.adapters.safetensors_io import parse_size
     from kimi_lora_cli.cli._output import err, human_bytes, out
     from kimi_lora_cli.errors import ConfigError
+    from kimi_lora_cli.safetensors_io import parse_size
 
     try:
         shard_bytes = parse_size(max_shard_size)
