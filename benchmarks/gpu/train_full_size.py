@@ -68,6 +68,18 @@ def synthetic_batch(cfg, batch: int, seq: int, text_tokens: int, device):
     return {k: v.to(device) for k, v in out.items()}
 
 
+def random_init(model) -> None:
+    """A release-like scale, so the loss is a number (build_kimi_model leaves memory uninitialised)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+
+
 def forward_flops_per_token(cfg, seq: int, text_rows_per_token: float) -> tuple[float, float]:
     """(linear FLOPs, attention FLOPs) of one forward pass per token (causal attention halved)."""
     h, inter, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
@@ -96,12 +108,7 @@ def part1(args) -> None:
     t0 = time.perf_counter()
     model = build_kimi_model(cfg, device=device)  # parameters allocated, not initialised
     torch.set_default_dtype(default)
-    with torch.no_grad():  # a release-like scale, so the loss is a number (uninitialised memory gives NaN)
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0) if "norm" in name else p.zero_()
-            else:
-                p.normal_(0.0, 0.02)
+    random_init(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e9:.2f} B parameters, bf16, built in {time.perf_counter() - t0:.1f} s on {device}")
     model.gradient_checkpointing_enable()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FULL = dict(vocab_size=168448, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
             num_attention_heads=28, num_key_value_heads=4, kimia_mimo_layers=6,
@@ -38,6 +39,7 @@ SMALL = dict(vocab_size=1200, hidden_size=64, intermediate_size=128, num_hidden_
 
 def build(preset: str, device):
     import torch
+    from train_full_size import random_init
 
     from kimi_lora_cli.loading import build_kimi_model
     from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig
@@ -51,12 +53,7 @@ def build(preset: str, device):
     t0 = time.perf_counter()
     model = build_kimi_model(cfg, device=device)
     torch.set_default_dtype(default)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
+    random_init(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e9:.2f} B parameters, bf16, built in {time.perf_counter() - t0:.1f} s on {device}")
     model.gradient_checkpointing_enable()

@@ -24,22 +24,26 @@ class CheckpointMixin:
     """Expects the Trainer's attributes: cfg, accelerator, model, optimizer, scheduler, out, output_dir,
     selection, deepspeed, fsdp, rank, world, is_main, loaded, state, metrics, data_sha256, resume_state."""
 
-    def save_checkpoint(self, step: int, extra: dict[str, Any]) -> Path:
-        acc = self.accelerator
-        final = self.output_dir / f"checkpoint-{step}"
-        tmp = ckpt.tmp_dir_for(self.output_dir, step, self.out.run_id)
+    def _in_fresh_tmp(self, tmp: Path, write: Any) -> Any:
+        """`write()` into a new temporary folder of this run (rank 0 creates and marks it); on any
+        failure the folder is removed, so nothing half-written stays behind."""
         if self.is_main:
             remove_tree(tmp)
             with naming_errors(tmp):
                 tmp.mkdir(parents=True)
             write_marker(tmp, "train", run_id=self.out.run_id)
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         try:
-            return self._write_checkpoint(step, extra, tmp, final)
+            return write()
         except BaseException:
             if self.is_main:
-                remove_tree(tmp)  # nothing half-written stays behind
+                remove_tree(tmp)
             raise
+
+    def save_checkpoint(self, step: int, extra: dict[str, Any]) -> Path:
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = ckpt.tmp_dir_for(self.output_dir, step, self.out.run_id)
+        return self._in_fresh_tmp(tmp, lambda: self._write_checkpoint(step, extra, tmp, final))
 
     def _write_checkpoint(self, step: int, extra: dict[str, Any], tmp: Path, final: Path) -> Path:
         acc = self.accelerator
@@ -103,20 +107,8 @@ class CheckpointMixin:
         return state
 
     def save_final(self) -> list[Path]:
-        acc = self.accelerator
         tmp = self.out.tmp_name("final")
-        if self.is_main:
-            remove_tree(tmp)
-            with naming_errors(tmp):
-                tmp.mkdir(parents=True)
-            write_marker(tmp, "train", run_id=self.out.run_id)
-        acc.wait_for_everyone()
-        try:
-            return self._write_final(tmp)
-        except BaseException:
-            if self.is_main:
-                remove_tree(tmp)
-            raise
+        return self._in_fresh_tmp(tmp, lambda: self._write_final(tmp))
 
     def _write_final(self, tmp: Path) -> list[Path]:
         acc = self.accelerator
