@@ -27,6 +27,7 @@ from kimi_lora_cli.model_files import (  # noqa: F401 (re-exported: the core's p
     WHISPER_DIR,
     ModelInfo,
     inspect_folder,
+    read_adapter_config,
     read_json_object,
     read_safetensors_header,
 )
@@ -371,11 +372,9 @@ def attach_adapters(loaded: LoadedModel, adapters, *, trainable: bool = False, a
 
 
 def check_adapter_folder(folder: Path, allow_pickle: bool = False) -> None:
-    from kimi_lora_cli.adapters.reading import read_config
-
     if not folder.is_dir():
         raise AdapterError(f"{folder}: no such adapter folder; pass the output folder of `kimi-lora train`")
-    read_config(folder)  # the same checks (and messages) as inspect-adapter
+    read_adapter_config(folder)  # the same checks (and messages) as inspect-adapter
     if (folder / "adapter_model.safetensors").is_file():
         read_safetensors_header(folder / "adapter_model.safetensors")
         return

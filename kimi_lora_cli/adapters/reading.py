@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.errors import AdapterError, KimiLoraError
+from kimi_lora_cli.model_files import read_adapter_config as read_config
 from kimi_lora_cli.safetensors_io import DTYPES, TensorLoc, header_locations, numel
 
 if TYPE_CHECKING:
@@ -208,57 +209,6 @@ def _load_pickle(path: Path) -> dict[str, Any]:
 
 def _strip(key: str) -> str:
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    cfg_file = folder / "adapter_config.json"
-    if not cfg_file.is_file():
-        inside = sorted((p.parent for p in folder.glob("*/adapter_config.json")), key=lambda d: d.stat().st_mtime)
-        hint = (f"; did you mean {inside[-1]}?" if inside else
-                "; pass a peft adapter folder (the output folder of `kimi-lora train` or `save_pretrained`)")
-        raise AdapterError(f"{cfg_file}: not found{hint}")
-    from kimi_lora_cli.loading import read_json_object
-
-    data = read_json_object(cfg_file, AdapterError)
-    problem = config_problem(data)
-    if problem:
-        raise AdapterError(f"{cfg_file}: {problem}; restore the file peft wrote")
-    return data
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _names(v: Any) -> bool:
-    return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
-
-
-def config_problem(cfg: dict[str, Any]) -> str | None:
-    """The first value of an adapter_config.json that peft (and kimi-lora) cannot use, or None."""
-    checks = [
-        ("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
-        ("lora_alpha", lambda v: _number(v) and v > 0, "a positive number"),
-        ("lora_dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-        ("target_modules", _names, "a list of module names, a name or a regular expression"),
-        ("modules_to_save", lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
-         "a list of module names"),
-        ("rank_pattern", lambda v: v is None or (isinstance(v, dict) and all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v.values())),
-         "an object of module pattern -> rank"),
-        ("alpha_pattern", lambda v: v is None or (isinstance(v, dict) and all(_number(x) and x > 0 for x in v.values())),
-         "an object of module pattern -> alpha"),
-        ("use_rslora", lambda v: isinstance(v, bool), "true or false"),
-        ("use_dora", lambda v: isinstance(v, bool), "true or false"),
-        ("fan_in_fan_out", lambda v: isinstance(v, bool), "true or false"),
-        ("peft_type", lambda v: isinstance(v, str), "a string such as \"LORA\""),
-        ("base_model_name_or_path", lambda v: v is None or isinstance(v, str), "a path or null"),
-        ("trainable_token_indices", lambda v: v is None or isinstance(v, (list, dict)), "a list or an object"),
-    ]
-    for key, ok, expected in checks:
-        if key in cfg and not ok(cfg[key]):
-            return f"{key} = {cfg[key]!r} is not valid (expected {expected})"
-    return None
 
 
 def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
