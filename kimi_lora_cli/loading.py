@@ -127,6 +127,22 @@ def _iter_tensors(files: list[Path]):
             raise ModelLoadError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
 
 
+def _first(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def shape_mismatch(where: Any, key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> ModelLoadError:
+    return ModelLoadError(f"{where}: tensor {key} has shape {tuple(shape)} but config.json implies {expected}; "
+                          "the config and the weights come from different models")
+
+
+def weights_mismatch(where: Any, missing: list[str], unexpected: list[str] = ()) -> ModelLoadError:
+    parts = [f"missing {len(missing)} tensors ({_first(missing)})"] if missing else []
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} ({_first(unexpected)})")
+    return ModelLoadError(f"{where}: weights do not match config.json: {'; '.join(parts)}")
+
+
 def check_header_shapes(info: ModelInfo, shapes: dict[str, tuple[int, ...]]) -> None:
     """Raise ModelLoadError unless the tensors of a folder's headers (`shapes`) are what its
     config.json builds - the checks `load_model` makes, without reading a tensor. Kimi-Audio folders
@@ -137,19 +153,12 @@ def check_header_shapes(info: ModelInfo, shapes: dict[str, tuple[int, ...]]) -> 
                and not k.startswith(FINETUNE_WHISPER_PREFIX)}
     for key, shape in present.items():
         if key in expected and tuple(shape) != expected[key]:
-            raise ModelLoadError(f"{info.path}: tensor {key} has shape {tuple(shape)} but config.json implies "
-                                 f"{expected[key]}; the config and the weights come from different models")
+            raise shape_mismatch(info.path, key, shape, expected[key])
     if info.is_kimi:
         missing = sorted(set(expected) - set(present))
         unexpected = sorted(set(present) - set(expected))
         if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}"
-                             f"{', ...' if len(unexpected) > 3 else ''})")
-            raise ModelLoadError(f"{info.path}: weights do not match config.json: {'; '.join(parts)}")
+            raise weights_mismatch(info.path, missing, unexpected)
 
 
 def _load_kimi(info: ModelInfo, dtype, device, base_path, load_whisper: bool, attn: str):
@@ -173,19 +182,11 @@ def _load_kimi(info: ModelInfo, dtype, device, base_path, load_whisper: bool, at
             continue
         t = get()
         if tuple(t.shape) != expected[key]:
-            raise ModelLoadError(
-                f"{path}: tensor {key} has shape {tuple(t.shape)} but config.json implies {expected[key]}; "
-                "the config and the weights come from different models"
-            )
+            raise shape_mismatch(path, key, t.shape, expected[key])
         state[key] = t.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
-        raise ModelLoadError(f"{info.path}: weights do not match config.json: {'; '.join(parts)}")
+        raise weights_mismatch(info.path, missing, unexpected)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(True)
     info.num_parameters = sum(t.numel() for t in state.values())
@@ -452,15 +453,13 @@ def load_speech_tokenizer(path: str | Path, *, dtype: str | torch.dtype | None =
     missing = [k for k in expected if k not in chosen]
     if missing:
         raise ModelLoadError(
-            f"{wfile}: missing {len(missing)} encoder tensors ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}); the file does not match config.json (quantize_position "
+            f"{wfile}: missing {len(missing)} encoder tensors ({_first(missing)}); the file does not match config.json (quantize_position "
             f"{cfg.quantize_position}, d_model {cfg.d_model}): {fix}"
         )
     for name, key in chosen.items():
         shape = tuple(header[key]["shape"])
         if shape != expected[name]:
-            raise ModelLoadError(f"{wfile}: tensor {key} has shape {shape} but config.json implies "
-                                 f"{expected[name]}; the config and the weights come from different models")
+            raise shape_mismatch(wfile, key, shape, expected[name])
     info = ModelInfo(path=folder, kind="speech-tokenizer", layout="single-file", config=data,
                      dtype=data.get("torch_dtype") or data.get("dtype"))
     torch_dtype = resolve_dtype(dtype, info)

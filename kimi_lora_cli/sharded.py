@@ -171,6 +171,7 @@ def load_kimi_prepared(info: Any, dtype: Any, device: Any, base_path: Any, load_
         check_header_shapes,
         kimi_config,
         read_safetensors_header,
+        weights_mismatch,
     )
 
     shapes: dict[str, tuple[int, ...]] = {}
@@ -199,15 +200,14 @@ def load_kimi_prepared(info: Any, dtype: Any, device: Any, base_path: Any, load_
             if load_whisper:
                 whisper_state[key[len(FINETUNE_WHISPER_PREFIX):]] = get()
         elif not key.endswith(INV_FREQ_SUFFIX):
-            raise ModelLoadError(f"{info.path}: weights do not match config.json: unexpected tensor {key}")
+            raise weights_mismatch(info.path, [], [key])
 
     done: set[str] = set()
     for f in info.weight_files:
         done |= fill_from_file(f, params, other)
     missing = sorted(set(params) - done)
     if missing:
-        raise ModelLoadError(f"{info.path}: weights do not match config.json: missing {len(missing)} tensors "
-                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        raise weights_mismatch(info.path, missing)
     info.num_parameters = sum(numel.values())
     encoder = _load_whisper(info, whisper_state, dtype, device, base_path) if load_whisper else None
     return model, cfg, encoder

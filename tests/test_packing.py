@@ -20,12 +20,7 @@ from kimi_lora_cli.training.loss import compute_loss
 ROWS = [[0, 3, 1], [2, 4, 5]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_varied_dataset(folder, config):

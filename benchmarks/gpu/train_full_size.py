@@ -68,6 +68,33 @@ def synthetic_batch(cfg, batch: int, seq: int, text_tokens: int, device):
     return {k: v.to(device) for k, v in out.items()}
 
 
+def build_lora_model(shape: dict, device, lora_dropout: float):
+    """(config, LoRA r=8 `all` model in train mode, selection): the release-shape (or small) model with
+    random bf16 weights made directly on `device`, gradient checkpointing on."""
+    import torch
+
+    from kimi_lora_cli.loading import build_kimi_model
+    from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig
+    from kimi_lora_cli.training.config import TrainConfig
+    from kimi_lora_cli.training.lora import wrap_lora
+
+    cfg = KimiAudioConfig.from_dict(shape)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    t0 = time.perf_counter()
+    model = build_kimi_model(cfg, device=device)  # parameters allocated, not initialised
+    torch.set_default_dtype(default)
+    random_init(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e9:.2f} B parameters, bf16, built in {time.perf_counter() - t0:.1f} s on {device}")
+    model.gradient_checkpointing_enable()
+    tcfg = TrainConfig.build(flag_values=dict(data_path="-", model_path="-", use_lora=True, lora_rank=8,
+                                              lora_alpha=16, lora_target="all", lora_dropout=lora_dropout))
+    model, selection = wrap_lora(model, tcfg)
+    return cfg, model.train(), selection
+
+
 def random_init(model) -> None:
     """A release-like scale, so the loss is a number (build_kimi_model leaves memory uninitialised)."""
     import torch
@@ -93,29 +120,12 @@ def forward_flops_per_token(cfg, seq: int, text_rows_per_token: float) -> tuple[
 def part1(args) -> None:
     import torch
 
-    from kimi_lora_cli.loading import build_kimi_model
-    from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig
-    from kimi_lora_cli.training.config import TrainConfig
-    from kimi_lora_cli.training.lora import parameter_rows, wrap_lora
+    from kimi_lora_cli.training.lora import parameter_rows
     from kimi_lora_cli.training.loss import compute_loss
 
     device = torch.device(args.device)
-    shape = FULL if args.preset == "full" else SMALL
-    cfg = KimiAudioConfig.from_dict(shape)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    t0 = time.perf_counter()
-    model = build_kimi_model(cfg, device=device)  # parameters allocated, not initialised
-    torch.set_default_dtype(default)
-    random_init(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e9:.2f} B parameters, bf16, built in {time.perf_counter() - t0:.1f} s on {device}")
-    model.gradient_checkpointing_enable()
-    tcfg = TrainConfig.build(flag_values=dict(data_path="-", model_path="-", use_lora=True, lora_rank=8,
-                                              lora_alpha=16, lora_target="all", lora_dropout=0.05))
-    model, selection = wrap_lora(model, tcfg)
-    model.train()
+    cfg, model, selection = build_lora_model(FULL if args.preset == "full" else SMALL, device, lora_dropout=0.05)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     rows = parameter_rows(model, cfg.kimia_mimo_transformer_from_layer_index)
     trainable = sum(r.trainable for r in rows)
     print(f"LoRA r=8 all: {len(selection.names)} modules, {trainable / 1e6:.2f} M trainable "

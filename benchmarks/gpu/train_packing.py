@@ -28,39 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-FULL = dict(vocab_size=168448, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, kimia_mimo_layers=6,
-            kimia_mimo_transformer_from_layer_index=21, kimia_adaptor_input_dim=5120)
-SMALL = dict(vocab_size=1200, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, kimia_mimo_layers=2, kimia_mimo_transformer_from_layer_index=2,
-             kimia_adaptor_input_dim=64, kimia_token_offset=1000, kimia_text_output_vocab=1000, pad_token_id=999,
-             kimia_media_begin=900, kimia_media_end=901)
+from train_full_size import FULL, SMALL, build_lora_model  # noqa: E402
 
 
 def build(preset: str, device):
-    import torch
-    from train_full_size import random_init
-
-    from kimi_lora_cli.loading import build_kimi_model
-    from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig
-    from kimi_lora_cli.training.config import TrainConfig
-    from kimi_lora_cli.training.lora import wrap_lora
-
-    cfg = KimiAudioConfig.from_dict(FULL if preset == "full" else SMALL)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    t0 = time.perf_counter()
-    model = build_kimi_model(cfg, device=device)
-    torch.set_default_dtype(default)
-    random_init(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e9:.2f} B parameters, bf16, built in {time.perf_counter() - t0:.1f} s on {device}")
-    model.gradient_checkpointing_enable()
-    tcfg = TrainConfig.build(flag_values=dict(data_path="-", model_path="-", use_lora=True, lora_rank=8,
-                                              lora_alpha=16, lora_target="all", lora_dropout=0.0))
-    model, _ = wrap_lora(model, tcfg)
-    return cfg, model.train()
+    cfg, model, _ = build_lora_model(FULL if preset == "full" else SMALL, device, lora_dropout=0.0)
+    return cfg, model
 
 
 def sync(device) -> None:

@@ -29,7 +29,6 @@ def plan_batches(samples: Sequence[InferSample], out_type: dict[str, str], lengt
 class ScoredPredictions:
     counts: ErrorCounts = field(default_factory=ErrorCounts)
     pairs: list[tuple[str, str, str]] = field(default_factory=list)  # (id, reference, prediction)
-    tokens: int = 0  # decode steps
 
 
 def greedy_scores(model: Any, samples: Sequence[InferSample], tokenizer: Any, config: Any, feature_encoder: Any,
@@ -48,7 +47,6 @@ def greedy_scores(model: Any, samples: Sequence[InferSample], tokenizer: Any, co
         gcfg = GenerationConfig(output_type=otype, max_new_tokens=max_new_tokens)
         for s, r in zip(batch, generate(model, prompts, gcfg, tokens)):
             prediction = tokenizer.decode(r.text_tokens)
-            result.tokens += r.steps
             if s.reference is not None:
                 result.counts.add(score(s.reference, prediction))
                 result.pairs.append((s.id, s.reference, prediction))

@@ -47,7 +47,6 @@ def default_max_new_tokens(samples: list[InferSample], tokenizer: Any) -> int:
 class Evaluator:
     """Everything evaluation needs from the run; `evaluate(model)` returns the eval_* metrics."""
 
-    dataset: Any  # KimiDataset
     indices: list[int]
     batch_size: int
     decode_batch_size: int

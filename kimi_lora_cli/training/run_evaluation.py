@@ -32,7 +32,7 @@ class EvaluationMixin:
                                   "to score")
         sharded = self.fsdp is not None or bool(self.deepspeed and deepspeed_config(cfg, self.world)
                                                  .get("zero_optimization", {}).get("stage", 0) == 3)
-        return Evaluator(dataset=self.dataset, indices=self.eval_idx, batch_size=cfg.eval_batch_size,
+        return Evaluator(indices=self.eval_idx, batch_size=cfg.eval_batch_size,
                          decode_batch_size=cfg.decode_batch_size, rank=self.rank,
                          world=self.world, reduce=self._reduce, to_device=self._batch,
                          text_weight=cfg.text_loss_weight, audio_weight=cfg.audio_loss_weight, generate=generate,
