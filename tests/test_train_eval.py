@@ -33,49 +33,74 @@ def _evals(out, key):
     return state, [(h["step"], h[key]) for h in state["log_history"] if key in h]
 
 
-def test_best_checkpoint_by_wer_is_restored_and_kept(tiny_dir, asr, tmp_path):
+@pytest.fixture()
+def scripted_wer(monkeypatch):
+    """Evaluations whose WERs are fixed by construction (training, eval loss, saves and restores stay real).
+
+    Where a real run's WER lands depends on the CPU's rounding, so the best checkpoint and early stopping
+    are tested against a script: the decode step of the real Evaluator returns the next scripted value."""
+    from kimi_lora_cli.training.evaluation import Evaluator
+
+    script: list[float] = []
+
+    def decode(self, unwrapped):
+        wer = script.pop(0)
+        return {"eval_wer": wer, "eval_cer": wer / 2, "eval_generated": 8}
+
+    monkeypatch.setattr(Evaluator, "_decode", decode)
+    return script
+
+
+def test_best_checkpoint_by_wer_is_restored_and_kept(tiny_dir, asr, tmp_path, scripted_wer):
     out = tmp_path / "best"
+    # steps 4..40; the lowest WER first at step 12, tied (not beaten) at step 28, the last one worse
+    scripted_wer.extend([0.9, 0.8, 0.5, 0.6, 0.7, 0.55, 0.5, 0.6, 0.65, 0.7])
     result = _train(tiny_dir, asr, out, learning_rate=1e-2, max_steps=40, metric_for_best_model="eval_wer",
                     load_best_model_at_end=True, save_total_limit=1)
+    assert scripted_wer == []  # one evaluation every 4 steps, and none at the end (step 40 was evaluated)
     state, wers = _evals(out, "eval_wer")
-    assert [s for s, _ in wers] == list(range(4, 41, 4))
-    best_step, best_wer = min(wers, key=lambda p: p[1])  # first of the lowest
-    assert best_step != wers[-1][0], wers  # the constant lr overshoots: the last evaluation is not the best
-    assert (state["best_global_step"], state["best_metric"]) == (best_step, best_wer)
-    assert state["best_model_checkpoint"] == str(out / f"checkpoint-{best_step}")
+    assert wers == [(4, 0.9), (8, 0.8), (12, 0.5), (16, 0.6), (20, 0.7), (24, 0.55), (28, 0.5), (32, 0.6),
+                    (36, 0.65), (40, 0.7)]
+    assert (state["best_global_step"], state["best_metric"]) == (12, 0.5)
+    assert state["best_model_checkpoint"] == str(out / "checkpoint-12")
     assert result.best_checkpoint == state["best_model_checkpoint"]
     # save_total_limit 1 keeps the newest and, besides it, the best
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted({f"checkpoint-{best_step}", "checkpoint-40"})
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-40"]
     final = load_file(str(out / "adapter_model.safetensors"))
-    best = load_file(str(out / f"checkpoint-{best_step}" / "adapter_model.safetensors"))
+    best = load_file(str(out / "checkpoint-12" / "adapter_model.safetensors"))
     last = load_file(str(out / "checkpoint-40" / "adapter_model.safetensors"))
     assert final.keys() == best.keys()
     assert all(torch.equal(final[k], best[k]) for k in final)
-    assert not all(torch.equal(final[k], last[k]) for k in final)
+    assert not all(torch.equal(final[k], last[k]) for k in final)  # 28 steps of lr 1e-2 later
     # the card reports both and says which one the folder holds
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
-    assert f"Best `eval_wer` at step {best_step}; this folder holds that checkpoint." in card
+    assert "Best `eval_wer` at step 12; this folder holds that checkpoint." in card
     assert "![loss curve](loss_curve.png)" in card or not (out / "loss_curve.png").exists()
 
 
-def test_early_stopping_stops_after_patience_evaluations(tiny_dir, asr, tmp_path):
+def test_early_stopping_stops_after_patience_evaluations(tiny_dir, asr, tmp_path, scripted_wer):
     out = tmp_path / "early"
+    # best 0.8 at step 8; 0.85 misses, 0.8 only ties (no improvement): two misses in a row stop at step 16
+    scripted_wer.extend([0.9, 0.8, 0.85, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
     result = _train(tiny_dir, asr, out, learning_rate=3e-2, max_steps=40, metric_for_best_model="eval_wer",
                     early_stopping_patience=2)
     _, wers = _evals(out, "eval_wer")
-    # replay the rule: an evaluation that does not beat the best (lower WER) counts; two in a row stop
-    best, misses, stop = None, 0, None
-    for step, w in wers:
-        if best is None or w < best:
-            best, misses = w, 0
-        else:
-            misses += 1
-        if misses == 2:
-            stop = step
-            break
-    assert stop is not None and stop < 40
-    assert result.stopped_early and result.global_step == stop and wers[-1][0] == stop
+    assert wers == [(4, 0.9), (8, 0.8), (12, 0.85), (16, 0.8)]
+    assert result.stopped_early and result.global_step == 16
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert (state["best_global_step"], state["best_metric"]) == (8, 0.8)
+
+
+def test_early_stopping_threshold_counts_small_gains_as_misses(tiny_dir, asr, tmp_path, scripted_wer):
+    out = tmp_path / "threshold"
+    # gains of 0.01 do not beat a threshold of 0.05 (HF EarlyStoppingCallback): steps 8 and 12 miss
+    scripted_wer.extend([0.9, 0.89, 0.88, 0.5, 0.5, 0.5])
+    result = _train(tiny_dir, asr, out, learning_rate=1e-3, max_steps=24, metric_for_best_model="eval_wer",
+                    early_stopping_patience=2, early_stopping_threshold=0.05)
+    _, wers = _evals(out, "eval_wer")
+    assert wers == [(4, 0.9), (8, 0.89), (12, 0.88)]
+    assert result.stopped_early and result.global_step == 12
 
 
 def test_tensorboard_event_file_holds_the_eval_metrics(tiny_dir, asr, tmp_path):
