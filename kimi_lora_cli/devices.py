@@ -6,6 +6,7 @@ import re
 
 from kimi_lora_cli.errors import ConfigError
 
+DEVICE_HELP = "cpu, cuda, cuda:1, mps, ... (default: cuda if available)."
 _DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|npu|hpu|meta)(:\d+)?$")
 
 

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from kimi_lora_cli.devices import DEVICE_HELP
+
 ModelArg = Annotated[Path, typer.Argument(help="Model folder: the Kimi-Audio release folder, a merged folder, "
                                           "or a Hugging Face causal LM folder.", show_default=False)]
 TargetOpt = Annotated[str, typer.Option("--target", "-t", help="LoRA targets: all, component names "
@@ -16,4 +18,4 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow unpickling .bin/.pt weight "
                                               "files (they can run code: only for files you trust).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (the checkpoint's), float32, bfloat16, float16.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")]
+DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]

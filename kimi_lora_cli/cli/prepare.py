@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from kimi_lora_cli.cli._options import JsonOpt
+from kimi_lora_cli.cli._options import DeviceOpt, JsonOpt
 
 
 def prepare(
@@ -35,8 +35,7 @@ def prepare(
                                                  show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Audio files (and 30 s pieces) per "
                                             "forward pass.")] = 8,
-    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1, ... [default: cuda if "
-                                               "available]", show_default=False)] = None,
+    device: DeviceOpt = "",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild OUTPUT when it already exists.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -59,7 +58,7 @@ def prepare(
 
     spec = PrepareSpec(model=model, data=data, output=output, speech_tokenizer=speech_tokenizer,
                        recompute=recompute, cache_features=cache_features, skip_bad=skip_bad, rejects=rejects,
-                       batch_size=batch_size, device=device, overwrite=overwrite)
+                       batch_size=batch_size, device=device or None, overwrite=overwrite)
     display = _Progress(err, live=is_tty())
     try:
         with display:

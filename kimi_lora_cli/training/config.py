@@ -9,105 +9,166 @@ underscores (`lora-rank` = `lora_rank`), and a few guide aliases are understood 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from kimi_lora_cli.devices import DEVICE_HELP
 from kimi_lora_cli.errors import ConfigError
 
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "all", "tensorboard", "wandb")
 DECODE_BATCH = 16
 EVAL_METRICS = ("eval_loss", "eval_text_loss", "eval_audio_loss", "eval_wer", "eval_cer")
-ALIASES = {
-    "lora_r": "lora_rank",
-    "lora_target_modules": "lora_target",
-    "target": "lora_target",
-    "lr": "learning_rate",
-    "epochs": "num_train_epochs",
-    "batch_size": "per_device_train_batch_size",
-    "eval_strategy": "evaluation_strategy",
-    "cache_features": "feature_cache_dir",  # prepare's name for the same folder
-}
-# Accepted for compatibility with the guide's command line; they change nothing here.
-IGNORED_KEYS = ("lazy_preprocess", "save_strategy", "lora_bias_type", "dataloader_num_workers",
-                "remove_unused_columns", "ddp_find_unused_parameters")
-LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "modules_to_save", "train_embeddings",
-             "use_dora", "use_rslora")
+TRUE_WORDS = frozenset({"true", "1", "yes", "y", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "n", "off"})
+
+# Help panels of `kimi-lora train --help`.
+P_DATA = "Model and data"
+P_LORA = "LoRA"
+P_OPT = "Optimisation"
+P_EVAL = "Evaluation and best model"
+P_RUN = "Saving, logging, resuming, launching"
+
+# Settings of the LoRA guide's command line that change nothing here (accepted as flags and YAML keys so
+# its command can be pasted): name -> whether the flag is a switch.
+IGNORED = {"lazy_preprocess": True, "save_strategy": False, "lora_bias_type": False,
+           "dataloader_num_workers": False, "remove_unused_columns": True, "ddp_find_unused_parameters": True}
+
+
+def option(default: Any = None, help: str = "", *, panel: str, aliases: tuple[str, ...] = (), short: str = "",
+           shown: str | None = None, hidden: bool = False, many: bool = False) -> Any:
+    """A setting and its command-line face, written once: `kimi-lora train`'s flag (`--name` from the field
+    name, `aliases` as extra spellings of both the flag and the YAML key, `short` like `-o`), its help text
+    and panel, the default shown in --help (`shown` when the value alone says too little; none for
+    None/False), `hidden` flags, and `many` for lists the guide passes as separate words."""
+    return field(default=default, metadata={"help": help, "panel": panel, "aliases": aliases, "short": short,
+                                            "shown": shown, "hidden": hidden, "many": many})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # what to train
-    data_path: str | None = None
-    model_name_or_path: str | None = None  # release folder: tokenizer + whisper-large-v3/ (and weights)
-    model_path: str | None = None  # weights to train, when they live elsewhere
-    output_dir: str = "output/kimi-lora"
-    eval_ratio: float = 0.0
-    evaluation_strategy: str = "steps"  # no | steps | epoch (only with eval_ratio > 0)
-    eval_steps: int | None = None  # default: every save_steps and at the end
-    per_device_eval_batch_size: int | None = None
-    eval_data_path: str | None = None  # evaluation jsonl (same format and checks as data_path)
-    eval_generate: str | None = None  # N or "all": greedy-decode N eval conversations -> eval_wer / eval_cer
-    eval_max_new_tokens: int | None = None  # default: twice the longest reference + 16
-    metric_for_best_model: str | None = None  # eval_loss | eval_wer | eval_cer (...)
-    greater_is_better: bool | None = None  # default: False for loss / wer / cer
-    load_best_model_at_end: bool = False
-    early_stopping_patience: int | None = None
-    early_stopping_threshold: float = 0.0
-    # LoRA
-    use_lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target: str = "all"
-    lora_bias: str = "none"
-    use_dora: bool = False
-    use_rslora: bool = False
-    modules_to_save: tuple[str, ...] = ()
-    train_embeddings: bool = False
-    # loss
-    text_loss_weight: float = 1.0
-    audio_loss_weight: float = 1.0
-    # optimisation
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    seed: int = 42
-    # data
-    model_max_length: int | None = None
-    too_long: str = "error"  # error | skip | truncate
-    group_by_length: bool = False
-    packing: bool = False  # samples laid end to end in rows of packing_length tokens (no padding compute)
-    packing_length: int | None = None  # default: model_max_length, else max_position_embeddings
-    feature_cache_dir: str | None = None
-    speech_tokenizer: str | None = None  # glm-4-voice-tokenizer folder: audio_tokens for messages lacking them
-    # precision and memory
-    bf16: bool = False
-    fp16: bool = False
-    gradient_checkpointing: bool = False
-    device: str | None = None  # default: the accelerator's (cuda if available)
-    # saving, logging, resuming
-    save_steps: int = 500
-    save_total_limit: int | None = None
-    logging_steps: int = 10
-    resume_from_checkpoint: str | None = None
-    overwrite_output_dir: bool = False  # replace a folder an earlier `kimi-lora train` wrote
-    deepspeed: str | None = None
-    fsdp: bool = False  # FSDP2: every process holds 1/world of the model
-    fsdp_cpu_offload: bool = False  # FSDP shards, gradients and optimizer state in CPU memory
-    report_to: str = "none"  # comma list of tensorboard, wandb; all; none
-    run_name: str | None = None
+    # -- model and data
+    data_path: str | None = option(
+        help="Training data: jsonl in the official format, audio messages with audio_tokens (see `kimi-lora "
+        "prepare`) or, with --speech-tokenizer, without.", panel=P_DATA)
+    model_name_or_path: str | None = option(
+        help="Kimi-Audio release folder (tokenizer, whisper-large-v3/, and the weights unless --model-path is "
+        "given).", panel=P_DATA)
+    model_path: str | None = option(
+        help="Folder with the weights to train (e.g. a fine-tuned or exported model); tokenizer and Whisper come "
+        "from --model-name-or-path when it lacks them.", panel=P_DATA)
+    output_dir: str = option("output/kimi-lora", "Where the adapter, checkpoints and logs go.", panel=P_DATA,
+                             short="-o")
+    model_max_length: int | None = option(help="Longest sequence in tokens.", panel=P_DATA,
+                                          shown="max_position_embeddings")
+    too_long: str = option("error", "Samples over --model-max-length: error, skip or truncate.", panel=P_DATA)
+    group_by_length: bool = option(False, "Batch samples of similar length (less padding).", panel=P_DATA)
+    packing: bool = option(
+        False, "Pack samples end to end into rows of --packing-length tokens (no compute on padding); each sample "
+        "still attends only to itself and keeps its own loss. --per-device-train-batch-size then counts rows.",
+        panel=P_DATA)
+    packing_length: int | None = option(help="Tokens per packed row; longer samples follow --too-long.",
+                                        panel=P_DATA, shown="--model-max-length")
+    feature_cache_dir: str | None = option(
+        help="Also keep Whisper features on disk here, reused by later runs; the folder `kimi-lora prepare "
+        "--cache-features` filled is reused as is.", panel=P_DATA, aliases=("cache_features",))
+    speech_tokenizer: str | None = option(
+        help="Local glm-4-voice-tokenizer folder: audio messages without audio_tokens are tokenized on the fly "
+        "(each file once; kept in --feature-cache-dir too).", panel=P_DATA)
+    # -- evaluation and best model
+    eval_data_path: str | None = option(help="Evaluation data (same format and checks as --data-path).",
+                                        panel=P_EVAL)
+    eval_ratio: float = option(0.0, "Or hold out this share of the training samples for evaluation.",
+                               panel=P_EVAL)
+    evaluation_strategy: str = option("steps", "no, steps or epoch; also once at the end.", panel=P_EVAL,
+                                      aliases=("eval_strategy",))
+    eval_steps: int | None = option(help="Evaluate every N steps.", panel=P_EVAL, shown="--save-steps")
+    eval_generate: str | None = option(
+        help="Greedy-decode N eval conversations (or all) at each evaluation with the infer engine under the "
+        "current adapter; logs eval_wer / eval_cer.", panel=P_EVAL)
+    eval_max_new_tokens: int | None = option(help="Decode budget per conversation.", panel=P_EVAL,
+                                             shown="2 x longest reference + 16")
+    metric_for_best_model: str | None = option(
+        help="eval_wer, eval_cer or eval_loss (also eval_text_loss, eval_audio_loss): tracked in "
+        "trainer_state.json; every evaluation then saves a checkpoint.", panel=P_EVAL)
+    greater_is_better: bool | None = option(panel=P_EVAL, shown="no for loss, wer and cer")
+    load_best_model_at_end: bool = option(
+        False, "The final adapter is the best checkpoint's (by --metric-for-best-model, default eval_loss).",
+        panel=P_EVAL)
+    early_stopping_patience: int | None = option(help="Stop after N evaluations without improvement of the "
+                                                 "metric.", panel=P_EVAL)
+    early_stopping_threshold: float = option(0.0, "Least change that counts as an improvement.", panel=P_EVAL)
+    per_device_eval_batch_size: int | None = option(help="Eval micro-batch.", panel=P_EVAL,
+                                                    shown="the training one for the loss, 16 for decoding")
+    # -- LoRA
+    use_lora: bool = option(False, "Train a LoRA adapter (without it: full fine-tuning).", panel=P_LORA)
+    lora_rank: int = option(8, panel=P_LORA, aliases=("lora_r",))
+    lora_alpha: int = option(16, panel=P_LORA)
+    lora_dropout: float = option(0.05, panel=P_LORA)
+    lora_target: str = option(
+        "all", "all, components (backbone,text,mimo,adaptor,heads), module names, globs, re:REGEX, TERM:a-b layer "
+        "ranges - as `kimi-lora list-modules`.", panel=P_LORA, aliases=("lora_target_modules", "target"),
+        many=True)
+    lora_bias: str = option("none", "none, all or lora_only.", panel=P_LORA)
+    use_dora: bool = option(False, "DoRA (weight-decomposed LoRA).", panel=P_LORA)
+    use_rslora: bool = option(False, "rsLoRA scaling alpha/sqrt(r).", panel=P_LORA)
+    modules_to_save: tuple[str, ...] = option((), "Modules trained in full next to the adapter (e.g. "
+                                              "lm_head,mimo_output).", panel=P_LORA, many=True)
+    train_embeddings: bool = option(False, "Train the token embeddings in full (excluded by default).",
+                                    panel=P_LORA)
+    # -- optimisation
+    text_loss_weight: float = option(1.0, panel=P_OPT)
+    audio_loss_weight: float = option(1.0, panel=P_OPT)
+    num_train_epochs: float = option(3.0, panel=P_OPT, aliases=("epochs",))
+    max_steps: int = option(-1, "Stop after N optimizer steps (overrides epochs); -1: train the epochs.",
+                            panel=P_OPT)
+    per_device_train_batch_size: int = option(1, "Micro-batch per process.", panel=P_OPT,
+                                              aliases=("batch_size",))
+    gradient_accumulation_steps: int = option(1, panel=P_OPT)
+    learning_rate: float = option(1e-4, panel=P_OPT, aliases=("lr",))
+    weight_decay: float = option(0.0, panel=P_OPT)
+    adam_beta1: float = option(0.9, panel=P_OPT, hidden=True)
+    adam_beta2: float = option(0.999, panel=P_OPT)
+    adam_epsilon: float = option(1e-8, panel=P_OPT, hidden=True)
+    max_grad_norm: float = option(1.0, "Gradient clipping, 0 = off.", panel=P_OPT)
+    lr_scheduler_type: str = option(
+        "cosine", "Any schedule of transformers' get_scheduler: linear, cosine, cosine_with_restarts, "
+        "polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, "
+        "cosine_warmup_with_min_lr, warmup_stable_decay.", panel=P_OPT)
+    lr_scheduler_kwargs: dict[str, Any] | None = option(
+        help='The schedule\'s own arguments as JSON, as the HF Trainer\'s (e.g. \'{"min_lr_rate": 0.1}\' for '
+        'cosine_with_min_lr, \'{"num_decay_steps": 100}\' for warmup_stable_decay).', panel=P_OPT)
+    warmup_ratio: float = option(0.0, panel=P_OPT)
+    warmup_steps: int = option(0, "Overrides --warmup-ratio.", panel=P_OPT)
+    seed: int = option(42, panel=P_OPT)
+    bf16: bool = option(False, "bfloat16 weights (LoRA) and autocast.", panel=P_OPT)
+    fp16: bool = option(False, panel=P_OPT, hidden=True)
+    gradient_checkpointing: bool = option(False, "Recompute layers in the backward pass (less memory).",
+                                          panel=P_OPT)
+    device: str | None = option(help=DEVICE_HELP, panel=P_OPT, shown="the accelerator's")
+    # -- saving, logging, resuming, launching
+    save_steps: int = option(500, "Checkpoint every N steps.", panel=P_RUN)
+    save_total_limit: int | None = option(help="Keep only the newest N checkpoints (and the best).", panel=P_RUN)
+    logging_steps: int = option(10, panel=P_RUN)
+    resume_from_checkpoint: str | None = option(
+        help="latest (newest checkpoint in --output-dir) or a checkpoint-N folder; the run's settings must match "
+        "the checkpoint's, except max_steps, num_train_epochs, learning_rate, save/logging/eval steps, "
+        "save_total_limit, report_to, device and gradient_checkpointing.", panel=P_RUN)
+    overwrite_output_dir: bool = option(
+        False, "Start over in an --output-dir an earlier `kimi-lora train` wrote (its adapter, checkpoints and logs "
+        "are removed; other folders are never touched).", panel=P_RUN)
+    deepspeed: str | None = option(
+        help='DeepSpeed config: zero2 or zero3 (shipped with kimi-lora) or a JSON path; "auto" values are filled '
+        "from the flags.", panel=P_RUN)
+    fsdp: bool = option(
+        False, "Shard weights, gradients and optimizer state over the processes (FSDP2): each holds 1/N of the "
+        "model, for models past one GPU's memory. With --num-processes, torchrun or `accelerate launch "
+        "--use_fsdp`.", panel=P_RUN)
+    fsdp_cpu_offload: bool = option(False, "With --fsdp: keep the shards, gradients and optimizer state in CPU "
+                                    "memory (slower; fits larger models).", panel=P_RUN)
+    report_to: str = option("none", "Trackers: tensorboard, wandb (comma list), all (every installed one) or "
+                            "none.", panel=P_RUN)
+    run_name: str | None = option(help="Name of the run in the trackers.", panel=P_RUN)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -117,7 +178,7 @@ class TrainConfig:
     @classmethod
     def normalise_key(cls, key: str) -> str:
         key = key.strip().lstrip("-").replace("-", "_")
-        return ALIASES.get(key, key)
+        return aliases().get(key, key)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "config") -> dict[str, Any]:
@@ -126,7 +187,7 @@ class TrainConfig:
         out: dict[str, Any] = {}
         for raw_key, value in data.items():
             key = cls.normalise_key(str(raw_key))
-            if key in IGNORED_KEYS:
+            if key in IGNORED:
                 continue
             if key not in names:
                 close = difflib.get_close_matches(key, sorted(names), n=3, cutoff=0.6)
@@ -201,8 +262,9 @@ class TrainConfig:
         need(0.0 <= self.eval_ratio < 1.0, f"--eval-ratio must be in [0, 1) (got {self.eval_ratio})")
         need(self.evaluation_strategy in ("no", "steps", "epoch"),
              f"--evaluation-strategy must be no, steps or epoch (got {self.evaluation_strategy!r})")
-        need(self.lr_scheduler_type in SCHEDULERS,
-             f"--lr-scheduler-type must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler_type!r})")
+        from kimi_lora_cli.training.optim import check_schedule_name
+
+        check_schedule_name(self.lr_scheduler_type)
         need(0.0 <= self.warmup_ratio <= 1.0, "--warmup-ratio must be in [0, 1]")
         need(self.warmup_steps >= 0, "--warmup-steps must not be negative")
         need(self.too_long in ("error", "skip", "truncate"), f"--too-long must be error, skip or truncate "
@@ -326,8 +388,14 @@ class TrainConfig:
         return yaml.safe_dump(d, sort_keys=False)
 
 
-_TRUE = {"true", "1", "yes", "y", "on"}
-_FALSE = {"false", "0", "no", "n", "off"}
+def aliases() -> dict[str, str]:
+    """Other spellings of settings (flags and YAML keys alike) -> the field name."""
+    return {alias: f.name for f in fields(TrainConfig) for alias in f.metadata["aliases"]}
+
+
+def lora_keys() -> tuple[str, ...]:
+    """Settings that only mean something with LoRA on (given without --use-lora they are an error)."""
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata["panel"] == P_LORA and f.name != "use_lora")
 
 
 def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
@@ -340,15 +408,26 @@ def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
             if isinstance(value, bool):
                 return value
             text = str(value).strip().lower()
-            if text in _TRUE:
+            if text in TRUE_WORDS:
                 return True
-            if text in _FALSE:
+            if text in FALSE_WORDS:
                 return False
             raise ValueError("expected true or false")
         if value is None:
             if "None" in hint:
                 return None
             raise ValueError("a value is required")
+        if hint.startswith("dict"):
+            if isinstance(value, str):
+                import json
+
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"expected a JSON object: {e.msg} at column {e.colno}") from None
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping of names to values, e.g. '{\"min_lr_rate\": 0.1}'")
+            return {str(k): v for k, v in value.items()}
         if hint.startswith("tuple"):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(x).strip() for x in items if str(x).strip())

@@ -9,23 +9,49 @@ from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.training.config import TrainConfig
 
 
+# Schedules that follow a metric instead of the step count (the trainer steps its schedule once per
+# optimizer step, so these cannot be driven).
+METRIC_DRIVEN = ("reduce_lr_on_plateau", "greedy")
+
+
+def schedule_names() -> list[str]:
+    from transformers import SchedulerType
+
+    return [s.value for s in SchedulerType if s.value not in METRIC_DRIVEN]
+
+
+def check_schedule_name(name: str) -> None:
+    names = schedule_names()
+    if name in METRIC_DRIVEN:
+        raise ConfigError(f"--lr-scheduler-type {name} follows an evaluation metric, not the step count; pick one "
+                          f"of {', '.join(names)}")
+    if name not in names:
+        raise ConfigError(f"--lr-scheduler-type must be one of {', '.join(names)} (got {name!r})")
+
+
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    return cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total))
+
+
 def make_scheduler(optimizer: Any, cfg: TrainConfig, total: int):
+    """transformers' own schedule of that name (what users know from the HF Trainer), stepped once per
+    optimizer step; `--lr-scheduler-kwargs` are its extra arguments."""
+    from transformers import get_scheduler
+
+    try:
+        return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(cfg, total),
+                             num_training_steps=total, scheduler_specific_kwargs=dict(cfg.lr_scheduler_kwargs or {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--lr-scheduler-type {cfg.lr_scheduler_type} with --lr-scheduler-kwargs "
+                          f"{cfg.lr_scheduler_kwargs or {}}: {e}") from None
+
+
+def check_scheduler(cfg: TrainConfig, total: int) -> None:
+    """Build the schedule over a throwaway parameter: bad --lr-scheduler-kwargs fail before any weight."""
     import torch
 
-    warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total))
-    kind = cfg.lr_scheduler_type
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup and kind != "constant":
-            return (step + 1) / (warmup + 1)
-        if kind in ("constant", "constant_with_warmup"):
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate or 1.0), cfg,
+                   max(total, 1))
 
 
 def make_optimizer(model: Any, cfg: TrainConfig):

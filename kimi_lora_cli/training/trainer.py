@@ -27,7 +27,7 @@ from kimi_lora_cli.training.distributed import (
     env_rank,
     env_world,
 )
-from kimi_lora_cli.training.optim import make_optimizer, make_scheduler
+from kimi_lora_cli.training.optim import check_scheduler, make_optimizer, make_scheduler
 from kimi_lora_cli.training.output import OutputDir, check_resume, data_digest
 from kimi_lora_cli.training.reporting import MetricsLog, Reporter, parse_report_to, plot_losses
 from kimi_lora_cli.training.run_evaluation import EvaluationMixin
@@ -109,6 +109,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         torch.manual_seed(cfg.seed)
         say = self.reporter.print
         parse_report_to(cfg.report_to)  # a missing tracker package fails here, before any weight is read
+        check_scheduler(cfg, max(cfg.max_steps, 1))  # and --lr-scheduler-kwargs the schedule does not take
         for note in self.launcher_notes:
             say(f"[yellow]Note:[/] {note}")
         self.resume_dir, self.resume_state = None, None
