@@ -8,7 +8,6 @@ from typing import Any
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.training.config import TrainConfig
 
-
 # Schedules that follow a metric instead of the step count (the trainer steps its schedule once per
 # optimizer step, so these cannot be driven).
 METRIC_DRIVEN = ("reduce_lr_on_plateau", "greedy")
