@@ -32,6 +32,7 @@ from kimi_lora_cli.model_files import (  # noqa: F401 (re-exported: the core's p
     read_safetensors_header,
 )
 from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig
+from kimi_lora_cli.tensor_files import iter_tensors, match_state
 
 if TYPE_CHECKING:
     import torch
@@ -104,45 +105,6 @@ def kimi_config(info: ModelInfo, attn_implementation: str = "sdpa") -> KimiAudio
     return cfg
 
 
-def _iter_tensors(files: list[Path]):
-    """(key, tensor-getter) over every weight file, one file open at a time."""
-    from safetensors import safe_open
-
-    for path in files:
-        if path.suffix != ".safetensors":
-            import torch
-
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for k, v in state.items():
-                yield path, k, (lambda v=v: v)
-            continue
-        read_safetensors_header(path)
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for k in f.keys():
-                    yield path, k, (lambda k=k, f=f: f.get_tensor(k))
-        except Exception as e:  # safetensors raises its own error type
-            if isinstance(e, ModelLoadError):
-                raise
-            raise ModelLoadError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
-
-
-def _first(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
-
-def shape_mismatch(where: Any, key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> ModelLoadError:
-    return ModelLoadError(f"{where}: tensor {key} has shape {tuple(shape)} but config.json implies {expected}; "
-                          "the config and the weights come from different models")
-
-
-def weights_mismatch(where: Any, missing: list[str], unexpected: list[str] = ()) -> ModelLoadError:
-    parts = [f"missing {len(missing)} tensors ({_first(missing)})"] if missing else []
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)} ({_first(unexpected)})")
-    return ModelLoadError(f"{where}: weights do not match config.json: {'; '.join(parts)}")
-
-
 def check_header_shapes(info: ModelInfo, shapes: dict[str, tuple[int, ...]]) -> None:
     """Raise ModelLoadError unless the tensors of a folder's headers (`shapes`) are what its
     config.json builds - the checks `load_model` makes, without reading a tensor. Kimi-Audio folders
@@ -151,96 +113,7 @@ def check_header_shapes(info: ModelInfo, shapes: dict[str, tuple[int, ...]]) -> 
     expected = {k: tuple(v.shape) for k, v in skeleton.model.state_dict().items()}
     present = {k: v for k, v in shapes.items() if not k.endswith(INV_FREQ_SUFFIX)
                and not k.startswith(FINETUNE_WHISPER_PREFIX)}
-    for key, shape in present.items():
-        if key in expected and tuple(shape) != expected[key]:
-            raise shape_mismatch(info.path, key, shape, expected[key])
-    if info.is_kimi:
-        missing = sorted(set(expected) - set(present))
-        unexpected = sorted(set(present) - set(expected))
-        if missing or unexpected:
-            raise weights_mismatch(info.path, missing, unexpected)
-
-
-def _load_kimi(info: ModelInfo, dtype, device, base_path, load_whisper: bool, attn: str):
-
-    cfg = kimi_config(info, attn)
-    model = build_kimi_model(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
-    whisper_state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for path, key, get in _iter_tensors(info.weight_files):
-        if key.endswith(INV_FREQ_SUFFIX):
-            info.ignored_keys.append(key)
-            continue
-        if key.startswith(FINETUNE_WHISPER_PREFIX):
-            if load_whisper:
-                whisper_state[key[len(FINETUNE_WHISPER_PREFIX):]] = get()
-            continue
-        if key not in expected:
-            unexpected.append(f"{key} ({path.name})")
-            continue
-        t = get()
-        if tuple(t.shape) != expected[key]:
-            raise shape_mismatch(path, key, t.shape, expected[key])
-        state[key] = t.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing or unexpected:
-        raise weights_mismatch(info.path, missing, unexpected)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.requires_grad_(True)
-    info.num_parameters = sum(t.numel() for t in state.values())
-
-    encoder = None
-    if load_whisper:
-        encoder = _load_whisper(info, whisper_state, dtype, device, base_path)
-    return model, cfg, encoder
-
-
-def _load_whisper(info: ModelInfo, whisper_state, dtype, device, base_path):
-    from kimi_lora_cli.models.kimi_audio.whisper import (
-        WhisperFeatureEncoder,
-        strip_whisper_prefix,
-        whisper_config_from_tensors,
-    )
-
-    wcfg = None
-    source = info.whisper_source
-    candidates = [info.path / WHISPER_DIR] + ([Path(base_path) / WHISPER_DIR] if base_path else [])
-    if not whisper_state:
-        wfile = next((c / "model.safetensors" for c in candidates if (c / "model.safetensors").is_file()), None)
-        if wfile is None:
-            raise ModelLoadError(
-                f"{info.path}: no Whisper encoder ({WHISPER_DIR}/model.safetensors or whisper_model.* keys); "
-                "pass the release folder as --model-name-or-path / base so its whisper-large-v3/ can be used"
-            )
-        source = str(wfile.parent)
-        for _, key, get in _iter_tensors([wfile]):
-            name = strip_whisper_prefix(key)
-            if name is not None:
-                whisper_state[name] = get()
-        if not whisper_state:
-            raise ModelLoadError(f"{wfile}: holds no encoder tensors (expected model.encoder.* or encoder.*)")
-    for c in candidates:
-        if (c / "config.json").is_file():
-            from transformers import WhisperConfig
-
-            wcfg = WhisperConfig.from_json_file(str(c / "config.json"))
-            break
-    if wcfg is None:
-        wcfg = whisper_config_from_tensors({k: tuple(v.shape) for k, v in whisper_state.items()})
-    try:
-        enc = WhisperFeatureEncoder.from_state_dict(wcfg, whisper_state, dtype=dtype, device=device, source=source)
-    except (KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"{source}: Whisper weights do not match its config ({e})") from None
-    kimi_dim = info.config.get("kimia_adaptor_input_dim")
-    if kimi_dim and enc.row_dim != kimi_dim:
-        raise ModelLoadError(
-            f"{source}: Whisper d_model {wcfg.d_model} gives {enc.row_dim}-dim rows but config.json has "
-            f"kimia_adaptor_input_dim {kimi_dim}; use the whisper-large-v3 folder of the same release"
-        )
-    info.whisper_source = source
-    return enc
+    match_state(expected, present, info.path, strict=info.is_kimi)
 
 
 def load_tokenizer(info: ModelInfo):
@@ -297,12 +170,21 @@ def load_model(
         raise ModelLoadError(f"{info.path}: a prepared (meta-device) load needs a Kimi-Audio folder with weights")
     if info.is_kimi:
         if prepare is not None:
-            from kimi_lora_cli.sharded import load_kimi_prepared
+            from kimi_lora_cli.models.kimi_audio.checkpoint import read_prepared
 
-            model, cfg, encoder = load_kimi_prepared(info, torch_dtype, device, base_path, load_whisper,
-                                                     attn_implementation, prepare)
+            shapes = {k: tuple(v["shape"]) for f in info.weight_files if f.suffix == ".safetensors"
+                      for k, v in read_safetensors_header(f).items()}
+            if shapes and all(f.suffix == ".safetensors" for f in info.weight_files):
+                check_header_shapes(info, shapes)  # a wrong folder fails here, before any allocation
+            cfg = kimi_config(info, attn_implementation)
+            model, encoder = read_prepared(build_kimi_model(cfg), info, torch_dtype, device, base_path, load_whisper,
+                                           prepare)
         elif weights:
-            model, cfg, encoder = _load_kimi(info, torch_dtype, device, base_path, load_whisper, attn_implementation)
+            from kimi_lora_cli.models.kimi_audio.checkpoint import read_weights
+
+            cfg = kimi_config(info, attn_implementation)
+            model = build_kimi_model(cfg)
+            encoder = read_weights(model, info, torch_dtype, device, base_path, load_whisper)
         else:
             cfg = kimi_config(info, attn_implementation)
             model = build_kimi_model(cfg)
@@ -392,7 +274,6 @@ def check_adapter_folder(folder: Path, allow_pickle: bool = False) -> None:
 # Audio front ends without the language model (prepare, on-the-fly tokenization)
 # -------------------------------------------------------------------------------------------
 
-SPEECH_TOKENIZER_PREFIXES = ("model.encoder.", "encoder.")
 
 
 def load_feature_encoder(path: str | Path, *, dtype: str | torch.dtype | None = "auto",
@@ -400,6 +281,8 @@ def load_feature_encoder(path: str | Path, *, dtype: str | torch.dtype | None = 
                          allow_pickle: bool = False):
     """Only the Whisper feature encoder of a Kimi-Audio folder (any layout); the LM is not read."""
     import torch
+
+    from kimi_lora_cli.models.kimi_audio.checkpoint import read_whisper
 
     info = inspect_folder(path, allow_pickle=allow_pickle, base_path=base_path)
     if not info.is_kimi:
@@ -409,10 +292,10 @@ def load_feature_encoder(path: str | Path, *, dtype: str | torch.dtype | None = 
     if info.layout == "finetune":
         prefix = FINETUNE_WHISPER_PREFIX
         files = sorted({f for k, f in info.weight_map.items() if k.startswith(prefix)}, key=lambda p: p.name)
-        for _, key, get in _iter_tensors(files):
+        for _, key, get in iter_tensors(files):
             if key.startswith(prefix):
                 state[key[len(prefix):]] = get()
-    return _load_whisper(info, state, resolve_dtype(dtype, info), torch.device(device), base_path)
+    return read_whisper(info, state, resolve_dtype(dtype, info), torch.device(device), base_path)
 
 
 def load_speech_tokenizer(path: str | Path, *, dtype: str | torch.dtype | None = "float32",
@@ -420,56 +303,13 @@ def load_speech_tokenizer(path: str | Path, *, dtype: str | torch.dtype | None =
     """The GLM-4-Voice speech tokenizer from a local `glm-4-voice-tokenizer` folder (config.json +
     model.safetensors; tensor names bare or under `model.encoder.`; unused tensors ignored)."""
     import torch
-    from safetensors import safe_open
 
-    from kimi_lora_cli.models.speech_tokenizer.configuration import SpeechTokenizerConfig
-    from kimi_lora_cli.models.speech_tokenizer.modeling import (
-        SpeechTokenizer,
-        build_encoder,
-        expected_state_shapes,
-    )
+    from kimi_lora_cli.models.speech_tokenizer.checkpoint import read_speech_tokenizer
 
-    folder = Path(path).expanduser()
-    fix = "pass the glm-4-voice-tokenizer folder (config.json + model.safetensors of THUDM/glm-4-voice-tokenizer)"
-    if not folder.is_dir():
-        raise ModelLoadError(f"{folder}: no such folder; {fix}")
-    cfg_file, wfile = folder / "config.json", folder / "model.safetensors"
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"{cfg_file}: not found; {fix}")
-    data = read_json_object(cfg_file)
-    try:
-        cfg = SpeechTokenizerConfig.from_dict(data)
-    except (TypeError, ValueError, AttributeError) as e:
-        raise ModelLoadError(f"{cfg_file}: {e}; {fix}") from None
-    if not wfile.is_file():
-        raise ModelLoadError(f"{wfile}: not found; {fix}")
-    header = read_safetensors_header(wfile)
-    expected = expected_state_shapes(cfg)
-    chosen: dict[str, str] = {}
-    for key in header:
-        name = next((key[len(p):] for p in SPEECH_TOKENIZER_PREFIXES if key.startswith(p)), key)
-        if name in expected:
-            chosen.setdefault(name, key)
-    missing = [k for k in expected if k not in chosen]
-    if missing:
-        raise ModelLoadError(
-            f"{wfile}: missing {len(missing)} encoder tensors ({_first(missing)}); the file does not match config.json (quantize_position "
-            f"{cfg.quantize_position}, d_model {cfg.d_model}): {fix}"
-        )
-    for name, key in chosen.items():
-        shape = tuple(header[key]["shape"])
-        if shape != expected[name]:
-            raise shape_mismatch(wfile, key, shape, expected[name])
-    info = ModelInfo(path=folder, kind="speech-tokenizer", layout="single-file", config=data,
-                     dtype=data.get("torch_dtype") or data.get("dtype"))
-    torch_dtype = resolve_dtype(dtype, info)
-    try:
-        with safe_open(str(wfile), framework="pt", device="cpu") as f:
-            state = {name: f.get_tensor(key) for name, key in chosen.items()}
-    except Exception as e:  # safetensors raises its own error type
-        raise ModelLoadError(f"{wfile}: unreadable safetensors file ({e}); re-download it") from None
-    encoder = build_encoder(cfg, state, torch_dtype, torch.device(device))
-    return SpeechTokenizer(encoder, source=str(folder))
+    files = read_speech_tokenizer(path)
+    info = ModelInfo(path=files.folder, kind="speech-tokenizer", layout="single-file", config=files.raw,
+                     dtype=files.raw.get("torch_dtype") or files.raw.get("dtype"))
+    return files.load(resolve_dtype(dtype, info), torch.device(device))
 
 
 # -------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class TensorLoc:
 
 def header_locations(path: Path) -> dict[str, TensorLoc]:
     """All tensors of one safetensors file with their absolute byte ranges (header read only)."""
-    from kimi_lora_cli.loading import read_safetensors_header
+    from kimi_lora_cli.model_files import read_safetensors_header
 
     header = read_safetensors_header(path)
     with open(path, "rb") as f:

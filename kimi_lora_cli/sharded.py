@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kimi_lora_cli.errors import ModelLoadError
+from kimi_lora_cli.tensor_files import load_weights_only, open_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -134,80 +134,17 @@ def fill_from_file(path: Path, params: dict[str, list[torch.Tensor]],
         done.add(key)
 
     if path.suffix != ".safetensors":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path)
         for key, value in state.items():
             if key in params:
                 copy(state, key)
             elif on_other is not None:
                 on_other(key, lambda v=value: v)
         return done
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key in params:
-                    copy(f, key)
-                elif on_other is not None:
-                    on_other(key, lambda k=key: f.get_tensor(k))
-    except (ModelLoadError, RuntimeError, NotImplementedError):
-        raise
-    except Exception as e:  # safetensors raises its own error type
-        raise ModelLoadError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
+    with open_safetensors(path) as f:
+        for key in f.keys():
+            if key in params:
+                copy(f, key)
+            elif on_other is not None:
+                on_other(key, lambda k=key: f.get_tensor(k))
     return done
-
-
-def load_kimi_prepared(info: Any, dtype: Any, device: Any, base_path: Any, load_whisper: bool, attn: str,
-                       prepare: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
-    """`load_model(..., prepare=...)` for Kimi-Audio: check the headers against config.json, build on
-    the meta device in `dtype`, let `prepare` wrap / shard it, allocate what is still on the meta
-    device on `device`, then read every base parameter's own rows. Adapter weights are left to the
-    caller (see `training.lora.init_adapter_weights`)."""
-    from kimi_lora_cli.loading import (
-        FINETUNE_WHISPER_PREFIX,
-        INV_FREQ_SUFFIX,
-        _load_whisper,
-        build_kimi_model,
-        check_header_shapes,
-        kimi_config,
-        read_safetensors_header,
-        weights_mismatch,
-    )
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in info.weight_files:
-        if f.suffix == ".safetensors":
-            shapes.update({k: tuple(v["shape"]) for k, v in read_safetensors_header(f).items()})
-    if len(shapes) and all(f.suffix == ".safetensors" for f in info.weight_files):
-        check_header_shapes(info, shapes)  # a wrong folder fails here, before any allocation
-    cfg = kimi_config(info, attn)
-    base = build_kimi_model(cfg).to(dtype)
-    base.name_or_path = str(info.path)  # peft saves it as the adapter's base_model_name_or_path
-    model = prepare(base)
-    if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=device)
-    params: dict[str, list[Any]] = {}
-    numel: dict[str, int] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        key = checkpoint_key(name)
-        if key is not None:
-            params.setdefault(key, []).append(p)
-            numel[key] = p.numel()
-    whisper_state: dict[str, Any] = {}
-
-    def other(key: str, get: Callable[[], Any]) -> None:
-        if key.startswith(FINETUNE_WHISPER_PREFIX):
-            if load_whisper:
-                whisper_state[key[len(FINETUNE_WHISPER_PREFIX):]] = get()
-        elif not key.endswith(INV_FREQ_SUFFIX):
-            raise weights_mismatch(info.path, [], [key])
-
-    done: set[str] = set()
-    for f in info.weight_files:
-        done |= fill_from_file(f, params, other)
-    missing = sorted(set(params) - done)
-    if missing:
-        raise weights_mismatch(info.path, missing)
-    info.num_parameters = sum(numel.values())
-    encoder = _load_whisper(info, whisper_state, dtype, device, base_path) if load_whisper else None
-    return model, cfg, encoder

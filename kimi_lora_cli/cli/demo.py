@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,17 +13,13 @@ DEMO_SAMPLES = 8
 SPOKEN_PROMPT = "Say hello in a friendly voice."
 
 
-def _invoke(args: list[str]) -> None:
+def _invoke(command: Any, args: list[str]) -> None:
     """Run one real `kimi-lora` command in this process, showing the standalone command first."""
-    from typer.main import get_command
-
     from kimi_lora_cli.cli._output import err
-    from kimi_lora_cli.cli.app import app
     from kimi_lora_cli.errors import KimiLoraError
 
     err.rule(style="cyan")
     err.print(f"[bold cyan]$ kimi-lora {shlex.join(args)}[/]", soft_wrap=True)
-    command = get_command(app)
     try:
         code = command.main(args=args, prog_name="kimi-lora", standalone_mode=False)
     except SystemExit as e:  # a command may exit on its own
@@ -33,6 +29,7 @@ def _invoke(args: list[str]) -> None:
 
 
 def demo(
+    ctx: typer.Context,
     workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Folder for the demo files "
                                                  "(default: ./kimi-lora-demo); a rerun replaces the demo's outputs.")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps (the default memorises the data).")] = 120,
@@ -53,6 +50,8 @@ def demo(
 
       $ kimi-lora demo --workdir /tmp/kimi-demo --steps 200
     """
+    import functools
+
     from kimi_lora_cli.cli._output import err, out
     from kimi_lora_cli.data.synthetic import write_synthetic_dataset
     from kimi_lora_cli.errors import ConfigError
@@ -66,6 +65,9 @@ def demo(
         user_entries,
         write_marker,
     )
+
+    # each step runs through the app that runs `demo` (found from the context, not imported back up)
+    run = functools.partial(_invoke, ctx.find_root().command)
 
     work = check_output(workdir or Path("kimi-lora-demo"), [], flag="--workdir")
     info = marker_info(work)
@@ -96,21 +98,21 @@ def demo(
     spoken_preds.unlink(missing_ok=True)
     err.print(f"Data: {data} ({DEMO_SAMPLES} synthetic clips with audio_tokens and transcripts)")
 
-    _invoke(["list-modules", str(model), "--target", "all,lm_head", "--rank", "32"])
-    _invoke(["train", "--model-name-or-path", str(model), "--data-path", str(data), "--output-dir", str(adapter),
+    run(["list-modules", str(model), "--target", "all,lm_head", "--rank", "32"])
+    run(["train", "--model-name-or-path", str(model), "--data-path", str(data), "--output-dir", str(adapter),
              "--use-lora", "--lora-rank", "32", "--lora-alpha", "64", "--lora-dropout", "0",
              "--lora-target", "all,lm_head", "--learning-rate", "1e-2", "--warmup-ratio", "0",
              "--max-steps", str(steps), "--per-device-train-batch-size", str(DEMO_SAMPLES),
              "--logging-steps", "10", "--save-steps", str(10 * steps), "--seed", "0"])
-    _invoke(["inspect-adapter", str(adapter), "--base", str(model), "--stats"])
-    _invoke(["merge", "--model", str(model), "--adapter", str(adapter), "--output", str(merged),
+    run(["inspect-adapter", str(adapter), "--base", str(model), "--stats"])
+    run(["merge", "--model", str(model), "--adapter", str(adapter), "--output", str(merged),
              "--verify", "--overwrite"])
-    _invoke(["infer", "--model", str(model), "--adapter", f"demo={adapter}", "--compare-base",
+    run(["infer", "--model", str(model), "--adapter", f"demo={adapter}", "--compare-base",
              "--data", str(data), "--output", str(preds), "--batch-size", str(DEMO_SAMPLES),
              "--max-new-tokens", "24"])
     # Audio sampling over the whole vocabulary: a random model picks an audio code about one step in
     # eight, so 200 steps give a couple of seconds of (noise) speech.
-    _invoke(["infer", "--model", str(model), "--prompt", SPOKEN_PROMPT, "--output-type", "both",
+    run(["infer", "--model", str(model), "--prompt", SPOKEN_PROMPT, "--output-type", "both",
              "--audio-dir", str(spoken), "--output", str(spoken_preds), "--max-new-tokens", "200",
              "--audio-temperature", "1.0", "--audio-top-k", "0"])
 

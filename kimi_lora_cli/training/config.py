@@ -262,8 +262,6 @@ class TrainConfig:
         need(0.0 <= self.eval_ratio < 1.0, f"--eval-ratio must be in [0, 1) (got {self.eval_ratio})")
         need(self.evaluation_strategy in ("no", "steps", "epoch"),
              f"--evaluation-strategy must be no, steps or epoch (got {self.evaluation_strategy!r})")
-        from kimi_lora_cli.training.optim import check_schedule_name
-
         check_schedule_name(self.lr_scheduler_type)
         need(0.0 <= self.warmup_ratio <= 1.0, "--warmup-ratio must be in [0, 1]")
         need(self.warmup_steps >= 0, "--warmup-steps must not be negative")
@@ -386,6 +384,26 @@ class TrainConfig:
         d = self.to_dict()
         d.pop("overwrite_output_dir")
         return yaml.safe_dump(d, sort_keys=False)
+
+
+# Schedules that follow a metric instead of the step count (the trainer steps its schedule once per
+# optimizer step, so these cannot be driven).
+METRIC_DRIVEN = ("reduce_lr_on_plateau", "greedy")
+
+
+def schedule_names() -> list[str]:
+    from transformers import SchedulerType
+
+    return [s.value for s in SchedulerType if s.value not in METRIC_DRIVEN]
+
+
+def check_schedule_name(name: str) -> None:
+    names = schedule_names()
+    if name in METRIC_DRIVEN:
+        raise ConfigError(f"--lr-scheduler-type {name} follows an evaluation metric, not the step count; pick one "
+                          f"of {', '.join(names)}")
+    if name not in names:
+        raise ConfigError(f"--lr-scheduler-type must be one of {', '.join(names)} (got {name!r})")
 
 
 def aliases() -> dict[str, str]:

@@ -8,25 +8,6 @@ from typing import Any
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.training.config import TrainConfig
 
-# Schedules that follow a metric instead of the step count (the trainer steps its schedule once per
-# optimizer step, so these cannot be driven).
-METRIC_DRIVEN = ("reduce_lr_on_plateau", "greedy")
-
-
-def schedule_names() -> list[str]:
-    from transformers import SchedulerType
-
-    return [s.value for s in SchedulerType if s.value not in METRIC_DRIVEN]
-
-
-def check_schedule_name(name: str) -> None:
-    names = schedule_names()
-    if name in METRIC_DRIVEN:
-        raise ConfigError(f"--lr-scheduler-type {name} follows an evaluation metric, not the step count; pick one "
-                          f"of {', '.join(names)}")
-    if name not in names:
-        raise ConfigError(f"--lr-scheduler-type must be one of {', '.join(names)} (got {name!r})")
-
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
     return cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total))

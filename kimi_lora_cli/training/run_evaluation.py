@@ -4,15 +4,13 @@ model card."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.training.distributed import deepspeed_config
 from kimi_lora_cli.training.reporting import MetricsLog
+from kimi_lora_cli.training.result import TrainResult
 from kimi_lora_cli.training.setup import model_locations
-
-if TYPE_CHECKING:
-    from kimi_lora_cli.training.trainer import TrainResult
 
 
 class EvaluationMixin:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,44 +29,13 @@ from kimi_lora_cli.training.distributed import (
 from kimi_lora_cli.training.optim import check_scheduler, make_optimizer, make_scheduler
 from kimi_lora_cli.training.output import OutputDir, check_resume, data_digest
 from kimi_lora_cli.training.reporting import MetricsLog, Reporter, parse_report_to, plot_losses
+from kimi_lora_cli.training.result import TrainResult
 from kimi_lora_cli.training.run_evaluation import EvaluationMixin
 from kimi_lora_cli.training.setup import load_dtype, model_locations, model_skeleton, preflight
 from kimi_lora_cli.training.signals import StopFlag
 from kimi_lora_cli.training.state import TrainerState
 
 CONFIG_FILE = "train_config.yaml"
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    global_step: int
-    total_steps: int
-    interrupted: bool = False
-    first_loss: float | None = None
-    last_loss: float | None = None
-    last_eval_loss: float | None = None
-    last_eval: dict[str, float] = field(default_factory=dict)
-    best_metric: float | None = None
-    best_checkpoint: str | None = None
-    stopped_early: bool = False
-    card: Path | None = None
-    checkpoint: Path | None = None
-    saved: list[Path] = field(default_factory=list)
-    plot: Path | None = None
-    samples: int = 0
-    eval_samples: int = 0
-    skipped_too_long: int = 0
-    truncated: int = 0
-    seconds: float = 0.0
-    tokens: int = 0
-    is_main: bool = True
-    signal: int | None = None  # SIGINT / SIGTERM that stopped the run (exit 128 + signal)
-
-
-# -------------------------------------------------------------------------------------------
-# The run
-# -------------------------------------------------------------------------------------------
 
 
 class Trainer(CheckpointMixin, EvaluationMixin):

@@ -16,13 +16,13 @@ holds optimizer states costs only the tensors used): a pickled object is refused
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.errors import ModelLoadError
 from kimi_lora_cli.models.detokenizer.config import ConfigValueError, DiTConfig, VocoderConfig
+from kimi_lora_cli.tensor_files import load_weights_only, match_state, names_mismatch, shape_mismatch
 
 if TYPE_CHECKING:
     import torch
@@ -87,42 +87,11 @@ def read_detokenizer_configs(root: str | Path) -> DetokenizerFiles:
     return DetokenizerFiles(root=root, dit_config=dit_cfg, vocoder_config=voc_cfg)
 
 
-def read_tensor_file(path: Path) -> Any:
-    """`torch.load(weights_only=True)`, memory-mapped when the file is in the zip format."""
-    import pickle
-
-    import torch
-
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"a pickled Python object ({found.group(1)})" if found else "data that is not plain tensors"
-        raise ModelLoadError(
-            f"{path}: holds {what}; .pt files are read with torch.load(weights_only=True) only, so nothing in "
-            "them can run: re-save it as a dict of tensors, or re-download the release file") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); re-download it") from None
-
-
 def _section(obj: Any, key: str, path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict) or not isinstance(obj.get(key), dict):
         found = sorted(map(str, obj))[:5] if isinstance(obj, dict) else type(obj).__name__
         raise ModelLoadError(f"{path}: no '{key}' dict of tensors (found {found}); {FIX}")
     return obj[key]
-
-
-def _mismatch(path: Path, missing: list[str], unexpected: list[str], config: str) -> ModelLoadError:
-    parts = []
-    for label, names in (("missing", missing), ("unexpected", unexpected)):
-        if names:
-            parts.append(f"{label} {len(names)} tensors ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
-    return ModelLoadError(f"{path}: weights do not match {config}: {'; '.join(parts)}; {FIX}")
 
 
 def _check_shape(path: Path, key: str, t: Any, expected: tuple[int, ...], config: str) -> None:
@@ -131,8 +100,7 @@ def _check_shape(path: Path, key: str, t: Any, expected: tuple[int, ...], config
     if not isinstance(t, torch.Tensor):
         raise ModelLoadError(f"{path}: entry {key} is a {type(t).__name__}, not a tensor; {FIX}")
     if tuple(t.shape) != expected:
-        raise ModelLoadError(f"{path}: tensor {key} has shape {tuple(t.shape)} but {config} implies {expected}; "
-                             "the config and the weights come from different models")
+        raise shape_mismatch(path, key, tuple(t.shape), expected, config)
 
 
 def _assign(module: Any, state: dict[str, torch.Tensor]) -> None:
@@ -151,16 +119,14 @@ def load_dit(files: DetokenizerFiles, dtype: torch.dtype, device: torch.device):
     with torch.device("meta"):
         model = DiT(files.dit_config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    raw = _section(read_tensor_file(path), "state_dict", path)
+    raw = _section(load_weights_only(path, mmap=True), "state_dict", path)
     found = {k[len(DIT_PREFIX):]: k for k in raw if isinstance(k, str) and k.startswith(DIT_PREFIX)}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(found[k] for k in set(found) - set(expected))
-    if missing or unexpected:
-        raise _mismatch(path, [DIT_PREFIX + k for k in missing], unexpected, "config.yaml")
-    state = {}
-    for name, key in found.items():
-        _check_shape(path, key, raw[key], expected[name], "config.yaml")
-        state[name] = raw[key].to(device=device, dtype=dtype)
+    for key in found.values():
+        if not isinstance(raw[key], torch.Tensor):
+            raise ModelLoadError(f"{path}: entry {key} is a {type(raw[key]).__name__}, not a tensor; {FIX}")
+    match_state({DIT_PREFIX + k: shape for k, shape in expected.items()},
+                {key: tuple(raw[key].shape) for key in found.values()}, path, config="config.yaml", fix=FIX)
+    state = {name: raw[key].to(device=device, dtype=dtype) for name, key in found.items()}
     _assign(model, state)
     return model
 
@@ -175,7 +141,7 @@ def load_vocoder(files: DetokenizerFiles, dtype: torch.dtype, device: torch.devi
     with torch.device("meta"):
         model = BigVGAN(files.vocoder_config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    raw = _section(read_tensor_file(path), "generator", path)
+    raw = _section(load_weights_only(path, mmap=True), "generator", path)
     normed = set(model.weight_normed())
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -202,7 +168,7 @@ def load_vocoder(files: DetokenizerFiles, dtype: torch.dtype, device: torch.devi
             missing.append(name)
     unexpected = sorted(set(map(str, raw)) - used)
     if missing or unexpected:
-        raise _mismatch(path, missing, unexpected, "config.json")
+        raise names_mismatch(path, missing, unexpected, "config.json", FIX)
     _assign(model, state)
     return model
 
