@@ -293,7 +293,7 @@ def test_cache_features_keyed_by_content(corpus, tiny_dir, tiny, st_dir, tmp_pat
         torch.testing.assert_close(feats, tiny.feature_encoder.encode(load_audio(path)))
     assert store.stats.disk_hits == 2 and store.stats.computed == 0
     store.fingerprint = "another-encoder"  # entries made by other Whisper weights are not used
-    assert store._read_disk(file_sha256(paths[0])) is None
+    assert store._read_disk(file_sha256(paths[0]), paths[0]) is None
     again = prepare(PrepareSpec(**{**spec.__dict__, "overwrite": True}))
     assert again.features_written == 0 and again.features_reused == 3
 
