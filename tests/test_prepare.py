@@ -227,6 +227,29 @@ def test_resume_continues_after_interruption(corpus, tiny_dir, st_dir, tmp_path)
     assert not partial.exists() and not Path(str(out) + ".partial.json").exists()
 
 
+def test_resume_starts_over_after_a_run_of_an_older_resampler(corpus, tiny_dir, st_dir, tmp_path):
+    """Lines an earlier version coded (other 16 kHz waveforms for b.flac at 22.05 kHz) are not kept."""
+    data = write_jsonl(corpus / "old.jsonl", [asr_line(f"audio/{n}") for n in ("b.flac", "a.wav", "c.wav")])
+    full = tmp_path / "full.jsonl"
+    prepare(PrepareSpec(model=tiny_dir, data=data, output=full, speech_tokenizer=st_dir, batch_size=1))
+    out = tmp_path / "old.out.jsonl"
+    spec = PrepareSpec(model=tiny_dir, data=data, output=out, speech_tokenizer=st_dir, batch_size=1)
+
+    def stop_after_two(p):
+        if p.stage == "prepare" and p.files_done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(spec, progress=stop_after_two)
+    state_file = Path(str(out) + ".partial.json")
+    state = json.loads(state_file.read_text())
+    assert state["next_line"] > 1 and state["options"].pop("resampler")
+    state_file.write_text(json.dumps(state))  # what the version before soxr left
+    result = prepare(spec)
+    assert result.resumed_at_line == 0 and result.audio_tokenized == 3
+    assert out.read_text() == full.read_text()
+
+
 def test_resume_starts_over_when_done_lines_changed(corpus, tiny_dir, st_dir):
     data = write_jsonl(corpus / "edit.jsonl", [asr_line("audio/a.wav"), asr_line("audio/c.wav"),
                                                asr_line("audio/missing.wav")])
@@ -293,7 +316,7 @@ def test_cache_features_keyed_by_content(corpus, tiny_dir, tiny, st_dir, tmp_pat
         torch.testing.assert_close(feats, tiny.feature_encoder.encode(load_audio(path)))
     assert store.stats.disk_hits == 2 and store.stats.computed == 0
     store.fingerprint = "another-encoder"  # entries made by other Whisper weights are not used
-    assert store._read_disk(file_sha256(paths[0])) is None
+    assert store._read_disk(file_sha256(paths[0]), paths[0]) is None
     again = prepare(PrepareSpec(**{**spec.__dict__, "overwrite": True}))
     assert again.features_written == 0 and again.features_reused == 3
 

@@ -1,4 +1,4 @@
-"""Audio decoding (wav/flac/ogg via soundfile), mono mix-down and resampling to 16 kHz."""
+"""The one audio loader: decode with soundfile, mix to mono, resample to 16 kHz as librosa.load does."""
 
 from __future__ import annotations
 
@@ -7,54 +7,65 @@ from pathlib import Path
 import numpy as np
 
 TARGET_SR = 16000
+# Names the resampling in feature-cache entries (data/features.py): an entry made from audio that
+# another resampler brought to 16 kHz holds other features and is recomputed.
+RESAMPLER = "soxr-HQ"
 
 
 class AudioError(ValueError):
     """An audio file is missing, unreadable, empty or not decodable."""
 
 
-def resample(wave: np.ndarray, sr: int, target: int = TARGET_SR) -> np.ndarray:
-    """Band-limited polyphase resampling (Kaiser-windowed sinc, 16 zero crossings a side).
-
-    Output sample n sits at input position n * sr / target; each of the `up` output phases has its
-    own kernel, applied by one strided convolution over the input: the cost is
-    O(len(output) * (down + taps)), with no upsampled copy of the signal."""
+def resampled_length(frames: int, sr: float, target: int = TARGET_SR) -> int:
+    """How many samples at `target` come from `frames` samples at `sr`: the ceiling of frames *
+    (target / sr), with the ratio as a float the way librosa computes it, so lengths agree to the
+    sample with librosa.load (and the header-only length check in data/schema.py uses this too)."""
     if sr == target:
-        return wave.astype(np.float32, copy=False)
-    from math import ceil, gcd
+        return int(frames)
+    return int(np.ceil(frames * (float(target) / sr)))
 
-    import torch
 
-    g = gcd(sr, target)
-    up, down = target // g, sr // g
-    n_out = int(np.ceil(len(wave) * target / sr))
-    cutoff = 0.95 * 0.5 * min(1.0, up / down)  # cycles per input sample
-    half = int(ceil(16 / (2 * cutoff)))  # kernel half-width in input samples
-    taps = 2 * half + down + 1  # phase p is centred at p * down / up, anywhere in [0, down)
-    # Phase p, tap j multiplies input sample q * down + j - half for output q * up + p.
-    dist = (np.arange(up)[:, None] * down / up) + half - np.arange(taps)[None, :]
-    window = np.where(np.abs(dist) <= half, np.i0(8.6 * np.sqrt(np.clip(1 - (dist / half) ** 2, 0, None))), 0.0)
-    kernel = 2 * cutoff * np.sinc(2 * cutoff * dist) * window / np.i0(8.6)
-    kernel /= kernel.sum(axis=1, keepdims=True)
-    n_q = -(-n_out // up)
-    right = max(0, (n_q - 1) * down + taps - half - len(wave))
-    x = torch.nn.functional.pad(torch.from_numpy(wave.astype(np.float32))[None, None], (half, right))
-    y = torch.nn.functional.conv1d(x, torch.from_numpy(kernel.astype(np.float32))[:, None], stride=down)
-    return y[0].t().reshape(-1)[:n_out].numpy().astype(np.float32)
+def resample(wave: np.ndarray, sr: int, target: int = TARGET_SR) -> np.ndarray:
+    """float32 `wave` at `sr` to `target` Hz with soxr at quality "HQ" (librosa's default
+    `res_type="soxr_hq"`, which every official Kimi-Audio entry point uses through librosa.load)."""
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if sr == target:
+        return wave
+    import soxr
+
+    out = soxr.resample(wave, sr, target, quality="HQ")
+    n = resampled_length(len(wave), sr, target)
+    # soxr may stop a sample or two short of that length; librosa pads the end with zeros (and
+    # would cut a longer output), so the two agree on length as well as on values.
+    if len(out) < n:
+        out = np.concatenate([out, np.zeros(n - len(out), dtype=out.dtype)])
+    return out[:n]
 
 
 def load_audio(path: str | Path, target_sr: int = TARGET_SR) -> np.ndarray:
-    """Decode `path` to float32 mono at `target_sr`. Raises AudioError with the reason and the fix."""
+    """Decode `path` to float32 mono at `target_sr`, sample for sample what `librosa.load(path,
+    sr=target_sr)` returns: soundfile decodes to float32, the channels are averaged, soxr HQ
+    resamples. Raises AudioError with the file, the reason and the fix."""
     import soundfile as sf
 
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: audio file not found")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        # Opened and read from where it opens, as librosa does: sf.read seeks to the start first,
+        # which makes libsndfile's mp3 decoder give values one float32 step away at places.
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            data = f.read(dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError
         raise AudioError(f"{path}: cannot decode audio ({str(e).splitlines()[0]}); use wav, flac or ogg") from None
     if data.size == 0 or data.shape[0] == 0:
         raise AudioError(f"{path}: audio file holds no samples")
+    # librosa's to_mono: the float32 mean over channels (a mono file is taken as it is).
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    return resample(wave, sr, target_sr)
+    try:
+        return resample(wave, sr, target_sr)
+    except (ValueError, RuntimeError) as e:  # soxr refuses rates it cannot convert
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AudioError(f"{path}: cannot resample {sr} Hz to {target_sr} Hz ({reason}); "
+                         f"convert it to {target_sr} Hz first") from None

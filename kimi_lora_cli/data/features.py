@@ -10,8 +10,11 @@ Both stores key a file by the sha256 of its bytes, keep results in memory up to 
 The header metadata holds `samples` (16 kHz length), `rows`, the model folder and its
 `fingerprint()` (`whisper_fingerprint` / `speech_tokenizer_fingerprint`): an entry made by other
 weights is ignored and recomputed. The fingerprint covers weights, not dtype, so features made in
-bfloat16 serve a float32 run (cast on read) and the other way round. Files are written to a
-temporary name and renamed, so a present file is complete; a damaged one is recomputed.
+bfloat16 serve a float32 run (cast on read) and the other way round. `resampler` (data/audio.py's
+RESAMPLER) names how the file was brought to 16 kHz: an entry without it (written before soxr
+replaced the hand-written resampler) or with another one is recomputed, unless the file is at
+16 kHz already, where no version resampled anything. Files are written to a temporary name and
+renamed, so a present file is complete; a damaged one is recomputed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kimi_lora_cli.data.audio import RESAMPLER, TARGET_SR
 from kimi_lora_cli.errors import ConfigError, DataError
 from kimi_lora_cli.fileops import naming_errors
 
@@ -59,6 +63,22 @@ def fingerprint(module: torch.nn.Module) -> str:
         h.update(f"{name}{tuple(t.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _same_waveform(meta: Mapping[str, str], path: Path) -> bool:
+    """Was the entry made from the 16 kHz waveform load_audio gives today? Yes when the same
+    resampler made it. An older entry stands only for a file at 16 kHz (nothing was resampled and
+    the channel mean never changed) that is not mp3 (earlier versions decoded mp3 after a seek,
+    one float32 step off at places). Only the header is read."""
+    if meta.get("resampler") == RESAMPLER:
+        return True
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception:  # unreadable now: recomputing names the problem (load_audio's message)
+        return False
+    return info.samplerate == TARGET_SR and info.format != "MP3"
 
 
 @dataclass
@@ -124,8 +144,9 @@ class _AudioStore:
     def cache_file(self, digest: str) -> Path | None:
         return self.cache_dir / f"{digest}{self.suffix}" if self.cache_dir else None
 
-    def _disk_metadata(self, digest: str) -> dict[str, str] | None:
-        """Header metadata of a usable entry (present, readable, made by this model), else None."""
+    def _disk_metadata(self, digest: str, path: Path) -> dict[str, str] | None:
+        """Header metadata of a usable entry (present, readable, made by this model from the
+        waveform this version's loader gives for `path`), else None."""
         f = self.cache_file(digest)
         if f is None or not f.is_file():
             return None
@@ -137,10 +158,10 @@ class _AudioStore:
                 ok = self.tensor_name in h.keys() and meta.get(self.model_key) == self.fingerprint
         except Exception:  # a broken entry counts as absent and is rewritten
             return None
-        return meta if ok else None
+        return meta if ok and _same_waveform(meta, path) else None
 
-    def _read_disk(self, digest: str) -> torch.Tensor | None:
-        if self._disk_metadata(digest) is None:
+    def _read_disk(self, digest: str, path: Path) -> torch.Tensor | None:
+        if self._disk_metadata(digest, path) is None:
             return None
         from safetensors.torch import load_file
 
@@ -158,7 +179,7 @@ class _AudioStore:
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
         meta = {"format": "pt", "samples": str(samples), "rows": str(value.shape[0]), "dtype": str(value.dtype),
-                self.model_key: self.fingerprint, **self._metadata()}
+                "resampler": RESAMPLER, self.model_key: self.fingerprint, **self._metadata()}
         try:
             with naming_errors(f):
                 save_file({self.tensor_name: value.detach().to("cpu").contiguous()}, str(tmp), metadata=meta)
@@ -194,7 +215,7 @@ class _AudioStore:
                 found[k] = self._memory[k]
                 self.stats.hits += 1
                 continue
-            cached = self._read_disk(k)
+            cached = self._read_disk(k, p)
             if cached is not None:
                 found[k] = cached
                 self._remember(k, cached)
@@ -212,7 +233,7 @@ class _AudioStore:
         todo: dict[str, Path] = {}
         for p in paths:
             k = self.key(p)
-            if k not in todo and self._disk_metadata(k) is None:
+            if k not in todo and self._disk_metadata(k, p) is None:
                 todo[k] = p
         return len(self._run(todo, waves))
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kimi_lora_cli.data.audio import AudioError, load_audio
+from kimi_lora_cli.data.audio import RESAMPLER, AudioError, load_audio
 from kimi_lora_cli.data.features import CodeStore, FeatureStore
 from kimi_lora_cli.data.schema import AudioRef, LineCheck, check_line, decode_line, read_lines
 from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
@@ -147,7 +147,9 @@ def _model_vocab(model: Path) -> tuple[int, int]:
 
 def _options_key(spec: PrepareSpec, offset: int) -> dict[str, Any]:
     st = str(spec.speech_tokenizer.expanduser().resolve()) if spec.speech_tokenizer else None
-    return {"data": str(spec.data.resolve()), "recompute": spec.recompute, "speech_tokenizer": st, "offset": offset}
+    # the resampler too: lines an older version coded from other 16 kHz waveforms are not resumed
+    return {"data": str(spec.data.resolve()), "recompute": spec.recompute, "speech_tokenizer": st, "offset": offset,
+            "resampler": RESAMPLER}
 
 
 def _load_state(paths: _Paths, options: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.data.audio import TARGET_SR as SAMPLE_RATE
+from kimi_lora_cli.data.audio import resampled_length
 from kimi_lora_cli.data.conversation import (
     MESSAGE_TYPES,
     ROLES,
@@ -145,7 +146,7 @@ def probe_audio(path: Path) -> tuple[int, str | None]:
         return 0, f"cannot be decoded ({reason}); convert it to wav, flac or ogg"
     if info.frames <= 0 or info.samplerate <= 0:
         return 0, "holds no samples (zero length); remove the message or re-export the audio"
-    return -(-info.frames * SAMPLE_RATE // int(info.samplerate)), None
+    return resampled_length(info.frames, info.samplerate), None
 
 
 class AudioProbe:
