@@ -141,10 +141,23 @@ def link_or_copy(src: Path, dst: Path, counts: dict[str, int] | None = None,
     counts[how] = counts.get(how, 0) + 1
 
 
+# The marker that says "kimi-lora wrote this folder" (outputs.MARKER); kept until a folder is empty.
+_MARKER = ".kimi-lora.json"
+
+
 def remove_tree(path: Path) -> None:
-    """Delete a folder or file that this tool wrote (callers check that first)."""
+    """Delete a folder or file that this tool wrote (callers check that first). A folder's marker
+    goes last, so a removal cut short by a kill leaves a folder that is still recognisably ours
+    (marked, or empty) for the next run to finish."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        for child in sorted(path.iterdir(), key=lambda c: c.name == _MARKER):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    child.unlink()
+        with contextlib.suppress(OSError):
+            path.rmdir()
     else:
         path.unlink(missing_ok=True)
 

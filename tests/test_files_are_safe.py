@@ -296,7 +296,7 @@ def test_read_only_or_forbidden_output_is_named(cli, tiny_dir, data, tmp_path, m
     assert code == 1 and f"{out}.partial: {cause}" in text and not out.exists()
     preds = tmp_path / "ro" / "preds.jsonl"
     code, _, stderr = cli("infer", "-m", tiny_dir, "-d", data, "-o", preds, "--max-new-tokens", "2")
-    assert code == 1 and f"{preds}: {cause}" in " ".join(stderr.split()) and not preds.exists()
+    assert code == 1 and f"{preds}.partial: {cause}" in " ".join(stderr.split()) and not preds.exists()
 
 
 # -------------------------------------------------------------------------------------------

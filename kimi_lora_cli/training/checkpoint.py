@@ -118,20 +118,22 @@ def rotate(output_dir: Path, limit: int | None, series: str | None, keep: list[P
     return removed
 
 
-def clean_stale_tmp(output_dir: Path, current_run: str) -> list[Path]:
-    """Remove temporary entries that earlier, killed runs of this tool left (their name carries a
-    run id, folders also hold our marker). Called under the folder's lock, so no other run is
-    writing them; entries of other tools never match."""
+def clean_stale_tmp(output_dir: Path, current_run: str, dead_runs: tuple[str, ...] = ()) -> list[Path]:
+    """Remove temporary entries that earlier, killed runs of this tool left. Their name carries a
+    run id; a folder is also known as ours by our marker inside it, or (killed before the marker was
+    written or after it was removed) by the run id being that of a run known to be over
+    (`dead_runs`: the folder marker's and the taken-over lock's). Called under the folder's lock, so
+    no other run is writing them; entries of other tools never match."""
     from kimi_lora_cli.outputs import marker_info
 
     removed = []
     if not output_dir.is_dir():
         return removed
-    for p in output_dir.iterdir():
+    for p in sorted(output_dir.iterdir()):
         m = TMP_RE.match(p.name) or TMP_FILE_RE.match(p.name)
         if not m or m.group("run") == current_run:
             continue
-        if p.is_dir():
+        if p.is_dir() and m.group("run") not in dead_runs:
             info = marker_info(p)
             if info is None or info.get("command") != "train":
                 continue

@@ -65,7 +65,7 @@ class OutputDir:
         self.path = Path(cfg.output_dir).expanduser()
         self.run_id = uuid.uuid4().hex[:12]
         self.series: str | None = None
-        self.lock = FolderLock(self.path, "train")
+        self.lock = FolderLock(self.path, "train", extra={"run_id": self.run_id})
         self.notes: list[str] = []
 
     # -- before any weight is read ------------------------------------------------------------
@@ -109,11 +109,12 @@ class OutputDir:
         if self.lock.note:
             self.notes.append(self.lock.note)
         try:
-            removed = ckpt.clean_stale_tmp(self.path, self.run_id)
+            info = marker_info(self.path)
+            over = tuple(str(x["run_id"]) for x in (info, self.lock.previous) if x and x.get("run_id"))
+            removed = ckpt.clean_stale_tmp(self.path, self.run_id, over)
             if removed:
                 self.notes.append(f"removed {len(removed)} unfinished entries of an interrupted run "
                                   f"({', '.join(p.name for p in removed[:3])})")
-            info = marker_info(self.path)
             if resume_state is not None:
                 self.series = resume_state.get("series") or (info or {}).get("series") or uuid.uuid4().hex[:12]
             else:
