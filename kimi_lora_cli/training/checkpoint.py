@@ -24,6 +24,7 @@ from typing import Any
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.fileops import naming_errors, remove_tree
 
+LATEST = ("latest", "last", "true", "True")  # --resume-from-checkpoint values meaning "the newest"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 # Temporary entries of a run: `.tmp-checkpoint-N-<run>`, `.tmp-final-<run>`, `.<file>.<run>.tmp`.
@@ -45,7 +46,7 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 def find_checkpoint(spec: str, output_dir: Path) -> Path:
     """`latest` (newest complete checkpoint of output_dir) or a checkpoint folder path."""
-    if spec in ("latest", "last", "true", "True"):
+    if spec in LATEST:
         found = list_checkpoints(output_dir)
         if not found:
             raise ConfigError(f"{output_dir}: no checkpoint-N folder to resume from; drop "
