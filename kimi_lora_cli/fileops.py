@@ -200,3 +200,38 @@ def save_torch(obj, path: Path) -> None:
             if w.error is not None:
                 raise w.error from None
             raise
+
+
+def load_torch(path: Path, error: type[Exception], fix: str, extra_safe: list | None = None, mmap: bool = False):
+    """torch.load(weights_only=True) for every pickle file this tool reads (--allow-pickle included):
+    tensors, numbers, strings and containers only. A file holding anything else could run code when
+    unpickled, so it is refused with one message (`error`, ending in `fix`) that names what it holds;
+    torch's own advice to retry with weights_only=False (which would run it) is never passed on."""
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(extra_safe or []):
+            if mmap:
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise error(_refused(path, str(e), fix)) from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError, TypeError) as e:
+        text = str(e)
+        if "weights_only" in text or "GLOBAL" in text:
+            raise error(_refused(path, text, fix)) from None
+        first = next((x for x in text.splitlines() if x.strip()), type(e).__name__)
+        raise error(f"{path}: unreadable ({first[:160]}); {fix}") from None
+
+
+def _refused(path: Path, text: str, fix: str) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f" ({found.group(1)})" if found else ""
+    return (f"{path}: refused - it holds Python objects{what}, which could run code when loaded; kimi-lora reads "
+            f"only tensors and numbers from pickle files, with --allow-pickle too: {fix}")

@@ -22,6 +22,9 @@ from kimi_lora_cli.models.kimi_audio.configuration import is_kimi_config
 WHISPER_DIR = "whisper-large-v3"
 INV_FREQ_SUFFIX = "rotary_emb.inv_freq"
 FINETUNE_WHISPER_PREFIX = "whisper_model.speech_encoder."  # the official fine-tune layout
+# How to get past a pickle weight file that is refused (fileops.load_torch), for models and adapters.
+MODEL_PICKLE_FIX = "use the release's .safetensors files, or convert the file with a tool you trust"
+ADAPTER_PICKLE_FIX = "use an adapter saved as adapter_model.safetensors (peft's default)"
 
 
 @dataclass

@@ -134,7 +134,10 @@ def fill_from_file(path: Path, params: dict[str, list[torch.Tensor]],
         done.add(key)
 
     if path.suffix != ".safetensors":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from kimi_lora_cli.fileops import load_torch
+        from kimi_lora_cli.model_files import MODEL_PICKLE_FIX
+
+        state = load_torch(path, ModelLoadError, MODEL_PICKLE_FIX)
         for key, value in state.items():
             if key in params:
                 copy(state, key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -119,6 +120,10 @@ def prepare_merge(spec: MergeSpec) -> tuple[BaseCheckpoint, list[Adapter], list[
     if len(weights) != len(spec.adapters):
         raise ConfigError(f"--weights has {len(weights)} values for {len(spec.adapters)} adapters; "
                           "give one weight per --adapter, e.g. --weights 0.7,0.3")
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise ConfigError(f"--weights {','.join(str(w) for w in weights)}: {bad[0]} is not a finite number; give "
+                          "one finite weight per --adapter, e.g. --weights 0.7,0.3")
     out_dtype = _resolve_out_dtype(spec.dtype)
     base = read_base(spec.model)
     adapters = [read_adapter(p, allow_pickle=spec.allow_pickle) for p in spec.adapters]

@@ -217,22 +217,10 @@ def _numpy_safe_globals() -> list[Any]:
 def load_torch_file(path: Path, extra_safe: list[Any] | None = None) -> Any:
     """torch.load(weights_only=True): tensors, numbers, strings and containers only - a file that
     holds anything else (which could run code when unpickled) is refused, not executed."""
-    import pickle
+    from kimi_lora_cli.fileops import load_torch
 
-    import torch
-
-    try:
-        with torch.serialization.safe_globals(extra_safe or []):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise ConfigError(f"{path}: refused - it holds Python objects{what}, which could run code when loaded; "
-                          "kimi-lora reads only tensors and numbers from .pt files: resume from a checkpoint "
-                          "kimi-lora wrote") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0][:160]}); resume from another "
-                          "checkpoint") from None
+    return load_torch(path, ConfigError, "resume from a checkpoint kimi-lora wrote, or another checkpoint",
+                      extra_safe=extra_safe)
 
 
 def save_tensors(tensors: dict[str, Any], path: Path) -> None:

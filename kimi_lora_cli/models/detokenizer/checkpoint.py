@@ -16,7 +16,6 @@ holds optimizer states costs only the tensors used): a pickled object is refused
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,25 +88,10 @@ def read_detokenizer_configs(root: str | Path) -> DetokenizerFiles:
 
 def read_tensor_file(path: Path) -> Any:
     """`torch.load(weights_only=True)`, memory-mapped when the file is in the zip format."""
-    import pickle
+    from kimi_lora_cli.fileops import load_torch
 
-    import torch
-
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"a pickled Python object ({found.group(1)})" if found else "data that is not plain tensors"
-        raise ModelLoadError(
-            f"{path}: holds {what}; .pt files are read with torch.load(weights_only=True) only, so nothing in "
-            "them can run: re-save it as a dict of tensors, or re-download the release file") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); re-download it") from None
+    return load_torch(path, ModelLoadError, "re-save it as a dict of tensors, or re-download the release file",
+                      mmap=True)
 
 
 def _section(obj: Any, key: str, path: Path) -> dict[str, Any]:
