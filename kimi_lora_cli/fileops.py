@@ -23,7 +23,7 @@ OS_CAUSES: dict[int, tuple[str, str]] = {
     errno.EACCES: ("permission denied", "choose a folder you can write to, or fix its permissions"),
     errno.EPERM: ("operation not permitted", "choose a folder you can write to, or fix its permissions"),
     errno.EFBIG: ("file too large (the file size limit, `ulimit -f`, or the file system's maximum)",
-                  "raise the limit, lower --max-shard-size, or write to another file system"),
+                  "raise the limit or write to another file system"),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "fix the path"),
     errno.EISDIR: ("is a folder where a file is expected", "pass a file path"),
     errno.ENOENT: ("no such file or folder", "check the path"),
@@ -32,17 +32,23 @@ OS_CAUSES: dict[int, tuple[str, str]] = {
     errno.EMFILE: ("too many open files", "raise the limit (`ulimit -n`)"),
     errno.EIO: ("input/output error (the disk or network file system failed)", "check the disk"),
 }
+# Errors of the writing side: for a copy (two file names) they concern the destination.
+_WRITE_SIDE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 _CODE_IN_TEXT = re.compile(r"(?:os error |code: |errno[ =:]*)(\d+)", re.IGNORECASE)
 
 
 def describe_os_error(e: OSError, path: str | Path | None = None) -> str:
     """`PATH: cause (ENAME); fix` for an OSError (the path from the error, else `path`)."""
-    where = e.filename or path
+    where, other = e.filename or path, e.filename2
+    if other and e.errno in _WRITE_SIDE:  # a copy: the destination is the file that could not be written
+        where, other = other, f"copying {where}"
+    elif other:
+        other = f"with {other}"
     name = errno.errorcode.get(e.errno or 0, "")
     cause, fix = OS_CAUSES.get(e.errno or -1, ((e.strerror or str(e)).rstrip("."), ""))
     text = f"{where}: {cause}" if where else cause
-    if e.filename2:
-        text += f" (with {e.filename2})"
+    if other:
+        text += f" ({other})"
     if name:
         text += f" ({name})"
     return text + (f"; {fix}" if fix else "")

@@ -148,7 +148,12 @@ def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], dict[st
             raise ModelLoadError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e}); "
                                  "re-download it") from None
         files = sorted(set(weight_map.values()), key=lambda p: p.name)
+        inside = folder.resolve()
         for f in files:
+            if inside not in f.resolve().parents:
+                shown = next(v for k, v in data["weight_map"].items() if folder / v == f)
+                raise ModelLoadError(f"{index}: lists {shown!r}, a path outside the model folder {folder}; every "
+                                     "shard must be a file in that folder - re-download the index")
             if not f.is_file():
                 raise ModelLoadError(f"{f}: listed in {index.name} but missing; re-download the shard")
         return files, weight_map

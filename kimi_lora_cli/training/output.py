@@ -244,7 +244,7 @@ def check_resume(cfg: TrainConfig, state: dict[str, Any], folder: Path, world: i
         shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
         raise ConfigError(
             f"{folder / ckpt.STATE_FILE}: the checkpoint comes from a run with other settings: {shown}. Resume "
-            f"with that run's settings (--config {Path(saved.get('output_dir') or cfg.output_dir) / 'train_config.yaml'}"
+            f"with that run's settings (--config {Path(cfg.output_dir) / 'train_config.yaml'}"
             ") or start over with --overwrite-output-dir; a resume may change only "
             f"{', '.join(k for k in RESUMABLE_CHANGES if k not in UNREPORTED)}")
     return allowed
