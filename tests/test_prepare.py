@@ -356,7 +356,7 @@ def test_refusals(corpus, tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="--output must differ from --data"):
         prepare(PrepareSpec(model=tiny_dir, data=data, output=data))
     (tmp_path / "done.jsonl").write_text("{}\n")
-    with pytest.raises(ConfigError, match="already exists .* pass --overwrite"):
+    with pytest.raises(ConfigError, match="already exists and is not a file `kimi-lora prepare` wrote"):
         prepare(PrepareSpec(model=tiny_dir, data=data, output=tmp_path / "done.jsonl", speech_tokenizer=big))
 
 

@@ -176,17 +176,27 @@ def check_output_file(spec: InferSpec) -> None:
               ("--data file", spec.data), ("--audio file", spec.audio), ("--audio-tokens file", spec.audio_tokens),
               ("speech tokenizer folder", spec.speech_tokenizer)]
     check_output(output, inputs, flag="--output", kind="file")
-    if output.is_file() and output.stat().st_size:
-        with open(output, "rb") as f:
-            first = f.readline()
-        try:
-            rec = json.loads(first)
-            ours = isinstance(rec, dict) and {"id", "adapter", "prediction"} <= set(rec)
-        except ValueError:
-            ours = False
-        if not ours:
-            raise ConfigError(f"--output {output} exists and is not a predictions file of `kimi-lora infer`; it is "
-                              "never replaced - choose another --output")
+    for path in (output, partial_of(output)):
+        if not _predictions_or_empty(path):
+            raise ConfigError(f"--output {output}: {path} exists and is not a predictions file of `kimi-lora "
+                              "infer`; it is never replaced - choose another --output")
+
+
+def partial_of(output: Path) -> Path:
+    """Where a run writes its predictions until it finishes (then renamed to the output)."""
+    return output.with_name(output.name + ".partial")
+
+
+def _predictions_or_empty(path: Path) -> bool:
+    if not path.is_file() or not path.stat().st_size:
+        return not path.exists() or path.is_file()
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        rec = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(rec, dict) and {"id", "adapter", "prediction"} <= set(rec)
 
 
 # -------------------------------------------------------------------------------------------
@@ -227,22 +237,30 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
 
 
 class PredictionWriter:
-    """Appends one JSON line per prediction and flushes it to disk at once."""
+    """Appends one JSON line per prediction to `<output>.partial`, flushed to disk at once; `finish`
+    renames it to the output, so the output is always a whole file of whole lines. With `resume`
+    it continues the partial file of an interrupted run, or a copy of the finished output."""
 
     def __init__(self, path: Path | None, resume: bool) -> None:
         self.path = path
+        self.partial = partial_of(path) if path is not None else None
         self._f = None
         if path is not None:
+            from kimi_lora_cli.fileops import clone_or_copy
+
             with naming_errors(path):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self._f = open(path, "ab" if resume else "wb")  # noqa: SIM115 - closed in close()
+            if resume and not self.partial.exists() and path.is_file():
+                clone_or_copy(path, self.partial)
+            with naming_errors(self.partial):
+                self._f = open(self.partial, "ab" if resume else "wb")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is None:
             return
         start = self._f.tell()
         try:
-            with naming_errors(self.path):
+            with naming_errors(self.partial):
                 self._f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
                 self._f.flush()
                 os.fsync(self._f.fileno())
@@ -260,6 +278,13 @@ class PredictionWriter:
                 f.close()
             except OSError:
                 pass
+
+    def finish(self) -> None:
+        """Put the finished predictions in place under the output's name."""
+        self.close()
+        if self.path is not None:
+            with naming_errors(self.path):
+                os.replace(self.partial, self.path)
 
 
 # -------------------------------------------------------------------------------------------
@@ -382,15 +407,28 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
     """Run every (sample, variant) pair not already in the output file; see the module docstring.
 
     `loaded` reuses an already loaded model (its adapters must be the spec's)."""
+    _check_spec(spec)
+    if spec.output is None:
+        return _run(spec, progress, loaded, None)
+    from kimi_lora_cli.outputs import FolderLock
+
+    output = Path(spec.output).expanduser()
+    with naming_errors(output.parent):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    with FolderLock.beside(output, "infer") as lock:
+        check_output_file(spec)  # again under the lock: a run that just finished may have written it
+        return _run(spec, progress, loaded, lock.note)
+
+
+def _run(spec: InferSpec, progress: ProgressSink | None, loaded: Any, lock_note: str | None) -> InferReport:
     import torch
 
     from kimi_lora_cli.inference.prompts import build_prompts, tokenize_prompt
 
-    _check_spec(spec)
     output = Path(spec.output).expanduser() if spec.output is not None else None
     config = loaded.config if loaded is not None else model_config(spec)
     speech_codes = speech_codes_loader(spec, config)
-    notes: list[str] = []
+    notes: list[str] = [lock_note] if lock_note else []
     if spec.data is not None:
         samples = read_samples(spec.data, config, speech_codes=speech_codes, notes=notes)
     else:
@@ -420,7 +458,9 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
 
     adapter_names = list(loaded.adapter_names)
     variants = ([BASE] if spec.compare_base or not adapter_names else []) + adapter_names
-    previous = read_predictions(output) if (spec.resume and output is not None) else []
+    previous = []
+    if spec.resume and output is not None:  # an interrupted run's partial file, else the finished output
+        previous = read_predictions(partial_of(output) if partial_of(output).is_file() else output)
     ids = {s.id for s in samples}
     done = {(r["id"], r["adapter"]) for r in previous if r["id"] in ids}
     todo = [s for s in samples if any((s.id, v) not in done for v in variants)]
@@ -473,6 +513,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
                     summary.new_tokens += r.steps
                 if progress is not None:
                     progress.update(samples=len(subset))
+        writer.finish()
     finally:
         writer.close()
         if device.type == "cuda":

@@ -4,6 +4,7 @@ otherwise), logs/metrics.jsonl, optional TensorBoard / W&B, and the loss-curve P
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,7 @@ def _tracker_key(key: str) -> str:
     return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
+def plot_losses(records: list[dict[str, Any]], path: Path, tag: str | None = None) -> Path | None:
     """loss / text_loss / audio_loss (and eval loss) against step; None when matplotlib is missing."""
     try:
         import matplotlib
@@ -244,8 +245,14 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{tag or os.getpid()}.tmp")  # a killed run's is removed by the next
+    try:
+        with naming_errors(path):
+            fig.savefig(tmp, dpi=120, format="png")
+            tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return path

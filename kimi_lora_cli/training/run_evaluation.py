@@ -111,7 +111,7 @@ class EvaluationMixin:
         from kimi_lora_cli.training.model_card import render_card, write_card
         from kimi_lora_cli.training.state import write_state
 
-        write_state(self.output_dir, self._state_dict(step, records))
+        write_state(self.output_dir, self._state_dict(step, records), tag=self.out.run_id)
         final = next((r for r in reversed(records) if "loss" in r), {})
         final = {**{k: v for k, v in final.items() if k in ("loss", "text_loss", "audio_loss")}, **result.last_eval}
         best = None
@@ -129,7 +129,7 @@ class EvaluationMixin:
                            best_metric=self.state.metric_for_best_model, holds_best=self.cfg.load_best_model_at_end,
                            lora=self.selection is not None, command=self.command,
                            plot=result.plot.name if result.plot else None, peft_version=peft_version)
-        result.card = write_card(self.output_dir, card)
+        result.card = write_card(self.output_dir, card, tag=self.out.run_id)
         if result.card is None:
             self.reporter.print(f"[yellow]Note:[/] {self.output_dir / 'README.md'} is not a kimi-lora model card; "
                                 "left as it is (no card written)")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kimi_lora_cli.errors import ConfigError
+from kimi_lora_cli.errors import ConfigError, OutputError
 from kimi_lora_cli.fileops import write_atomic
 from kimi_lora_cli.sharded import as_plain
 from kimi_lora_cli.training import checkpoint as ckpt
@@ -65,7 +65,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         try:
             self._build()
         except BaseException:
-            self._release()
+            self._release(before_start=True)
             raise
 
     def _check_inputs(self) -> None:
@@ -82,6 +82,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             say(f"[yellow]Note:[/] {note}")
         self.resume_dir, self.resume_state = None, None
         if cfg.resume_from_checkpoint:
+            if cfg.resume_from_checkpoint in ckpt.LATEST and not ckpt.list_checkpoints(self.output_dir):
+                raise self.out.no_checkpoint()
             self.resume_dir = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         self.out.check(resuming=self.resume_dir is not None)
         self.data_sha256 = data_digest(cfg)  # every rank: they must agree on refusing a resume
@@ -289,11 +291,12 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self._release(together=True)
         return result
 
-    def _release(self, together: bool = False) -> None:
+    def _release(self, together: bool = False, before_start: bool = False) -> None:
         """Unlock the output folder; destroy the process group this run created (FSDP). `together`:
         the run ended normally, so every process first waits for the others (a process that tears its
-        connections down while another still uses them aborts)."""
-        self.out.release()
+        connections down while another still uses them aborts). `before_start`: set-up failed, so a
+        folder this run created and left empty is removed."""
+        self.out.release(before_start=before_start)
         if getattr(self, "owns_group", False):
             import torch.distributed as dist
 
@@ -432,12 +435,41 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 self._load_best()
             result.best_metric = self.state.best_metric
             result.best_checkpoint = self.state.best_model_checkpoint
-            result.saved = self.save_final()
+            try:
+                result.saved = self.save_final()
+            except OSError as e:
+                raise self._final_save_failed(e, step, saved=False) from e
             if self.is_main:
-                result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png")
-                self._write_run_files(result, metrics.records, step)
+                try:
+                    result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png",
+                                              tag=self.out.run_id)
+                    self._write_run_files(result, metrics.records, step)
+                except OSError as e:
+                    raise self._final_save_failed(e, step, saved=True) from e
         metrics.close()
         return result
+
+    def _final_save_failed(self, e: OSError, step: int, saved: bool) -> OutputError:
+        """The one message for a final save the OS refused: the file, the cause, what is on disk
+        and how to finish."""
+        from kimi_lora_cli.fileops import describe_os_error
+        from kimi_lora_cli.training import checkpoint as ckpt
+
+        what = "adapter" if self.selection is not None else "model"
+        text = describe_os_error(e).rstrip(".")
+        if saved:
+            return OutputError(f"{text}; the {what} in {self.output_dir} is complete and loads (step {step}): only "
+                               "the loss curve, trainer_state.json or the model card is missing, nothing to redo")
+        done = [(n, p) for n, p in ckpt.list_checkpoints(self.output_dir) if ckpt.owned_by(p, self.out.series)]
+        if done:
+            name, n = done[-1][1].name, done[-1][0]
+            redo = f"continues from {name}" + (f", redoing steps {n + 1}-{step}" if n < step else "")
+            return OutputError(f"{text}; the final {what} was not saved (nothing half-written is left): free some "
+                               f"space, then rerun the same command with --resume-from-checkpoint latest ({redo})")
+        return OutputError(f"{text}; the final {what} was not saved and the run saved no checkpoint (nothing "
+                           "half-written is left): free some space and rerun the same command (it starts over in "
+                           f"{self.output_dir}; a lower --save-steps keeps checkpoints to resume from)")
+
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None, command: list[str] | None = None) -> TrainResult:
     """Run one training job (in this process; call it in every process of a distributed launch).
