@@ -308,3 +308,25 @@ def test_progress_bar_keeps_the_last_logged_values_between_log_steps():
     info = reporter._progress.tasks[0].fields["info"]
     reporter.stop()
     assert "loss 3.2500 (text 3.0000 audio 0.2500)" in info and "123 tok/s" in info
+
+
+def test_trainer_state_records_the_epochs_max_steps_plans(cli, tiny_dir, data, tmp_path):
+    """4 samples, batch 4: one step per epoch, so --max-steps 3 plans 3 epochs whatever --num-train-epochs says."""
+    out = tmp_path / "out"
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                          "--use-lora", "--num-train-epochs", "1", "--max-steps", "3",
+                          "--per-device-train-batch-size", "4", "--device", "cpu")
+    assert code == 0, stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["epoch"] == 3.0 and state["num_train_epochs"] == 3.0
+
+
+def test_a_line_says_why_there_is_no_loss_plot(cli, tiny_dir, data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on an install without the [plot] extra
+    out = tmp_path / "out"
+    code, stdout, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                               "--use-lora", "--max-steps", "1", "--device", "cpu")
+    assert code == 0, stderr
+    assert not (out / "loss_curve.png").exists()
+    said = " ".join(stderr.split())
+    assert "no loss_curve.png" in said and "matplotlib" in said and "kimi-lora[plot]" in said

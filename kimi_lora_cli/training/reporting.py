@@ -219,14 +219,21 @@ def _tracker_key(key: str) -> str:
     return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """loss / text_loss / audio_loss (and eval loss) against step; None when matplotlib is missing."""
+PLOT_SKIPPED = ("no {name}: the loss plot needs matplotlib, which is not installed (pip install "
+                "'kimi-lora[plot]'); the losses are in logs/metrics.jsonl")
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path, note: Any = None) -> Path | None:
+    """loss / text_loss / audio_loss (and eval loss) against step; None when matplotlib is missing
+    (then `note(message)` hears why, so a user does not look for a file that never came)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        if note is not None and records:
+            note(PLOT_SKIPPED.format(name=path.name))
         return None
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]

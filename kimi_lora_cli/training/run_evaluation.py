@@ -100,11 +100,19 @@ class EvaluationMixin:
             return True
         return False
 
+    @property
+    def planned_epochs(self) -> float:
+        """Epochs the run plans: --num-train-epochs, or what --max-steps makes of them (HF's field
+        would otherwise say 3.0 beside an epoch of 15.0)."""
+        if self.cfg.max_steps > 0:
+            return round(self.total_steps / self.steps_per_epoch, 4)
+        return self.cfg.num_train_epochs
+
     def _state_dict(self, step: int, records: list[dict[str, Any]]) -> dict[str, Any]:
         """trainer_state.json content (HF field names) for a checkpoint or the output folder."""
         cfg = self.cfg
         return {"global_step": step, "epoch": round(step / self.steps_per_epoch, 4), "max_steps": self.total_steps,
-                "num_train_epochs": cfg.num_train_epochs, "logging_steps": cfg.logging_steps,
+                "num_train_epochs": self.planned_epochs, "logging_steps": cfg.logging_steps,
                 "eval_steps": cfg.eval_steps or cfg.save_steps, "save_steps": cfg.save_steps,
                 "train_batch_size": cfg.per_device_train_batch_size, "world_size": self.world,
                 **self.state.to_dict(), "log_history": records}

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.fileops import write_atomic
 from kimi_lora_cli.sharded import as_plain
@@ -465,7 +467,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             result.best_checkpoint = self.state.best_model_checkpoint
             result.saved = self.save_final()
             if self.is_main:
-                result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png")
+                result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png",
+                                          note=lambda m: self.reporter.print(f"[yellow]Note:[/] {escape(m)}"))
                 self._write_run_files(result, metrics.records, step)
         metrics.close()
         return result
