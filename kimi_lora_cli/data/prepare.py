@@ -222,6 +222,9 @@ def check_paths(spec: PrepareSpec) -> _Paths:
     if not spec.data.exists():
         raise DataError(f"{spec.data}: no such data file; pass the jsonl with --data")
     if not spec.data.is_file():
+        from kimi_lora_cli.data.schema import check_data_file
+
+        check_data_file(spec.data, "--data")
         raise DataError(f"{spec.data}: not a file; pass the jsonl with --data")
     if spec.batch_size < 1:
         raise ConfigError(f"--batch-size {spec.batch_size}: must be at least 1")
