@@ -270,7 +270,7 @@ def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | Non
         raise DataError(f"{spec.data}: no samples (the file is empty); pass a jsonl with one conversation per line")
 
     result = PrepareResult(output=paths.output, resumed_at_line=resume_line if state else 0)
-    if spec.speech_tokenizer is not None and not totals["tokens"] and not state:
+    if spec.speech_tokenizer is not None and totals["records"] and not totals["tokens"] and not state:
         result.notes.append("every audio message already has audio_tokens: --speech-tokenizer was not needed")
     if totals["cwd_paths"]:
         result.notes.append(f"{len(totals['cwd_paths'])} audio paths are not next to {spec.data} and were found "
@@ -278,6 +278,13 @@ def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | Non
                             "path")
     runner = _Runner(spec, paths, offset, vocab, totals, result, progress)
     runner.run(state, bad)
+    if not result.lines_written:
+        # --skip-bad promises "the good lines"; with none, an empty file would only move the error to
+        # `train` ("no usable samples"). The rejects file stays: it says what is wrong with each line.
+        paths.output.unlink(missing_ok=True)
+        raise DataError(f"{spec.data}: none of its {result.lines_rejected} lines is usable, so nothing was written; "
+                        f"each line and its problems are in {result.rejects}: fix them and rerun (with --overwrite "
+                        "to replace that rejects file)")
     return result
 
 
