@@ -201,6 +201,7 @@ def _json_payload(report: Any, rates: dict[str, float]) -> dict[str, Any]:
         "skipped": report.skipped,
         "output_types": list(report.output_types),
         "audio_dir": report.audio_dir,
+        "spoken_answers": report.spoken,
         "metrics": {
             name: {
                 "predictions": s.samples, "scored": s.scored,
@@ -304,7 +305,8 @@ def _print_report(report: Any, rates: dict[str, float]) -> None:
     if report.output:
         line += f"; predictions in {escape(report.output)}"
     if report.audio_dir:
-        line += f"; spoken answers in {escape(report.audio_dir)}"
+        line += (f"; {report.spoken} spoken answer{'s' if report.spoken != 1 else ''} in {escape(report.audio_dir)}"
+                 if report.spoken else "; no spoken answer (see the note below)")
     out.print(line)
     for note in report.notes:
         out.print(f"[yellow]Note:[/] {escape(note)}")

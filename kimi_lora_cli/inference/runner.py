@@ -106,6 +106,7 @@ class InferReport:
     output_types: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     audio_dir: str | None = None  # where the WAVs of spoken answers went (None: not asked for)
+    spoken: int = 0  # predictions with a WAV
 
 
 def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
@@ -497,8 +498,24 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
     if detok is not None and silent:
         notes.append(f"{silent} predictions kept from {output} were made without --audio-dir and have no WAV; "
                      "rerun without --resume (or with a new --output) to hear them")
+    spoken = sum(1 for r in records if r.get("audio_path"))
+    if audio_folder is not None and not spoken:
+        notes.append(silence_note(records, audio_folder.path, tokens.delay))
     return InferReport(model=str(loaded.info.path), variants=variants, samples=samples, records=records,
                        summaries=summaries, output=str(output) if output else None, skipped=skipped,
                        output_types=otypes, notes=notes,
-                       audio_dir=str(audio_folder.path) if audio_folder is not None else None)
+                       audio_dir=str(audio_folder.path) if audio_folder is not None else None, spoken=spoken)
+
+
+def silence_note(records: list[dict[str, Any]], folder: Path, delay: int) -> str:
+    """Why --audio-dir got no WAV: every spoken answer came back without an audio code."""
+    both = [r for r in records if r.get("output_type") == "both"]
+    if both and all(r.get("finish") == "length" and r.get("new_tokens", 0) <= delay for r in both):
+        why = (f"the --max-new-tokens budget ended before the audio stream began (it starts {delay} steps after "
+               "the text); raise --max-new-tokens")
+    else:
+        why = ("the model ended every answer without an audio code, as a model or adapter trained on text "
+               "answers (ASR, task_type \"understanding\") does; use one trained on spoken answers "
+               "(task_type \"speech_conversation\")")
+    return f"no spoken answer was produced, so {folder} holds no WAV: {why}"
 
