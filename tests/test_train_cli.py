@@ -90,7 +90,7 @@ def test_yaml_config_with_flags_overriding(cli, tiny_dir, data, tmp_path):
     (["--lora-rank", "4"], "--lora-rank is a LoRA option but --use-lora is not set"),
     (["--use-lora", "--lora-target", "nothing_here"], "target 'nothing_here' matches no linear layer"),
     (["--use-lora", "--too-long", "maybe"], "--too-long must be error, skip or truncate"),
-    (["--use-lora", "--resume-from-checkpoint", "latest"], "no checkpoint-N folder to resume from"),
+    (["--use-lora", "--resume-from-checkpoint", "latest"], "does not exist; pass the --output-dir of the run to resume"),
 ])
 def test_bad_options_give_one_line_errors(cli, tiny_dir, data, tmp_path, args, message):
     code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir",
@@ -330,3 +330,61 @@ def test_a_line_says_why_there_is_no_loss_plot(cli, tiny_dir, data, tmp_path, mo
     assert not (out / "loss_curve.png").exists()
     said = " ".join(stderr.split())
     assert "no loss_curve.png" in said and "matplotlib" in said and "kimi-lora[plot]" in said
+
+
+def test_the_output_folder_and_full_fine_tuning_by_omission_are_said_before_loading(cli, tiny_dir, data, tmp_path):
+    out = tmp_path / "full"
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                          "--max-steps", "1", "--device", "cpu")
+    assert code == 0, stderr
+    said = " ".join(stderr.split())
+    warning = said.index("Warning: no --use-lora, so this is full fine-tuning")
+    assert warning < said.index("Loading") and "add --use-lora" in said
+    assert said.index(f"Output {out}") < said.index("Loading")
+
+
+def test_mimo_targets_without_spoken_answers_are_explained(cli, tiny_dir, data, tmp_path):
+    """ASR data (no assistant audio): the mimo layers get no loss, so their LoRA update stays zero."""
+    out = tmp_path / "asr"
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                          "--use-lora", "--max-steps", "2", "--learning-rate", "1e-2", "--device", "cpu")
+    assert code == 0, stderr
+    said = " ".join(stderr.split())
+    assert "Hint:" in said and "mimo (audio output) layers" in said and "backbone,text,adaptor" in said
+    assert said.index("Hint:") < said.index("Loading")
+    code, stdout, _ = cli("inspect-adapter", out, "--stats")
+    shown = " ".join(stdout.split())
+    assert "have a zero update (e.g. " in shown and "mimo_layers" in shown
+    assert "all are mimo (audio output) layers, which get no loss" in shown
+    # with the mimo layers left out, nothing is hinted and no update is zero
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir",
+                          tmp_path / "text", "--use-lora", "--lora-target", "backbone,text,adaptor", "--max-steps", "2",
+                          "--learning-rate", "1e-2", "--device", "cpu")
+    assert code == 0 and "Hint:" not in stderr
+    code, stdout, _ = cli("inspect-adapter", tmp_path / "text", "--stats")
+    assert "zero update" not in stdout
+
+
+def test_paths_are_recorded_absolute_and_a_resume_works_from_another_folder(cli, tiny_dir, data, tmp_path,
+                                                                            monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, stderr = cli("train", "--model-name-or-path", os.path.relpath(tiny_dir), "--data-path",
+                          os.path.relpath(data), "--output-dir", "out", "--use-lora", "--max-steps", "2",
+                          "--save-steps", "1", "--device", "cpu")
+    assert code == 0, stderr
+    out = work / "out"
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["model_name_or_path"] == str(tiny_dir) and saved["data_path"] == str(data)
+    assert saved["output_dir"] == str(out)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir)
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_dir}" in card and f"kimi-lora infer -m {tiny_dir} --adapter ." in card
+    assert f"[Kimi-Audio]({tiny_dir})" in card and f"`{data}`" in card
+
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded config still finds everything
+    code, _, stderr = cli("train", "--config", "work/out/train_config.yaml", "--resume-from-checkpoint", "latest",
+                          "--max-steps", "3")
+    assert code == 0, stderr
+    assert "Resuming" in stderr and json.loads((out / "trainer_state.json").read_text())["global_step"] == 3

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.training.distributed import deepspeed_config
+from kimi_lora_cli.training.output import absolute, with_absolute_paths
 from kimi_lora_cli.training.reporting import MetricsLog
 from kimi_lora_cli.training.setup import model_locations
 
@@ -52,7 +53,7 @@ class EvaluationMixin:
         if self.fsdp is not None:
             engine = "FSDP" + (", CPU offload" if self.fsdp.settings.cpu_offload else "")
         targets = f"LoRA r={cfg.lora_rank} on {len(self.selection.names)} modules ({cfg.lora_target})" \
-            if self.selection is not None else "full fine-tuning"
+            if self.selection is not None else "full fine-tuning: every weight (--use-lora trains an adapter)"
         rows = [("World size", f"{self.world} ({engine}, {self.device})"),
                 ("Batch", f"{cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
                           f"accumulation x {self.world} processes = {per_step} "
@@ -134,7 +135,7 @@ class EvaluationMixin:
 
             peft_version = peft.__version__
         weights, base = model_locations(self.cfg)
-        card = render_card(base_model=str(base or weights), config=self.cfg.to_dict(), samples=len(self.train_idx),
+        card = render_card(base_model=absolute(str(base or weights)), config=with_absolute_paths(self.cfg).to_dict(), samples=len(self.train_idx),
                            eval_samples=len(self.eval_idx), steps=step, final=final, best=best,
                            best_metric=self.state.metric_for_best_model, holds_best=self.cfg.load_best_model_at_end,
                            lora=self.selection is not None, command=self.command,
