@@ -303,11 +303,13 @@ def test_progress_bar_keeps_the_last_logged_values_between_log_steps():
            "tokens_per_second": 123.0}
     reporter.step(1, 10, None)
     assert reporter._progress.tasks[0].fields["info"] == ""  # nothing logged yet: no made-up zeros
+    assert "loss" not in reporter._progress.tasks[0].fields["head"]
     reporter.step(2, 10, rec)
     reporter.step(3, 10, None)
-    info = reporter._progress.tasks[0].fields["info"]
+    fields = reporter._progress.tasks[0].fields
     reporter.stop()
-    assert "loss 3.2500 (text 3.0000 audio 0.2500)" in info and "123 tok/s" in info
+    assert "3/10 loss 3.2500 eta" in fields["head"]
+    assert "(text 3.0000 audio 0.2500)" in fields["info"] and "123 tok/s" in fields["info"]
 
 
 def test_trainer_state_records_the_epochs_max_steps_plans(cli, tiny_dir, data, tmp_path):
@@ -388,3 +390,42 @@ def test_paths_are_recorded_absolute_and_a_resume_works_from_another_folder(cli,
                           "--max-steps", "3")
     assert code == 0, stderr
     assert "Resuming" in stderr and json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_80_columns_keep_step_loss_and_eta_first(tiny_dir):
+    """A narrow terminal cuts the details at the end of the live line, never the step, loss or ETA."""
+    import io
+
+    from rich.console import Console
+
+    from kimi_lora_cli.training.reporting import Reporter
+
+    buf = io.StringIO()
+    reporter = Reporter(console=Console(file=buf, force_terminal=True, width=80, color_system=None),
+                        rich_progress=True)
+    reporter.start(100, 0)
+    reporter.step(15, 100, {"epoch": 3.75, "loss": 4.4685, "text_loss": 3.0, "audio_loss": 1.4685,
+                            "learning_rate": 1e-4, "tokens_per_second": 3017.0})
+    reporter.stop()
+    last = buf.getvalue().split("\r")[-1].split("\n")[0].replace("\x1b[2K", "")
+    assert last.startswith("train 15/100 loss 4.4685 eta ") and len(last) <= 80
+    assert "\u2501" in last  # the bar is still there
+
+
+def test_train_help_reads_at_80_columns():
+    from typer.testing import CliRunner
+
+    from kimi_lora_cli.cli.app import app
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "80"}, catch_exceptions=False)
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and len(lines) < 220
+    text = result.stdout
+    for name in ("--per-device-train-batch-size", "--resume-from-checkpoint", "--load-best-model-at-end",
+                 "--gradient-checkpointing", "--feature-cache-dir"):
+        assert name in text  # whole, never broken over two lines
+    # the description of an option is one paragraph, wrapped at spaces only
+    assert "Keep only the newest N checkpoints." in " ".join(text.split())
+    words = set(" ".join(text.split()).split())
+    assert "checkpoints." in words and "checkpoi" not in words
