@@ -91,7 +91,9 @@ def test_a_separate_detokenizer_folder_and_the_json_report(cli, tiny_dir, tiny_d
                          tiny_detok_dir, "--ode-steps", "4", "--json", *SAMPLING)
     assert code == 0, err
     payload = json.loads(out)
-    assert payload["audio_dir"] == str(wavs) and payload["notes"] == []
+    assert payload["audio_dir"] == str(wavs)
+    # the only note: answers cut by the 30-step budget (no detokenizer or WAV problem)
+    assert all("reached --max-new-tokens 30 before ending" in n for n in payload["notes"])
     spoken = [r for r in payload["predictions"] if r["audio_tokens"]]
     assert spoken and all(sf.info(r["audio_path"]).frames == len(r["audio_tokens"]) * 1920 for r in spoken)
 
