@@ -224,6 +224,9 @@ def check_paths(spec: PrepareSpec) -> _Paths:
     if not spec.data.exists():
         raise DataError(f"{spec.data}: no such data file; pass the jsonl with --data")
     if not spec.data.is_file():
+        from kimi_lora_cli.data.schema import check_data_file
+
+        check_data_file(spec.data, "--data")
         raise DataError(f"{spec.data}: not a file; pass the jsonl with --data")
     if spec.batch_size < 1:
         raise ConfigError(f"--batch-size {spec.batch_size}: must be at least 1")
@@ -293,7 +296,7 @@ def _prepare_locked(spec: PrepareSpec, paths: _Paths, progress: Callable[[Prepar
         raise DataError(f"{spec.data}: no samples (the file is empty); pass a jsonl with one conversation per line")
 
     result = PrepareResult(output=paths.output, resumed_at_line=resume_line if state else 0)
-    if spec.speech_tokenizer is not None and not totals["tokens"] and not state:
+    if spec.speech_tokenizer is not None and totals["records"] and not totals["tokens"] and not state:
         result.notes.append("every audio message already has audio_tokens: --speech-tokenizer was not needed")
     if totals["cwd_paths"]:
         result.notes.append(f"{len(totals['cwd_paths'])} audio paths are not next to {spec.data} and were found "
@@ -301,6 +304,13 @@ def _prepare_locked(spec: PrepareSpec, paths: _Paths, progress: Callable[[Prepar
                             "path")
     runner = _Runner(spec, paths, offset, vocab, totals, result, progress)
     runner.run(state, bad)
+    if not result.lines_written:
+        # --skip-bad promises "the good lines"; with none, an empty file would only move the error to
+        # `train` ("no usable samples"). The rejects file stays: it says what is wrong with each line.
+        paths.output.unlink(missing_ok=True)
+        raise DataError(f"{spec.data}: none of its {result.lines_rejected} lines is usable, so nothing was written; "
+                        f"each line and its problems are in {result.rejects}: fix them and rerun (with --overwrite "
+                        "to replace that rejects file)")
     return result
 
 

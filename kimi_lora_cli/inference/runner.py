@@ -39,6 +39,10 @@ from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, Sampl
 from kimi_lora_cli.inference.samples import InferSample, prompt_sample, read_audio_tokens_file, read_samples
 
 BASE = "base"
+# Text answers (ASR, chat) rarely pass a few hundred tokens; the official 7500 positions let a model
+# that never says text_eos (an untrained base, say) run for minutes per sample. Spoken answers keep
+# the official budget (1500 positions, 120 s of speech), which already bounds them.
+DEFAULT_TEXT_STEPS = 512
 DETOKENIZER_NOTE = (
     "audio_tokens are GLM-4-Voice semantic codes (offset removed); pass --audio-dir DIR to turn them into "
     "WAV files with the Kimi-Audio detokenizer (audio_detokenizer/ + vocoder/ of the release folder)"
@@ -57,7 +61,7 @@ class InferSpec:
     output: str | Path | None = None
     resume: bool = False
     batch_size: int = 8
-    max_new_tokens: int = -1
+    max_new_tokens: int | None = None  # None: DEFAULT_TEXT_STEPS for text answers, official for both
     output_type: str | None = None  # None: each sample's task_type decides ("text" for --prompt)
     text_sampling: SamplingParams = TEXT_DEFAULTS
     audio_sampling: SamplingParams = AUDIO_DEFAULTS
@@ -106,6 +110,7 @@ class InferReport:
     output_types: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     audio_dir: str | None = None  # where the WAVs of spoken answers went (None: not asked for)
+    spoken: int = 0  # predictions with a WAV
 
 
 def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
@@ -124,6 +129,29 @@ def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
             raise ConfigError(f"--adapter {v!r}: two adapters named {name!r}; name them with NAME=DIR")
         out.append((name, Path(folder).expanduser()))
     return tuple(out)
+
+
+def step_budget(max_new_tokens: int | None, output_type: str) -> int:
+    """--max-new-tokens as GenerationConfig takes it (-1: the official budget)."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    return DEFAULT_TEXT_STEPS if output_type == "text" else -1
+
+
+def budget_note(records: list[dict[str, Any]], max_new_tokens: int | None) -> str | None:
+    """How many of this run's answers were cut by the step budget (finish "length")."""
+    cut = [r for r in records if r.get("finish") == "length"]
+    if not cut:
+        return None
+    if max_new_tokens is None:
+        which = (f"the default budget ({DEFAULT_TEXT_STEPS} steps for text answers, the official one for spoken "
+                 "answers)")
+    elif max_new_tokens == -1:
+        which = "the official budget"
+    else:
+        which = f"--max-new-tokens {max_new_tokens}"
+    return (f"{len(cut)} of {len(records)} answers reached {which} before ending (finish \"length\" in the "
+            "predictions); raise --max-new-tokens if they were cut short (-1: the official 7500 positions)")
 
 
 def resolve_device(device: str | None) -> str:
@@ -147,7 +175,7 @@ def _check_spec(spec: InferSpec) -> None:
         raise ConfigError(f"--batch-size must be >= 1, not {spec.batch_size}")
     if spec.output_type not in (None, "text", "both"):
         raise ConfigError(f"--output-type must be text or both, not {spec.output_type!r}")
-    if spec.max_new_tokens == 0 or spec.max_new_tokens < -1:
+    if spec.max_new_tokens is not None and (spec.max_new_tokens == 0 or spec.max_new_tokens < -1):
         raise ConfigError(f"--max-new-tokens must be > 0 (or -1 for the official budget), not {spec.max_new_tokens}")
     if spec.audio_tokens is not None and spec.audio is None:
         raise ConfigError("--audio-tokens needs --audio FILE too (the model also reads the waveform's Whisper "
@@ -490,7 +518,7 @@ def _run(spec: InferSpec, progress: ProgressSink | None, loaded: Any, lock_note:
         for otype, batch in batches:
             prompts = build_prompts([s.messages for s in batch], tokenizer, config, loaded.feature_encoder,
                                     otype, [s.source for s in batch], features=features)
-            gcfg = GenerationConfig(output_type=otype, max_new_tokens=spec.max_new_tokens,
+            gcfg = GenerationConfig(output_type=otype, max_new_tokens=step_budget(spec.max_new_tokens, otype),
                                     text=spec.text_sampling, audio=spec.audio_sampling, use_cache=spec.use_cache)
             for v in variants:
                 picks = [k for k, s in enumerate(batch) if (s.id, v) not in done]
@@ -538,8 +566,27 @@ def _run(spec: InferSpec, progress: ProgressSink | None, loaded: Any, lock_note:
     if detok is not None and silent:
         notes.append(f"{silent} predictions kept from {output} were made without --audio-dir and have no WAV; "
                      "rerun without --resume (or with a new --output) to hear them")
+    note = budget_note(new_records, spec.max_new_tokens)
+    if note:
+        notes.append(note)
+    spoken = sum(1 for r in records if r.get("audio_path"))
+    if audio_folder is not None and not spoken:
+        notes.append(silence_note(records, audio_folder.path, tokens.delay))
     return InferReport(model=str(loaded.info.path), variants=variants, samples=samples, records=records,
                        summaries=summaries, output=str(output) if output else None, skipped=skipped,
                        output_types=otypes, notes=notes,
-                       audio_dir=str(audio_folder.path) if audio_folder is not None else None)
+                       audio_dir=str(audio_folder.path) if audio_folder is not None else None, spoken=spoken)
+
+
+def silence_note(records: list[dict[str, Any]], folder: Path, delay: int) -> str:
+    """Why --audio-dir got no WAV: every spoken answer came back without an audio code."""
+    both = [r for r in records if r.get("output_type") == "both"]
+    if both and all(r.get("finish") == "length" and r.get("new_tokens", 0) <= delay for r in both):
+        why = (f"the --max-new-tokens budget ended before the audio stream began (it starts {delay} steps after "
+               "the text); raise --max-new-tokens")
+    else:
+        why = ("the model ended every answer without an audio code, as a model or adapter trained on text "
+               "answers (ASR, task_type \"understanding\") does; use one trained on spoken answers "
+               "(task_type \"speech_conversation\")")
+    return f"no spoken answer was produced, so {folder} holds no WAV: {why}"
 
