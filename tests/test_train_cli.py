@@ -426,6 +426,6 @@ def test_train_help_reads_at_80_columns():
                  "--gradient-checkpointing", "--feature-cache-dir"):
         assert name in text  # whole, never broken over two lines
     # the description of an option is one paragraph, wrapped at spaces only
-    assert "Keep only the newest N checkpoints." in " ".join(text.split())
+    assert "Keep only the newest N checkpoints (and the best)." in " ".join(text.split())
     words = set(" ".join(text.split()).split())
-    assert "checkpoints." in words and "checkpoi" not in words
+    assert "checkpoints" in words and "checkpoi" not in words

@@ -84,8 +84,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             say(f"[yellow]Note:[/] {note}")
         self.resume_dir, self.resume_state = None, None
         if cfg.resume_from_checkpoint:
-            if cfg.resume_from_checkpoint in ckpt.LATEST and not ckpt.list_checkpoints(self.output_dir):
-                raise self.out.no_checkpoint()
+            latest = cfg.resume_from_checkpoint in ckpt.LATEST
+            if latest and self.output_dir.is_dir() and not ckpt.list_checkpoints(self.output_dir):
+                raise self.out.no_checkpoint()  # (a folder that does not exist: find_checkpoint says so)
             self.resume_dir = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         self.out.check(resuming=self.resume_dir is not None)
         self.data_sha256 = data_digest(cfg)  # every rank: they must agree on refusing a resume
