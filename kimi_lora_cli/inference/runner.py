@@ -21,8 +21,6 @@ folder; see inference/speech.py), written before its jsonl line, which names it 
 
 from __future__ import annotations
 
-import json
-import os
 import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,11 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
+from kimi_lora_cli.errors import ConfigError, ModelLoadError
 from kimi_lora_cli.fileops import naming_errors
 from kimi_lora_cli.inference.decode import plan_batches
 from kimi_lora_cli.inference.generation import GenerationConfig, StreamTokens, generate, unwrap_model
 from kimi_lora_cli.inference.metrics import ErrorCounts, score
+from kimi_lora_cli.inference.predictions import (
+    PredictionWriter,
+    partial_of,
+    predictions_or_empty,
+    read_predictions,
+)
 from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
 from kimi_lora_cli.inference.samples import InferSample, prompt_sample, read_audio_tokens_file, read_samples
 
@@ -205,114 +209,9 @@ def check_output_file(spec: InferSpec) -> None:
               ("speech tokenizer folder", spec.speech_tokenizer)]
     check_output(output, inputs, flag="--output", kind="file")
     for path in (output, partial_of(output)):
-        if not _predictions_or_empty(path):
+        if not predictions_or_empty(path):
             raise ConfigError(f"--output {output}: {path} exists and is not a predictions file of `kimi-lora "
                               "infer`; it is never replaced - choose another --output")
-
-
-def partial_of(output: Path) -> Path:
-    """Where a run writes its predictions until it finishes (then renamed to the output)."""
-    return output.with_name(output.name + ".partial")
-
-
-def _predictions_or_empty(path: Path) -> bool:
-    if not path.is_file() or not path.stat().st_size:
-        return not path.exists() or path.is_file()
-    with open(path, "rb") as f:
-        first = f.readline()
-    try:
-        rec = json.loads(first)
-    except ValueError:
-        return False
-    return isinstance(rec, dict) and {"id", "adapter", "prediction"} <= set(rec)
-
-
-# -------------------------------------------------------------------------------------------
-# Predictions file
-# -------------------------------------------------------------------------------------------
-
-
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """Records already in a predictions file. A cut-off last line (crash mid-write) is dropped
-    from the file; any other bad line is an error."""
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    records, good_end, pos = [], 0, 0
-    for k, line in enumerate(lines):
-        end = pos + len(line) + (1 if k < len(lines) - 1 else 0)
-        if line.strip():
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict) or "id" not in obj or "adapter" not in obj:
-                    raise ValueError("not a prediction record")
-            except ValueError:
-                if all(not rest.strip() for rest in lines[k + 1 :]):
-                    with open(path, "r+b") as f:  # drop the torn tail so new lines append cleanly
-                        f.truncate(good_end)
-                    break
-                raise DataError(f"{path}:{k + 1}: not a prediction line written by `kimi-lora infer`; "
-                                "remove the line or write to a new --output file") from None
-            records.append(obj)
-            good_end = end
-        pos = end
-    else:
-        if raw and not raw.endswith(b"\n"):
-            with open(path, "ab") as f:
-                f.write(b"\n")
-    return records
-
-
-class PredictionWriter:
-    """Appends one JSON line per prediction to `<output>.partial`, flushed to disk at once; `finish`
-    renames it to the output, so the output is always a whole file of whole lines. With `resume`
-    it continues the partial file of an interrupted run, or a copy of the finished output."""
-
-    def __init__(self, path: Path | None, resume: bool) -> None:
-        self.path = path
-        self.partial = partial_of(path) if path is not None else None
-        self._f = None
-        if path is not None:
-            from kimi_lora_cli.fileops import clone_or_copy
-
-            with naming_errors(path):
-                path.parent.mkdir(parents=True, exist_ok=True)
-            if resume and not self.partial.exists() and path.is_file():
-                clone_or_copy(path, self.partial)
-            with naming_errors(self.partial):
-                self._f = open(self.partial, "ab" if resume else "wb")  # noqa: SIM115 - closed in close()
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self._f is None:
-            return
-        start = self._f.tell()
-        try:
-            with naming_errors(self.partial):
-                self._f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-                self._f.flush()
-                os.fsync(self._f.fileno())
-        except OSError:
-            try:  # a line that did not fit is cut off, so the file stays whole lines for --resume
-                self._f.truncate(start)
-            except OSError:
-                pass
-            raise
-
-    def close(self) -> None:
-        if self._f is not None:
-            f, self._f = self._f, None
-            try:
-                f.close()
-            except OSError:
-                pass
-
-    def finish(self) -> None:
-        """Put the finished predictions in place under the output's name."""
-        self.close()
-        if self.path is not None:
-            with naming_errors(self.path):
-                os.replace(self.partial, self.path)
 
 
 # -------------------------------------------------------------------------------------------
