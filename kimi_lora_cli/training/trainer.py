@@ -39,7 +39,7 @@ from kimi_lora_cli.training.output_folder import (
     resolved_paths,
     with_absolute_paths,
 )
-from kimi_lora_cli.training.preflight import load_dtype, model_locations, model_skeleton, preflight
+from kimi_lora_cli.training.preflight import check_data_and_targets, load_dtype, model_locations
 from kimi_lora_cli.training.reporting import MetricsLog, Reporter, banner_rows, parse_report_to, plot_losses
 from kimi_lora_cli.training.result import TrainResult
 from kimi_lora_cli.training.run_files import trainer_state, write_run_files
@@ -82,8 +82,6 @@ class Trainer:
     def _check_inputs(self) -> None:
         import torch
 
-        from kimi_lora_cli.training.plan import split_eval
-
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         say = self.reporter.print
@@ -104,51 +102,11 @@ class Trainer:
             for change in check_resume(cfg, self.resume_state, self.resume_dir, self.world, self.data_sha256):
                 say(f"[bold]Resuming[/] with {change}")
 
-        weights, base = model_locations(cfg)
         # Data and targets are checked against config + tokenizer (no tensor read) before the
         # weights load, so a typo costs seconds, not a 20 GB load.
-        skeleton = model_skeleton(cfg)
-        config = skeleton.config
-        mimo_targets = 0
-        if cfg.lora_enabled:
-            from kimi_lora_cli.targets import linear_entries, resolve_targets
-            from kimi_lora_cli.training.lora import check_modules_to_save
-
-            entries = linear_entries(skeleton.model)
-            resolve_targets(entries, cfg.lora_target)
-            mimo_targets = sum(1 for e in entries if e.targeted and e.component == "mimo")
-            check_modules_to_save(skeleton.model, cfg.modules_to_save)
-        max_len, _ = cfg.sample_limit(config.max_position_embeddings)
-        data = preflight(cfg, skeleton)
-        self.data = data
-        if data.audio_tokenized:
-            say(f"[bold]Speech tokenizer[/] {cfg.speech_tokenizer}: audio_tokens for {data.audio_tokenized} files")
-        msg = f"[bold]Data[/] {data.path}: {len(data.samples)} samples, {data.tokens} tokens"
-        if data.skipped_too_long:
-            msg += f"; skipped {data.skipped_too_long} longer than {max_len}"
-        if data.truncated:
-            msg += f"; truncated {data.truncated} to {max_len}"
-        say(msg)
-        self.samples = list(data.samples)
-        if cfg.eval_data_path:
-            eval_data = preflight(cfg.with_(data_path=cfg.eval_data_path), skeleton)
-            say(f"[bold]Eval data[/] {eval_data.path}: {len(eval_data.samples)} samples")
-            self.train_idx = list(range(len(self.samples)))
-            self.eval_idx = list(range(len(self.samples), len(self.samples) + len(eval_data.samples)))
-            self.samples += eval_data.samples
-        else:
-            self.train_idx, self.eval_idx = split_eval(len(self.samples), cfg.eval_ratio, cfg.seed)
-        if len(self.train_idx) < self.world:
-            raise ConfigError(f"{data.path}: {len(self.train_idx)} training samples for {self.world} processes; "
-                              "add data or use fewer processes")
-        if data.cwd_paths:
-            say(f"[yellow]Note:[/] {data.cwd_paths} audio paths are not next to {data.path} and were found "
-                f"relative to the current folder {Path.cwd()}; `kimi-lora prepare` writes them resolved")
-        if mimo_targets and not any(any(s.seq.audio_loss) for s in data.samples):
-            say(f"[yellow]Hint:[/] {mimo_targets} targeted modules are mimo (audio output) layers, but no answer in "
-                f"{escape(str(data.path))} is spoken (no assistant audio message), so they get no loss and their "
-                "update stays zero; leave them out of --lora-target (e.g. backbone,text,adaptor instead of all)",
-                soft_wrap=True)
+        checked = check_data_and_targets(cfg, self.world, say)
+        skeleton, self.data = checked.skeleton, checked.data
+        self.samples, self.train_idx, self.eval_idx = checked.samples, checked.train_idx, checked.eval_idx
         if self.is_main:
             self.out.claim(self.resume_state)  # created and locked only now, before the weights load
             for note in self.out.notes:
