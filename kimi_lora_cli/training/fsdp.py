@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.training.config import TrainConfig
+from kimi_lora_cli.training.distributed import init_process_group  # noqa: F401 - shared with DeepSpeed
 
 
 @dataclass(frozen=True)
@@ -69,29 +69,6 @@ def from_launcher(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
                     gradient_checkpointing=cfg.gradient_checkpointing or bool(plugin.activation_checkpointing))
     os.environ["ACCELERATE_USE_FSDP"] = "false"  # the Accelerator must not re-wrap what kimi-lora sharded
     return cfg, notes
-
-
-def init_process_group(device_type: str) -> bool:
-    """Make sure a process group exists (FSDP needs one, also for a single process). On GPUs,
-    collectives on CPU tensors (the gradient norm under CPU offload) go through gloo. Returns True
-    when this call created it (and the caller must destroy it)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
-    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        if device_type == "cuda":
-            import torch
-
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    return True
 
 
 def return_freed_memory() -> None:

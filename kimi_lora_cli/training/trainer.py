@@ -3,7 +3,8 @@
 `train(cfg)` is what `kimi-lora train` calls; the same function runs in every process under
 `torchrun` / `accelerate launch` (DDP), with `--fsdp` (FSDP2) and with `--deepspeed` (ZeRO-2/3). The
 model is built on the meta device and each process reads its weights straight onto its device (with
-FSDP only its own shard), so no process holds a full CPU copy first. One optimizer step takes
+FSDP only its own shard, with ZeRO-3 one layer at a time before DeepSpeed keeps its partition), so no
+process holds a full CPU copy first. One optimizer step takes
 `world * per_device * accumulation` samples of the deterministic batch plan; each rank's loss is scaled
 so the step's gradient is that of the mean per-sample loss over the whole global batch.
 """
@@ -24,11 +25,7 @@ from kimi_lora_cli.training.checkpoints import folder as ckpt
 from kimi_lora_cli.training.checkpoints.client import CheckpointClient
 from kimi_lora_cli.training.checkpoints.final import final_save_error
 from kimi_lora_cli.training.config import TrainConfig
-from kimi_lora_cli.training.distributed import (
-    deepspeed_config,
-    env_rank,
-    env_world,
-)
+from kimi_lora_cli.training.distributed import deepspeed_config, env_rank, env_world, full_numel
 from kimi_lora_cli.training.evaluation import EvaluationTracker, build_evaluator
 from kimi_lora_cli.training.optim import check_scheduler, make_optimizer, make_scheduler
 from kimi_lora_cli.training.output_folder import (
@@ -51,11 +48,14 @@ CONFIG_FILE = "train_config.yaml"
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, reporter: Reporter | None = None) -> None:
-        from kimi_lora_cli.training.fsdp import from_launcher
+        from kimi_lora_cli.training import fsdp, zero
 
-        cfg, self.launcher_notes = from_launcher(cfg)  # `accelerate launch --use_fsdp` -> --fsdp
+        cfg, self.launcher_notes = fsdp.from_launcher(cfg)  # `accelerate launch --use_fsdp` -> --fsdp
+        cfg, notes = zero.from_launcher(cfg)  # `accelerate launch --use_deepspeed` -> --deepspeed
+        self.launcher_notes += notes
         self.cfg = cfg
         self.fsdp = None  # FsdpRun when the model is sharded
+        self.engine = None  # the DeepSpeedEngine with --deepspeed
         self.rank = env_rank()
         self.world = env_world()
         self.is_main = self.rank == 0
@@ -87,6 +87,12 @@ class Trainer:
         say = self.reporter.print
         parse_report_to(cfg.report_to)  # a missing tracker package fails here, before any weight is read
         check_scheduler(cfg, max(cfg.max_steps, 1))  # and --lr-scheduler-kwargs the schedule does not take
+        self.ds_config = None
+        if cfg.deepspeed:
+            from kimi_lora_cli.training.zero import require_deepspeed
+
+            require_deepspeed(cfg.deepspeed)
+            self.ds_config = deepspeed_config(cfg, self.world)
         for note in self.launcher_notes:
             say(f"[yellow]Note:[/] {note}")
         self.resume_dir, self.resume_state = None, None
@@ -157,20 +163,24 @@ class Trainer:
         self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
         if self.fsdp is not None:  # sharded by kimi-lora; accelerate must not wrap it again
             self.model, self.optimizer = model, acc.prepare(optimizer)
+        elif cfg.deepspeed:  # the engine steps this optimizer; the schedule above sets its learning rate
+            from kimi_lora_cli.training.zero import initialize
+
+            self.engine = initialize(model, optimizer, self.ds_config)
+            self.model, self.optimizer = self.engine, optimizer
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.deepspeed = cfg.deepspeed is not None
+        self.deepspeed = self.engine is not None
         self.checkpoints = CheckpointClient(cfg, self.output_dir, acc, self.out.run_id, self.out.series,
                                             self.out.tmp_name, rank=self.rank, is_main=self.is_main,
                                             lora=self.selection is not None, deepspeed=self.deepspeed, fsdp=self.fsdp,
-                                            loaded=self.loaded)
+                                            loaded=self.loaded, world=self.world)
         self.evaluation = self._make_evaluation(skeleton.tokenizer, config)
         self._banner()
 
     def _make_evaluation(self, tokenizer: Any, config: Any) -> EvaluationTracker:
         cfg = self.cfg
-        sharded = self.fsdp is not None or bool(self.deepspeed and deepspeed_config(cfg, self.world)
-                                                 .get("zero_optimization", {}).get("stage", 0) == 3)
+        sharded = self.fsdp is not None or (self.engine is not None and self.engine.zero_optimization_stage() == 3)
         evaluator = build_evaluator(cfg, self.dataset.samples, self.eval_idx, tokenizer=tokenizer, config=config,
                                     rank=self.rank, world=self.world, reduce=self._reduce, to_device=self._batch,
                                     store=self.store, sharded=sharded, autocast=self.accelerator.autocast,
@@ -179,18 +189,26 @@ class Trainer:
                                  show_pairs=self.reporter.eval_pairs if self.is_main else None)
 
     def _banner(self) -> None:
-        engine = f"DeepSpeed {self.cfg.deepspeed}" if self.cfg.deepspeed else "DDP" if self.world > 1 \
-            else "single process"
-        if self.fsdp is not None:
-            engine = "FSDP" + (", CPU offload" if self.fsdp.settings.cpu_offload else "")
-        params = list(self._unwrapped().parameters())
         self.reporter.banner(banner_rows(
-            self.cfg, world=self.world, engine=engine, device=self.device, steps_per_epoch=self.steps_per_epoch,
-            total_steps=self.total_steps, trainable=sum(p.numel() for p in params if p.requires_grad),
-            total=sum(p.numel() for p in params),
+            self.cfg, world=self.world, engine=self.engine_name(), device=self.device,
+            steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+            trainable=sum(full_numel(p) for p in self._unwrapped().parameters() if p.requires_grad),
+            total=sum(full_numel(p) for p in self._unwrapped().parameters()),
             lora_modules=len(self.selection.names) if self.selection is not None else None,
             packing=self.plan.packing_summary() if self.cfg.packing else None, eval_samples=len(self.eval_idx),
             decoded=len(self.evaluation.evaluator.generate)))
+
+    def engine_name(self) -> str:
+        """What really wraps the model (read from the wrapper, never from the flags)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.engine is not None:
+            from kimi_lora_cli.training.zero import describe
+
+            return describe(self.engine)
+        if self.fsdp is not None:
+            return "FSDP" + (", CPU offload" if self.fsdp.settings.cpu_offload else "")
+        return "DDP" if isinstance(self.model, DistributedDataParallel) else "single process"
 
     def _make_accelerator(self) -> Any:
         import torch
@@ -200,25 +218,26 @@ class Trainer:
         cfg = self.cfg
         has_audio_free = any(not s.seq.media for s in self.data.samples)
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=has_audio_free)]
-        kwargs: dict[str, Any] = {}
-        if cfg.deepspeed:
-            from accelerate.utils import DeepSpeedPlugin
-
-            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, self.world))
         cpu = (cfg.device or "").startswith("cpu")
         self.owns_group = False
-        if cfg.fsdp:
-            from kimi_lora_cli.training.fsdp import init_process_group
+        if cfg.fsdp or cfg.deepspeed:  # kimi-lora wraps the model itself (see fsdp.py, zero.py)
+            from kimi_lora_cli.training.distributed import init_process_group
 
             device_type = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+            if cfg.deepspeed:
+                from kimi_lora_cli.training.zero import prepare_environment
+
+                prepare_environment(device_type)
             self.owns_group = init_process_group(device_type)
         precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=handlers,
-                                       gradient_accumulation_steps=cfg.gradient_accumulation_steps
-                                       if cfg.deepspeed else 1, **kwargs)
-        if str(self.accelerator.distributed_type).endswith("FSDP"):
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=handlers)
+        kind = str(self.accelerator.distributed_type)
+        if kind.endswith("FSDP"):
             raise ConfigError("accelerate is set up for FSDP but kimi-lora was not: run `kimi-lora train --fsdp` "
                               "or `accelerate launch --use_fsdp --fsdp_version 2`")
+        if kind.endswith("DEEPSPEED"):
+            raise ConfigError("accelerate is set up for DeepSpeed but kimi-lora was not: run `kimi-lora train "
+                              "--deepspeed zero3` or `accelerate launch --use_deepspeed`")
         return self.accelerator
 
     def _load_model(self, weights: Path, base: Path | None) -> Any:
@@ -290,11 +309,43 @@ class Trainer:
         return self.accelerator.reduce(t, reduction="sum").tolist()
 
     def _unwrapped(self) -> Any:
-        return self.accelerator.unwrap_model(self.model)
+        return self.engine.module if self.engine is not None else self.accelerator.unwrap_model(self.model)
 
     def _no_sync(self) -> Any:
         """Skip the gradient reduction (all but the last micro-batch of a step)."""
         return self.fsdp.no_sync() if self.fsdp is not None else self.accelerator.no_sync(self.model)
+
+    def _micro_step(self, batch: dict[str, Any], last: bool, scale: float) -> Any:
+        """Forward and backward of one micro-batch (`scale`: this rank's share of the step's mean);
+        the gradients are reduced on the `last` one. Returns the loss parts."""
+        from kimi_lora_cli.training.loss import compute_loss
+
+        cfg = self.cfg
+        if self.engine is not None:  # DeepSpeed reduces (and steps) at the boundary we set
+            self.engine.set_gradient_accumulation_boundary(last)
+            with self.accelerator.autocast():
+                parts = compute_loss(self.engine, batch, cfg.text_loss_weight, cfg.audio_loss_weight)
+            self.engine.backward(parts.total.sum() * scale, scale_wrt_gas=False)
+            self.engine.step()
+            return parts
+        with contextlib.nullcontext() if last else self._no_sync():
+            parts = compute_loss(self.model, batch, cfg.text_loss_weight, cfg.audio_loss_weight)
+            self.accelerator.backward(parts.total.sum() * scale)
+        return parts
+
+    def _optimizer_step(self, trainable: list[Any]) -> Any:
+        """Clip, step and clear the gradients (DeepSpeed did all that in its step at the boundary);
+        returns the gradient norm before clipping (None without clipping)."""
+        cfg, acc = self.cfg, self.accelerator
+        if self.engine is not None:
+            norm = self.engine.get_global_grad_norm() if cfg.max_grad_norm > 0 else None
+        else:
+            norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -322,9 +373,6 @@ class Trainer:
             self.owns_group = False
 
     def _run(self) -> TrainResult:
-
-        from kimi_lora_cli.training.loss import compute_loss
-
         cfg, acc = self.cfg, self.accelerator
         result = TrainResult(output_dir=self.output_dir, global_step=0, total_steps=self.total_steps,
                              samples=len(self.train_idx), eval_samples=len(self.eval_idx),
@@ -369,7 +417,6 @@ class Trainer:
         window_start = time.perf_counter()
         run_start = time.perf_counter()
         last_saved = None
-        ds_gas = cfg.gradient_accumulation_steps if self.deepspeed else 1
         self.model.train()
         self.reporter.start(self.total_steps, start_step)
         step = start_step
@@ -385,23 +432,13 @@ class Trainer:
                     for i, micro in enumerate(planned.micro):
                         last = i == n_micro - 1
                         acc.sync_gradients = last
-                        batch = self._batch(micro)
-                        sync = contextlib.nullcontext() if last else self._no_sync()
-                        with sync:
-                            parts = compute_loss(self.model, batch, cfg.text_loss_weight, cfg.audio_loss_weight)
-                            loss = parts.total.sum() * (self.world / planned.total_samples)
-                            acc.backward(loss * ds_gas)
+                        parts = self._micro_step(self._batch(micro), last, self.world / planned.total_samples)
                         window["total"] += float(parts.total.detach().sum())
                         window["text"] += float(parts.text.sum())
                         window["audio"] += float(parts.audio.sum())
                         window["n"] += len(micro)
                         window["tokens"] += parts.tokens
-                    grad_norm = None
-                    if cfg.max_grad_norm > 0 and not self.deepspeed:
-                        grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    grad_norm = self._optimizer_step(trainable)
                     step += 1
                     result.global_step = step
                     epoch = step / self.steps_per_epoch

@@ -6,7 +6,8 @@ process rank).
 
 Under FSDP every tensor is gathered to full size before it is saved (the files are the same as an
 unsharded run's), and on loading each process reads only the rows it holds. DeepSpeed runs keep the
-engine's own files under `deepspeed/`."""
+engine's own per-rank files under `deepspeed/` (read back by the safe reader of training/zero.py) next
+to the gathered adapter; their final adapter or model is gathered the same way."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class CheckpointClient:
     deepspeed: bool = False
     fsdp: Any = None  # FsdpRun when the model is sharded by kimi-lora
     loaded: Any = None  # LoadedModel: configs and tokenizer files copied next to a full model
+    world: int = 1
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, step: int, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
@@ -53,9 +55,10 @@ class CheckpointClient:
                best: str | None) -> Path:
         acc = self.accelerator
         unwrapped = acc.unwrap_model(model)
-        if self.deepspeed:
+        if self.deepspeed:  # every process writes its partitions
             model.save_checkpoint(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
-        trainable = gathered_named_parameters(unwrapped, acc)
+        # (a full model under DeepSpeed is in its files already: only an adapter is gathered)
+        trainable = gathered_named_parameters(unwrapped, acc) if self.lora or not self.deepspeed else {}
         optim_state = None
         if self.fsdp is not None:  # every process takes part in gathering the sharded state
             optim_state = self.fsdp.full_optimizer_state(optimizer, keep=self.is_main)
@@ -83,7 +86,7 @@ class CheckpointClient:
         trainer_state.json. The schedule follows THIS run's learning rate (a resume may change it)."""
         state = state or ckpt.read_state(folder)
         if self.deepspeed:
-            model.load_checkpoint(str(folder / "deepspeed"), load_module_strict=False)
+            self._load_deepspeed(folder, model)
         else:
             path = folder / "trainable.safetensors"
             shapes = ckpt.tensor_shapes(path)
@@ -111,10 +114,21 @@ class CheckpointClient:
     def restore_trainable(self, folder: Path, model: Any) -> None:
         """Only the trainable weights of a checkpoint (the best one, before the final save)."""
         if self.deepspeed:
-            model.load_checkpoint(str(folder / "deepspeed"), load_module_strict=False,
-                                  load_optimizer_states=False, load_lr_scheduler_states=False)
+            self._load_deepspeed(folder, model)
         else:
             self._fill_trainable(folder / "trainable.safetensors", model)
+
+    def _load_deepspeed(self, folder: Path, engine: Any) -> None:
+        """The engine's weights and optimizer state from `folder/deepspeed` (its float32 master
+        weights included, so the trainable weights are exactly those saved)."""
+        from kimi_lora_cli.training.zero import checkpoint_tag
+
+        where = folder / "deepspeed"
+        tag = checkpoint_tag(where, self.world)
+        path, _ = engine.load_checkpoint(str(where), tag=tag, load_module_strict=False,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise ConfigError(f"{where / tag}: DeepSpeed could not load it; resume from another checkpoint")
 
     def _fill_trainable(self, path: Path, model: Any) -> None:
         """Copy a checkpoint's trainable tensors into the model (each process reads only its rows)."""
@@ -145,7 +159,7 @@ class CheckpointClient:
             if self.is_main:
                 save_adapter(unwrapped, trainable, tmp)
         else:
-            if self.fsdp is not None:
+            if self.fsdp is not None or self.deepspeed:
                 state = gathered_named_parameters(unwrapped, acc, only_trainable=False)
             else:
                 state = acc.get_state_dict(model)
