@@ -252,6 +252,7 @@ class Trainer:
         def prepare(inner: Any) -> Any:
             if cfg.gradient_checkpointing:
                 inner.gradient_checkpointing_enable()
+            inner.run_every_module = bool(cfg.deepspeed)  # same collectives on every rank (modeling.py)
             model = inner
             if cfg.lora_enabled:
                 from kimi_lora_cli.training.lora import wrap_lora

@@ -286,6 +286,10 @@ class KimiAudioForCausalLM(nn.Module):
         self.gradient_checkpointing = False
         # How packed rows (`sequence_ids`) attend: auto, sdpa, eager, flex or flash (see packing.py).
         self.packed_attention = "auto"
+        # Engines that gather a module's weights when it runs (DeepSpeed ZeRO-3) and reduce every
+        # gradient in one fixed order need every rank to run every module: the adaptor then also runs
+        # (on no rows) for a batch without audio, and its weights get zero gradients.
+        self.run_every_module = False
 
     # -- conveniences used by peft / trainers -------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
@@ -342,6 +346,9 @@ class KimiAudioForCausalLM(nn.Module):
             emb = emb.clone()
             # Under autocast the adaptor's LayerNorm returns float32: round back to the embedding dtype.
             emb[mask] = ((emb[mask] + rows) * SQRT2).to(emb.dtype)
+        elif self.run_every_module:
+            none = emb.new_zeros((0, self.config.kimia_adaptor_input_dim))
+            emb = emb + self.model.vq_adaptor(none).sum().to(emb.dtype)
         if text_input_ids is not None:
             emb = emb + self.model.embed_tokens(text_input_ids)
         return emb
