@@ -61,12 +61,14 @@ def wrap_lora(model: Any, cfg: TrainConfig, base_path: str | None = None) -> tup
     return peft_model, selection
 
 
-def init_adapter_weights(model: Any, seed: int) -> set[int]:
+def init_adapter_weights(model: Any, seed: int, within: Any = None) -> set[int]:
     """Give every LoRA layer its starting weights, the same for any number of processes and any
     sharding (the model may be built on the meta device and FSDP-sharded): lora_A ~ U(-b, b) with
     b = 1/sqrt(in_features) (peft's default, kaiming-uniform with a = sqrt(5)) drawn from a generator
     seeded by `seed` and the module's name, lora_B = 0, and DoRA's magnitude = the row norms of the
-    base weight (what peft computes while B is 0). Returns the ids of the parameters it set."""
+    base weight (what peft computes while B is 0). `within`: only these LoRA layers (modules of
+    `model`; their values do not change: they depend on the layer's name in `model`). Returns the ids
+    of the parameters it set."""
     import math
     import zlib
 
@@ -76,8 +78,9 @@ def init_adapter_weights(model: Any, seed: int) -> set[int]:
     from kimi_lora_cli.sharded import copy_full_, local, local_rows
 
     done: set[int] = set()
+    inside = {id(m) for m in within} if within is not None else None
     for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
+        if not isinstance(module, LoraLayer) or (inside is not None and id(module) not in inside):
             continue
         for adapter, a_layer in module.lora_A.items():
             a, b = a_layer.weight, module.lora_B[adapter].weight

@@ -248,6 +248,7 @@ class Trainer:
 
         cfg, wrapped = self.cfg, {}
         settings = fsdp.settings(cfg) if cfg.fsdp else None
+        zero3 = self.ds_config is not None and self.ds_config["zero_optimization"]["stage"] == 3
 
         def prepare(inner: Any) -> Any:
             if cfg.gradient_checkpointing:
@@ -263,6 +264,12 @@ class Trainer:
             if settings is not None:
                 fsdp.shard_model(inner, settings, self.device)
                 self.fsdp = fsdp.FsdpRun(inner, settings)
+            if zero3:  # each layer read, started and partitioned in turn (the later reads skip them)
+                from kimi_lora_cli.loading import inspect_folder
+                from kimi_lora_cli.training.zero import partition_in_units
+
+                files = inspect_folder(weights, base_path=base).weight_files
+                wrapped["started"] = partition_in_units(inner, model, self.ds_config, self.device, files, cfg.seed)
             return model
 
         self.loaded = load_model(weights, dtype=load_dtype(cfg), device=self.device, base_path=base, prepare=prepare)
@@ -271,7 +278,7 @@ class Trainer:
             from kimi_lora_cli.sharded import checkpoint_key
             from kimi_lora_cli.training.lora import init_adapter_weights
 
-            done = init_adapter_weights(self.loaded.model, cfg.seed)
+            done = wrapped.get("started") if zero3 else init_adapter_weights(self.loaded.model, cfg.seed)
             unset = [n for n, p in self.loaded.model.named_parameters() if checkpoint_key(n) is None
                      and id(p) not in done]
             if unset:  # a peft adapter kind this trainer does not know how to start

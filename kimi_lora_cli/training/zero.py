@@ -123,38 +123,50 @@ def checkpoint_tag(folder: Path, world: int) -> str:
 
 
 # -- ZeRO-3: build partitioned -------------------------------------------------------------------
-def partition_in_units(inner: Any, ds_config: dict[str, Any], device: Any, fill: Any) -> None:
-    """ZeRO-3 without a full model per process: `inner` (built on the meta device, adapters wrapped)
-    is materialised one unit at a time (each decoder layer, each head, then the rest), `fill(params)`
-    writes its weights, and DeepSpeed partitions it at once, freeing the full tensors before the next
-    unit is allocated. Peak memory: this process's partitions plus one unit."""
+def partition_in_units(inner: Any, model: Any, ds_config: dict[str, Any], device: Any, files: list[Path],
+                       seed: int) -> set[int]:
+    """ZeRO-3 without a full model per process: `inner` (built on the meta device; `model` is it or its
+    peft wrapper) is materialised one unit at a time (each decoder layer, each head, then the rest),
+    the unit's base weights are read from `files`, its adapters get their seeded start, and DeepSpeed
+    partitions it at once, freeing the full tensors before the next unit is allocated. Peak memory:
+    this process's partitions plus one unit. Returns the ids of the adapter weights it started."""
     import deepspeed
     import torch
 
+    from kimi_lora_cli.sharded import checkpoint_key, fill_from_file
     from kimi_lora_cli.training.fsdp import units
+    from kimi_lora_cli.training.lora import init_adapter_weights
 
-    done: set[int] = set()
+    keys = {id(p): checkpoint_key(n) for n, p in model.named_parameters(remove_duplicate=False)}
+    started: set[int] = set()
+    converted: list[Any] = []
+    seen: set[int] = set()
     for unit in [*units(inner), inner]:
-        params = [p for p in unit.parameters() if id(p) not in done]
-        if not params:
-            continue
-        for module in unit.modules():
+        fresh: list[Any] = []
+        modules = [m for m in unit.modules() if id(m) not in seen]  # the root: what no unit before held
+        seen |= {id(m) for m in modules}
+        for module in modules:
             for name, p in list(module.named_parameters(recurse=False)):
-                if p.is_meta and id(p) not in done:
-                    module.register_parameter(name, torch.nn.Parameter(
-                        torch.empty_like(p, device=device), requires_grad=p.requires_grad))
-            for name, b in list(module.named_buffers(recurse=False)):
-                if b is not None and b.is_meta:
-                    module.register_buffer(name, torch.empty_like(b, device=device),
-                                           persistent=name not in module._non_persistent_buffers_set)
-        fresh = [p for p in unit.parameters() if id(p) not in done]
-        fill(unit, fresh)
-        zero_params = [p for p in inner.parameters() if hasattr(p, "ds_id")]
-        if zero_params:
-            zero_params[0].convert_to_zero_parameters(param_list=fresh)
+                if p.is_meta:
+                    real = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                    keys[id(real)] = keys.get(id(p))
+                    module.register_parameter(name, real)
+                    fresh.append(real)
+        if not fresh:
+            continue
+        wanted: dict[str, list[Any]] = {}
+        for p in fresh:
+            if keys.get(id(p)) is not None:
+                wanted.setdefault(keys[id(p)], []).append(p)
+        for f in files:
+            fill_from_file(f, wanted)
+        started |= init_adapter_weights(model, seed, within=modules)
+        if converted:
+            converted[0].convert_to_zero_parameters(param_list=fresh)
         else:
             deepspeed.zero.Init(module=unit, config_dict_or_path=ds_config)
-        done |= {id(p) for p in fresh}
+        converted.extend(fresh)
+    return started
 
 
 # -- accelerate launch --use_deepspeed -----------------------------------------------------------
