@@ -214,11 +214,14 @@ def load_torch(path: Path, error: type[Exception], fix: str, extra_safe: list | 
     unpickled, so it is refused with one message (`error`, ending in `fix`) that names what it holds;
     torch's own advice to retry with weights_only=False (which would run it) is never passed on."""
     import pickle
+    import warnings
 
     import torch
 
     try:
-        with torch.serialization.safe_globals(extra_safe or []):
+        # (a crafted file's pickle protocol draws a torch warning on top of the refusal below)
+        with torch.serialization.safe_globals(extra_safe or []), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             if mmap:
                 try:
                     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
