@@ -243,7 +243,7 @@ def train(
 
       $ kimi-lora train --model-name-or-path ./Kimi-Audio-7B-Instruct --data-path data.jsonl --use-lora --lora-rank 8 --lora-target all --bf16 --output-dir out/asr-lora
 
-      $ torchrun --nproc_per_node 8 -m kimi_lora_cli train --config train.yaml --deepspeed ds_zero3.json
+      $ torchrun --nproc_per_node 8 -m kimi_lora_cli train --config train.yaml --deepspeed zero3
 
       $ kimi-lora train --config train.yaml --fsdp --bf16 --gradient-checkpointing --num-processes 8
 
@@ -272,6 +272,12 @@ def train(
             from kimi_lora_cli.training.preflight import preflight
 
             OutputDir(cfg).check(resuming=cfg.resume_from_checkpoint is not None)
+            if cfg.deepspeed:  # a missing extra or a bad config: once, before N processes start
+                from kimi_lora_cli.training.distributed import deepspeed_config
+                from kimi_lora_cli.training.zero import require_deepspeed
+
+                require_deepspeed(cfg.deepspeed)
+                deepspeed_config(cfg, num_processes)
             preflight(cfg)  # bad data is reported here once, not by N processes
             _launch(ctx, num_processes)
         from kimi_lora_cli.training.reporting import Reporter

@@ -158,8 +158,9 @@ class TrainConfig:
         False, "Start over in an --output-dir an earlier `kimi-lora train` wrote (its adapter, checkpoints and logs "
         "are removed; other folders are never touched).", panel=P_RUN)
     deepspeed: str | None = option(
-        help='DeepSpeed config: zero2 or zero3 (shipped with kimi-lora) or a JSON path; "auto" values are filled '
-        "from the flags.", panel=P_RUN)
+        help='DeepSpeed ZeRO: zero2, zero3, zero2_offload or zero3_offload (shipped with kimi-lora; _offload keeps '
+        'the optimizer state, and with zero3 the weights, in CPU memory) or a JSON path; "auto" values are '
+        "filled from the flags. Needs `pip install 'kimi-lora[deepspeed]'`.", panel=P_RUN)
     fsdp: bool = option(
         False, "Shard weights, gradients and optimizer state over the processes (FSDP2): each holds 1/N of the "
         "model, for models past one GPU's memory. With --num-processes, torchrun or `accelerate launch "

@@ -229,6 +229,10 @@ class Trainer:
 
                 prepare_environment(device_type)
             self.owns_group = init_process_group(device_type)
+            if cfg.deepspeed:
+                from kimi_lora_cli.training.zero import attach_process_group
+
+                attach_process_group()
         precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
         self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=handlers)
         kind = str(self.accelerator.distributed_type)

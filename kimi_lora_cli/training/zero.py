@@ -60,6 +60,16 @@ def prepare_environment(device_type: str) -> None:
                             "is deprecated", category=FutureWarning)
 
 
+def attach_process_group() -> None:
+    """Hand DeepSpeed the process group kimi-lora created (its partitioning, before the engine
+    exists, must see the real world size)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               dist_init_required=False)
+
+
 # -- the engine ----------------------------------------------------------------------------------
 def initialize(model: Any, optimizer: Any, ds_config: dict[str, Any]) -> Any:
     """The DeepSpeedEngine around `model`, stepping kimi-lora's AdamW (its learning rate is set by
