@@ -35,3 +35,4 @@ run train_packing 140 $PY benchmarks/gpu/train_packing.py
 run detokenizer 90 $PY benchmarks/gpu/detokenizer_full.py
 run train_full_size 90 $PY benchmarks/gpu/train_full_size.py --skip-zero3
 run speech_tokenizer 60 $PY benchmarks/gpu/speech_tokenizer_full.py --batch 1,16,64 --pieces 64
+run train_deepspeed 300 $PY benchmarks/gpu/train_deepspeed.py

@@ -270,10 +270,13 @@ class Trainer:
                 self.fsdp = fsdp.FsdpRun(inner, settings)
             if zero3:  # each layer read, started and partitioned in turn (the later reads skip them)
                 from kimi_lora_cli.loading import inspect_folder
+                from kimi_lora_cli.sharded import fill_from_file
                 from kimi_lora_cli.training.zero import partition_in_units
 
                 files = inspect_folder(weights, base_path=base).weight_files
-                wrapped["started"] = partition_in_units(inner, model, self.ds_config, self.device, files, cfg.seed)
+                wrapped["started"] = partition_in_units(
+                    inner, model, self.ds_config, self.device, lambda wanted: [fill_from_file(f, wanted) for f in files],
+                    cfg.seed)
             return model
 
         self.loaded = load_model(weights, dtype=load_dtype(cfg), device=self.device, base_path=base, prepare=prepare)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,17 +134,18 @@ def checkpoint_tag(folder: Path, world: int) -> str:
 
 
 # -- ZeRO-3: build partitioned -------------------------------------------------------------------
-def partition_in_units(inner: Any, model: Any, ds_config: dict[str, Any], device: Any, files: list[Path],
-                       seed: int) -> set[int]:
+def partition_in_units(inner: Any, model: Any, ds_config: dict[str, Any], device: Any,
+                       fill: Callable[[dict[str, list[Any]]], None], seed: int) -> set[int]:
     """ZeRO-3 without a full model per process: `inner` (built on the meta device; `model` is it or its
     peft wrapper) is materialised one unit at a time (each decoder layer, each head, then the rest),
-    the unit's base weights are read from `files`, its adapters get their seeded start, and DeepSpeed
+    `fill({checkpoint key: [parameters]})` writes the unit's base weights (the trainer reads them from
+    the checkpoint files), its adapters get their seeded start, and DeepSpeed
     partitions it at once, freeing the full tensors before the next unit is allocated. Peak memory:
     this process's partitions plus one unit. Returns the ids of the adapter weights it started."""
     import deepspeed
     import torch
 
-    from kimi_lora_cli.sharded import checkpoint_key, fill_from_file
+    from kimi_lora_cli.sharded import checkpoint_key
     from kimi_lora_cli.training.fsdp import units
     from kimi_lora_cli.training.lora import init_adapter_weights
 
@@ -168,8 +170,7 @@ def partition_in_units(inner: Any, model: Any, ds_config: dict[str, Any], device
         for p in fresh:
             if keys.get(id(p)) is not None:
                 wanted.setdefault(keys[id(p)], []).append(p)
-        for f in files:
-            fill_from_file(f, wanted)
+        fill(wanted)
         started |= init_adapter_weights(model, seed, within=modules)
         if converted:
             converted[0].convert_to_zero_parameters(param_list=fresh)
