@@ -218,7 +218,8 @@ class Trainer:
         cfg = self.cfg
         has_audio_free = any(not s.seq.media for s in self.data.samples)
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=has_audio_free)]
-        cpu = (cfg.device or "").startswith("cpu")
+        # Several processes without a GPU are CPU processes (accelerate would take each for a lone one).
+        cpu = (cfg.device or "").startswith("cpu") or (self.world > 1 and not torch.cuda.is_available())
         self.owns_group = False
         if cfg.fsdp or cfg.deepspeed:  # kimi-lora wraps the model itself (see fsdp.py, zero.py)
             from kimi_lora_cli.training.distributed import init_process_group
