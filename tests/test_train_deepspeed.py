@@ -227,12 +227,20 @@ def test_two_zero3_processes_partition_train_like_one_and_resume_exactly(cli, ti
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_zero2_processes_with_accumulation_train_like_one(tiny_dir, data, reference, tmp_path):
+def test_accelerate_launch_use_deepspeed_trains_zero2_like_one_process(tiny_dir, data, reference, tmp_path):
+    """`accelerate launch --use_deepspeed --zero_stage 2 --gradient_accumulation_steps 2` (no --deepspeed
+    flag): two ZeRO-2 processes accumulating two micro-batches of one sample train like one process."""
     args = [*common(tiny_dir, data), *LORA, "--eval-data-path", str(data), "--eval-generate", "all",
-            "--output-dir", tmp_path / "z2", "--per-device-train-batch-size", "1", "--gradient-accumulation-steps",
-            "2", "--deepspeed", "zero2", "--max-steps", "4"]
-    run = kimi_lora("train", *args, "--num-processes", "2")
+            "--output-dir", str(tmp_path / "z2"), "--per-device-train-batch-size", "1", "--max-steps", "4"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
+              "--gradient_accumulation_steps", "2", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    run = subprocess.run([*launch, "-m", "kimi_lora_cli", "train", *args], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
     assert "World size 2 (DeepSpeed ZeRO-2, cpu" in said(run)
+    assert "1 per device x 2 accumulation x 2 processes" in said(run)
+    assert TrainConfig.from_yaml(tmp_path / "z2" / "train_config.yaml")["deepspeed"] == "zero2"
     assert losses(tmp_path / "z2") == pytest.approx(losses(reference), abs=1e-4)
     for a, b in zip(evals(reference), evals(tmp_path / "z2"), strict=True):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-4)
