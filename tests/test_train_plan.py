@@ -84,7 +84,13 @@ def test_deepspeed_config_autos_are_filled_from_the_flags(tmp_path):
     assert out["train_micro_batch_size_per_gpu"] == 2 and out["gradient_accumulation_steps"] == 4
     assert out["train_batch_size"] == 64 and out["gradient_clipping"] == 1.0 and out["bf16"]["enabled"] is True
     assert out["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    assert "reduce_bucket_size" not in out["zero_optimization"]
+    assert out["zero_optimization"]["reduce_bucket_size"] == "auto"  # sized from the model, once it is known
+    from kimi_lora_cli.training.distributed import fill_model_sizes
+
+    class Shape:
+        hidden_size, num_key_value_heads, num_attention_heads, head_dim, intermediate_size = 64, 2, 4, 16, 128
+
+    assert fill_model_sizes(out, Shape)["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
     with pytest.raises(ConfigError, match='remove the "optimizer" section'):
         deepspeed_config(cfg, world=1)

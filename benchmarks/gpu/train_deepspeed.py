@@ -105,9 +105,9 @@ def build(kind: str, args, device):
 
         return cfg, model, step, n_params
     from kimi_lora_cli.training import zero
-    from kimi_lora_cli.training.distributed import deepspeed_config
+    from kimi_lora_cli.training.distributed import deepspeed_config, fill_model_sizes
 
-    ds_config = deepspeed_config(tcfg, world=1)
+    ds_config = fill_model_sizes(deepspeed_config(tcfg, world=1), cfg)
     def fill(wanted):
         random_fill([(key, p) for key, ps in wanted.items() for p in ps], device)
 

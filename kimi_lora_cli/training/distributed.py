@@ -100,12 +100,34 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         # The final save must gather the real weights, never the empty local shards.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     for key, value in list(zero.items()):
-        if value == "auto":
+        if value == "auto" and key not in MODEL_SIZED:  # filled by fill_model_sizes once the model is known
             zero.pop(key)
     _check_supported(ds, zero, path)
     if any(_offload_device(zero, k) == "cpu" for k in ("offload_optimizer", "offload_param")):
         # kimi-lora's own AdamW steps the CPU partitions (DeepSpeed's CPU Adam needs a compiled op)
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds
+
+
+MODEL_SIZED = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+               "stage3_max_live_parameters", "stage3_max_reuse_distance")
+
+
+def fill_model_sizes(ds: dict[str, Any], config: Any) -> dict[str, Any]:
+    """Fill the ZeRO sizes left "auto" from the model's shape: buckets of hidden^2 elements (as the HF
+    Trainer does), weights under 10 x hidden kept whole, and at most two decoder layers' weights
+    gathered at a time (with gradient checkpointing, DeepSpeed's default of 1e9 would keep a whole
+    smaller model gathered on every process)."""
+    h = config.hidden_size
+    kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or h // config.num_attention_heads)
+    layer = 2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size
+    sizes = {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+             "stage3_param_persistence_threshold": 10 * h, "stage3_max_live_parameters": min(2 * layer, 10**9),
+             "stage3_max_reuse_distance": min(2 * layer, 10**9)}
+    zero = ds.get("zero_optimization", {})
+    for key in MODEL_SIZED:
+        if zero.get(key) == "auto":
+            zero[key] = sizes[key]
     return ds
 
 

@@ -112,6 +112,10 @@ class Trainer:
         # weights load, so a typo costs seconds, not a 20 GB load.
         checked = check_data_and_targets(cfg, self.world, say)
         skeleton, self.data = checked.skeleton, checked.data
+        if self.ds_config is not None:
+            from kimi_lora_cli.training.distributed import fill_model_sizes
+
+            fill_model_sizes(self.ds_config, skeleton.config)
         self.samples, self.train_idx, self.eval_idx = checked.samples, checked.train_idx, checked.eval_idx
         if self.is_main:
             self.out.claim(self.resume_state)  # created and locked only now, before the weights load
@@ -229,6 +233,10 @@ class Trainer:
                 from kimi_lora_cli.training.zero import prepare_environment
 
                 prepare_environment(device_type)
+                if device_type == "cpu" or "offload" in cfg.deepspeed:
+                    from kimi_lora_cli.training.fsdp import return_freed_memory
+
+                    return_freed_memory()  # ZeRO-3 gathers and frees every layer's weights in host memory too
             self.owns_group = init_process_group(device_type)
             if cfg.deepspeed:
                 from kimi_lora_cli.training.zero import attach_process_group
