@@ -28,7 +28,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
 from kimi_lora_cli.fileops import naming_errors
@@ -37,6 +37,9 @@ from kimi_lora_cli.inference.generation import GenerationConfig, StreamTokens, g
 from kimi_lora_cli.inference.metrics import ErrorCounts, score
 from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
 from kimi_lora_cli.inference.samples import InferSample, prompt_sample, read_audio_tokens_file, read_samples
+
+if TYPE_CHECKING:
+    from kimi_lora_cli.data.sources import SourceOptions
 
 BASE = "base"
 DETOKENIZER_NOTE = (
@@ -71,6 +74,7 @@ class InferSpec:
     audio_dir: str | Path | None = None  # one WAV per spoken answer (output type "both")
     detokenizer: str | Path | None = None  # folder holding audio_detokenizer/ + vocoder/ (default: model)
     ode_steps: int = 30  # detokenizer flow-matching time points (official: 30)
+    sources: SourceOptions | None = None  # how --data is read (format, columns, task ...)
 
 
 class ProgressSink(Protocol):
@@ -430,7 +434,7 @@ def _run(spec: InferSpec, progress: ProgressSink | None, loaded: Any, lock_note:
     speech_codes = speech_codes_loader(spec, config)
     notes: list[str] = [lock_note] if lock_note else []
     if spec.data is not None:
-        samples = read_samples(spec.data, config, speech_codes=speech_codes, notes=notes)
+        samples = read_samples(spec.data, config, speech_codes=speech_codes, notes=notes, options=spec.sources)
     else:
         codes = None
         if spec.audio_tokens is not None:
