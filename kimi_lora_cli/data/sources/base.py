@@ -149,5 +149,5 @@ def one_line(e: BaseException) -> str:
 def suggest_columns(names: list[str]) -> str:
     """`audio=A,text=T` guessed from column names, for a hint."""
     audio = next((n for n in names if re.search(r"audio|path|file|wav", n, re.I)), "AUDIO_COLUMN")
-    text = next((n for n in names if re.search(r"text|sentence|transcri|label", n, re.I)), "TEXT_COLUMN")
+    text = next((n for n in names if re.search(r"text|sentence|transcri|label|word", n, re.I)), "TEXT_COLUMN")
     return f"audio={audio},text={text}"
