@@ -85,6 +85,9 @@ def world(tmp_path_factory, tiny_dir, tiny, tiny_speech_tokenizer_dir):
     (data.parent / "bad_utf8.jsonl").write_bytes(lines[0].encode() + b"\n" + b'{"task_type": "caf\xe9"}\n')
     (data.parent / "invalid.jsonl").write_text(lines[0] + "\n" + '{"task_type": oops}\n')
     (data.parent / "empty.jsonl").write_text("")
+    asr = json.loads(lines[0])
+    asr["task_type"] = "asr"  # the official loader would train this as text + speech
+    (data.parent / "asr_task.jsonl").write_text(lines[1] + "\n" + json.dumps(asr) + "\n")
     (root / "foreign").mkdir()
     (root / "foreign" / "mine.txt").write_text("a user's notes")
     (root / "notes.txt").write_text("a user's file")
@@ -200,6 +203,10 @@ CASES = [
     ("train-data-invalid-json", train("-o", "{new}", data="{data_dir}/invalid.jsonl"), 1,
      ["invalid.jsonl:2: invalid JSON (Expecting value at column 15)"]),
     ("train-data-empty", train("-o", "{new}", data="{data_dir}/empty.jsonl"), 1, ["empty.jsonl: no usable samples"]),
+    ("train-data-folder", train("-o", "{new}", data="{data_dir}"), 1,
+     ["data: is a folder of", "a data folder is Kaldi", "asr_task.jsonl", "pass one of them as the data file"]),
+    ("train-task-type", train("-o", "{new}", data="{data_dir}/asr_task.jsonl"), 1,
+     ['asr_task.jsonl:2: unknown task_type "asr"', '"understanding"', '"speech_conversation"']),
     ("train-cfg-abc", train("-o", "{new}", model="{bad_cfg_abc}"), 1,
      ["config.json", "hidden_size = 'abc' is not valid"]),
     ("train-cfg-negative", train("-o", "{new}", model="{bad_cfg_negative}"), 1,
@@ -234,7 +241,10 @@ CASES = [
     ("prepare-data-invalid-json", prep("-o", "{new}", data="{data_dir}/invalid.jsonl"), 1,
      ["invalid.jsonl:2: invalid JSON (Expecting value at column 15)"]),
     ("prepare-data-empty", prep("-o", "{new}", data="{data_dir}/empty.jsonl"), 1, ["no samples (the file is empty)"]),
-    ("prepare-data-folder", prep("-o", "{new}", data="{foreign}"), 1, ["not a file"]),
+    ("prepare-data-folder", prep("-o", "{new}", data="{foreign}"), 1,
+     ["foreign: is a folder of no known data layout", "a data folder is Kaldi"]),
+    ("prepare-task-type", prep("-o", "{new}", data="{data_dir}/asr_task.jsonl"), 1,
+     ["asr_task.jsonl", 'unknown task_type "asr"']),
     ("prepare-cfg-abc", ["prepare", "-m", "{bad_cfg_abc}", "-d", "{data}", "-o", "{new}"], 1, ["hidden_size = 'abc'"]),
     ("prepare-cfg-utf8", ["prepare", "-m", "{bad_cfg_utf8}", "-d", "{data}", "-o", "{new}"], 1,
      ["config.json:1: not UTF-8"]),
@@ -251,6 +261,9 @@ CASES = [
     ("infer-data-invalid-json", infer(data="{data_dir}/invalid.jsonl"), 1,
      ["invalid.jsonl:2: invalid JSON (Expecting value at column 15)"]),
     ("infer-data-empty", infer(data="{data_dir}/empty.jsonl"), 1, ["no samples (the file is empty)"]),
+    ("infer-data-folder", infer(data="{data_dir}"), 1, ["data: is a folder of", "pass one of them as the data file"]),
+    ("infer-task-type", infer(data="{data_dir}/asr_task.jsonl"), 1,
+     ['asr_task.jsonl:2: unknown task_type "asr"', '"understanding"']),
     ("infer-cfg-negative", ["infer", "-m", "{bad_cfg_negative}", "-d", "{data}"], 1, ["num_hidden_layers = -2"]),
     ("infer-adapter-r", infer("-a", "{bad_ad_r}"), 1, ["adapter_config.json", "r = 'abc' is not valid"]),
     ("infer-adapter-alpha", infer("-a", "{bad_ad_alpha}"), 1, ["lora_alpha = 'x' is not valid"]),

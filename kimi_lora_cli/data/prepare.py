@@ -393,7 +393,7 @@ def _prepare_locked(spec: PrepareSpec, paths: _Paths, progress: Callable[[Prepar
 
     result = PrepareResult(output=paths.output, resumed_at_line=resume_line if state else 0,
                            summary=summary.as_dict())
-    if spec.speech_tokenizer is not None and not totals["tokens"] and not state:
+    if spec.speech_tokenizer is not None and totals["records"] and not totals["tokens"] and not state:
         result.notes.append("every audio message already has audio_tokens: --speech-tokenizer was not needed")
     if totals["cwd_paths"]:
         result.notes.append(f"{len(totals['cwd_paths'])} audio paths are not next to {spec.data} and were found "
@@ -401,6 +401,13 @@ def _prepare_locked(spec: PrepareSpec, paths: _Paths, progress: Callable[[Prepar
                             "path")
     runner = _Runner(spec, source, paths, offset, vocab, totals, result, progress)
     runner.run(state, bad)
+    if not result.lines_written:
+        # --skip-bad promises "the good lines"; with none, an empty file would only move the error to
+        # `train` ("no usable samples"). The rejects file stays: it says what is wrong with each line.
+        paths.output.unlink(missing_ok=True)
+        raise DataError(f"{spec.data}: none of its {result.lines_rejected} lines is usable, so nothing was written; "
+                        f"each line and its problems are in {result.rejects}: fix them and rerun (with --overwrite "
+                        "to replace that rejects file)")
     return result
 
 

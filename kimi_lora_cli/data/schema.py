@@ -29,6 +29,8 @@ from kimi_lora_cli.data.audio import resampled_length
 from kimi_lora_cli.data.conversation import (
     MESSAGE_TYPES,
     ROLES,
+    TASK_TYPES,
+    TASK_TYPES_HINT,
 )
 
 TOO_LONG_POLICIES = ("error", "skip", "truncate")
@@ -182,6 +184,8 @@ def check_record(
     task = obj.get("task_type", "understanding")
     if not isinstance(task, str):
         problems.append(f"task_type must be a string such as \"understanding\", not {task!r}")
+    elif task not in TASK_TYPES:
+        problems.append(f"unknown task_type {json.dumps(task, ensure_ascii=False)}; {TASK_TYPES_HINT}")
     has_assistant = False
     for i, msg in enumerate(conv):
         where = f"message {i}"

@@ -47,10 +47,16 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 def find_checkpoint(spec: str, output_dir: Path) -> Path:
     """`latest` (newest complete checkpoint of output_dir) or a checkpoint folder path."""
     if spec in LATEST:
+        if not output_dir.is_dir():
+            # Most often a relative --output-dir read from another folder than the run's.
+            where = "" if output_dir.is_absolute() else f" (read from the current folder {Path.cwd()})"
+            raise ConfigError(f"--resume-from-checkpoint {spec}: --output-dir {output_dir} does not exist{where}; "
+                              "pass the --output-dir of the run to resume (its train_config.yaml records it "
+                              "absolute: --config RUN/train_config.yaml)")
         found = list_checkpoints(output_dir)
         if not found:
-            raise ConfigError(f"{output_dir}: no checkpoint-N folder to resume from; drop "
-                              "--resume-from-checkpoint to start fresh")
+            raise ConfigError(f"{output_dir}: no checkpoint-N folder to resume from (a run saves one every "
+                              "--save-steps steps and when stopped); drop --resume-from-checkpoint to start fresh")
         return found[-1][1]
     path = Path(spec).expanduser()
     if not path.is_dir():

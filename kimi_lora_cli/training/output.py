@@ -30,7 +30,8 @@ RESUMABLE_CHANGES = ("max_steps", "num_train_epochs", "learning_rate", "save_ste
 UNREPORTED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 # Compared through the global batch (processes x per-device batch x accumulation) instead.
 BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps")
-PATH_KEYS = ("model_name_or_path", "model_path", "data_path", "speech_tokenizer", "deepspeed")
+PATH_KEYS = ("model_name_or_path", "model_path", "data_path", "eval_data_path", "speech_tokenizer", "deepspeed",
+             "feature_cache_dir")
 
 # What `kimi-lora train` writes at the top of its output folder (--overwrite-output-dir removes these).
 RUN_FILES = {"train_config.yaml", "adapter_config.json", "adapter_model.safetensors", "loss_curve.png",
@@ -49,6 +50,28 @@ def resolved_paths(cfg: TrainConfig) -> dict[str, str | None]:
             value = str(Path(value).expanduser().resolve())
         out[key] = value
     return out
+
+
+# Paths train_config.yaml, the model card and adapter_config.json record absolute, so a run can be
+# repeated or resumed (`--config OUT/train_config.yaml`) and the card used from any folder; the
+# console keeps showing them as typed.
+ABSOLUTE_KEYS = ("model_name_or_path", "model_path", "data_path", "eval_data_path", "output_dir",
+                 "feature_cache_dir", "speech_tokenizer")
+RESUME_WORDS = ("latest", "last", "true", "True")
+
+
+def absolute(path: str) -> str:
+    """`path` made absolute against the current folder (symbolic links kept as typed)."""
+    return os.path.abspath(Path(path).expanduser())
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    changes = {key: absolute(getattr(cfg, key)) for key in ABSOLUTE_KEYS if getattr(cfg, key)}
+    if cfg.deepspeed and cfg.deepspeed.endswith(".json"):  # shipped names (zero2, zero3) stay names
+        changes["deepspeed"] = absolute(cfg.deepspeed)
+    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint not in RESUME_WORDS:
+        changes["resume_from_checkpoint"] = absolute(cfg.resume_from_checkpoint)
+    return cfg.with_(**changes)
 
 
 def data_digest(cfg: TrainConfig) -> str | None:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from kimi_lora_cli.errors import ConfigError, OutputError
 from kimi_lora_cli.fileops import write_atomic
 from kimi_lora_cli.sharded import as_plain
@@ -27,7 +29,7 @@ from kimi_lora_cli.training.distributed import (
     env_world,
 )
 from kimi_lora_cli.training.optim import check_scheduler, make_optimizer, make_scheduler
-from kimi_lora_cli.training.output import OutputDir, check_resume, data_digest
+from kimi_lora_cli.training.output import OutputDir, absolute, check_resume, data_digest, with_absolute_paths
 from kimi_lora_cli.training.reporting import MetricsLog, Reporter, parse_report_to, plot_losses
 from kimi_lora_cli.training.result import TrainResult
 from kimi_lora_cli.training.run_evaluation import EvaluationMixin
@@ -82,8 +84,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             say(f"[yellow]Note:[/] {note}")
         self.resume_dir, self.resume_state = None, None
         if cfg.resume_from_checkpoint:
-            if cfg.resume_from_checkpoint in ckpt.LATEST and not ckpt.list_checkpoints(self.output_dir):
-                raise self.out.no_checkpoint()
+            latest = cfg.resume_from_checkpoint in ckpt.LATEST
+            if latest and self.output_dir.is_dir() and not ckpt.list_checkpoints(self.output_dir):
+                raise self.out.no_checkpoint()  # (a folder that does not exist: find_checkpoint says so)
             self.resume_dir = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         self.out.check(resuming=self.resume_dir is not None)
         self.data_sha256 = data_digest(cfg)  # every rank: they must agree on refusing a resume
@@ -97,11 +100,14 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         # weights load, so a typo costs seconds, not a 20 GB load.
         skeleton = model_skeleton(cfg)
         config = skeleton.config
+        mimo_targets = 0
         if cfg.lora_enabled:
             from kimi_lora_cli.targets import linear_entries, resolve_targets
             from kimi_lora_cli.training.lora import check_modules_to_save
 
-            resolve_targets(linear_entries(skeleton.model), cfg.lora_target)
+            entries = linear_entries(skeleton.model)
+            resolve_targets(entries, cfg.lora_target)
+            mimo_targets = sum(1 for e in entries if e.targeted and e.component == "mimo")
             check_modules_to_save(skeleton.model, cfg.modules_to_save)
         max_len, _ = cfg.sample_limit(config.max_position_embeddings)
         data = preflight(cfg, skeleton)
@@ -129,10 +135,23 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if data.cwd_paths:
             say(f"[yellow]Note:[/] {data.cwd_paths} audio paths are not next to {data.path} and were found "
                 f"relative to the current folder {Path.cwd()}; `kimi-lora prepare` writes them resolved")
+        if mimo_targets and not any(any(s.seq.audio_loss) for s in data.samples):
+            say(f"[yellow]Hint:[/] {mimo_targets} targeted modules are mimo (audio output) layers, but no answer in "
+                f"{escape(str(data.path))} is spoken (no assistant audio message), so they get no loss and their "
+                "update stays zero; leave them out of --lora-target (e.g. backbone,text,adaptor instead of all)",
+                soft_wrap=True)
         if self.is_main:
             self.out.claim(self.resume_state)  # created and locked only now, before the weights load
             for note in self.out.notes:
                 say(f"[yellow]Note:[/] {note}")
+        say(f"[bold]Output[/] {escape(absolute(str(self.output_dir)))}", soft_wrap=True)
+        if not cfg.lora_enabled:
+            from kimi_lora_cli.formatting import human_count
+
+            weights_count = sum(p.numel() for p in skeleton.model.parameters())
+            say(f"[bold yellow]Warning:[/] no --use-lora, so this is full fine-tuning: all {human_count(weights_count)} "
+                "weights are trained (memory for their gradients and optimizer state too) and the output is a "
+                "full copy of the model; add --use-lora to train a small LoRA adapter", soft_wrap=True)
         self.skeleton = skeleton
 
     def _build(self) -> None:
@@ -222,7 +241,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             if cfg.lora_enabled:
                 from kimi_lora_cli.training.lora import wrap_lora
 
-                model, wrapped["selection"] = wrap_lora(inner, cfg, base_path=str(weights))
+                model, wrapped["selection"] = wrap_lora(inner, cfg, base_path=absolute(str(weights)))
             else:
                 inner.requires_grad_(True)
             if settings is not None:
@@ -316,7 +335,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                              skipped_too_long=self.data.skipped_too_long, truncated=self.data.truncated,
                              is_main=self.is_main)
         if self.is_main:
-            write_atomic(self.output_dir / CONFIG_FILE, cfg.to_yaml(), tag=self.out.run_id)
+            write_atomic(self.output_dir / CONFIG_FILE, with_absolute_paths(cfg).to_yaml(), tag=self.out.run_id)
         acc.wait_for_everyone()
 
         start_step, tokens_total = 0, 0
@@ -441,8 +460,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 raise self._final_save_failed(e, step, saved=False) from e
             if self.is_main:
                 try:
-                    result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png",
-                                              tag=self.out.run_id)
+                    result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png", tag=self.out.run_id,
+                                              note=lambda m: self.reporter.print(f"[yellow]Note:[/] {escape(m)}"))
                     self._write_run_files(result, metrics.records, step)
                 except OSError as e:
                     raise self._final_save_failed(e, step, saved=True) from e

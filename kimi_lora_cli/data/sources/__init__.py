@@ -119,7 +119,7 @@ def detect_format(path_text: str) -> tuple[str, Path | None]:
 
 
 def _detect_folder(path: Path) -> str:
-    from kimi_lora_cli.data.sources.folders import has_audio, has_trans_txt
+    from kimi_lora_cli.data.sources.folders import audio_census, has_trans_txt
     from kimi_lora_cli.data.sources.hf import data_files, is_saved_dataset
 
     if is_saved_dataset(path):
@@ -130,12 +130,14 @@ def _detect_folder(path: Path) -> str:
         return "librispeech"
     if data_files(path):
         return "hf"
-    if has_audio(path):
+    audio, transcripts = audio_census(path)
+    if transcripts:
         return "folder"
     found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"))[:3]
-    hint = f"; it holds {', '.join(found)}: pass one of them" if found else ""
-    raise DataError(f"{path}: is a folder of no known data layout (Kaldi wav.scp + text, audio files with .txt "
-                    f"transcripts, LibriSpeech *.trans.txt, a save_to_disk dataset, parquet/arrow files){hint}")
+    hint = f"; it holds {', '.join(found)}: pass one of them as the data file" if found else ""
+    what = "audio files without transcripts (NAME.txt or NAME.lab beside each clip)" if audio else "no known data layout"
+    raise DataError(f"{path}: is a folder of {what}; a data folder is Kaldi (wav.scp + text), audio with .txt "
+                    f"transcripts, LibriSpeech (*.trans.txt), a save_to_disk dataset or parquet/arrow files{hint}")
 
 
 def _clip_store(opts: SourceOptions) -> ClipStore:

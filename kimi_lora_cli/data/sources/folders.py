@@ -187,13 +187,21 @@ def librispeech_source(folder: Path, opts: SourceOptions) -> Source:
     return Source("librispeech", str(folder), folder, rows)
 
 
-def has_audio(folder: Path, limit: int = 10000) -> bool:
+def audio_census(folder: Path, limit: int = 10000) -> tuple[bool, bool]:
+    """(holds audio files, some of them with a same-name .txt/.lab transcript), looking at no more than
+    `limit` folders."""
+    audio = False
     for i, (_, files) in enumerate(walk_sorted(folder)):
-        if any(os.path.splitext(f)[1].lower() in AUDIO_SUFFIXES for f in files):
-            return True
+        names = set(files)
+        for f in files:
+            stem, suffix = os.path.splitext(f)
+            if suffix.lower() in AUDIO_SUFFIXES:
+                audio = True
+                if f"{stem}.txt" in names or f"{stem}.lab" in names:
+                    return True, True
         if i >= limit:
-            return False
-    return False
+            break
+    return audio, False
 
 
 def has_trans_txt(folder: Path, limit: int = 10000) -> bool:
