@@ -57,8 +57,8 @@ def _read_wav_scp(path: Path) -> dict[str, tuple[int, str]]:
         out[key] = (n, value)
     if pipes:
         shown = ", ".join(str(n) for n in pipes[:5]) + (", ..." if len(pipes) > 5 else "")
-        raise DataError(f"{path}:{pipes[0]}: {len(pipes)} line{'s' if len(pipes) > 1 else ''} ({shown}) "
-                        "are shell pipelines (`sox ... |`); kimi-lora never runs a command from a data file: write "
+        what = f"{len(pipes)} lines ({shown}) are shell pipelines" if len(pipes) > 1 else "is a shell pipeline"
+        raise DataError(f"{path}:{pipes[0]}: {what} (`sox ... |`); kimi-lora never runs a command from a data file: write "
                         "the audio to files first (e.g. with Kaldi's wav-copy) and list their paths in wav.scp")
     return out
 
