@@ -221,7 +221,7 @@ def _scan(spec: PrepareSpec, source: Source, offset: int, vocab: int, resume_lin
     bad: dict[int, list[str]] = {}
     totals = {"lines": 0, "files": 0, "seconds": 0.0, "tokens": 0, "prefix_sha256": hashlib.sha256(),
               "records": 0, "cwd_paths": set()}
-    have_tokenizer = spec.speech_tokenizer is not None
+    have_tokenizer = spec.speech_tokenizer is not None or spec.dry_run  # a dry run computes no codes
     tick = PrepareProgress("check")
     for number, raw, where, error in _read_lines(source):
         if number < resume_line:
