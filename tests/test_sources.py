@@ -259,3 +259,50 @@ def test_per_row_problems_are_records_with_their_place(world, tmp_path):
     assert a.error == "2 <audio> placeholders in the messages but 1 entry in audios; put one <audio> where each " \
                       "audio file is heard" and a.where == f"{chat}:1"
     assert "message 1: unknown role 'bot'" in b.error
+
+
+def test_without_datasets_one_line_names_the_extra(world, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    root, clips, files = world
+    ds = datasets.Dataset.from_dict({"audio": [str(clips[0])], "text": ["hi"]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if it were not installed
+    with pytest.raises(DataError, match=r"saved: reading a Hugging Face dataset needs the `datasets` package: "
+                                        r"pip install 'kimi-lora\[datasets\]'"):
+        open_source(tmp_path / "saved")
+
+
+def test_a_hub_id_without_network_is_the_datasets_error_in_one_line(monkeypatch, tmp_path):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert detect_format("someone/no-such-dataset:test") == ("hf", None)
+    with pytest.raises(DataError) as e:
+        open_source("someone/no-such-dataset:test")
+    assert str(e.value).startswith("someone/no-such-dataset:test: ") and "\n" not in str(e.value)
+
+
+def test_a_loading_script_never_runs(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "scripted"
+    folder.mkdir()
+    proof = tmp_path / "code-ran"
+    (folder / "scripted.py").write_text(f"open({str(proof)!r}, 'w').write('x')\n")
+    (folder / "README.md").write_text("a dataset\n")
+    with pytest.raises(DataError, match=r"holds a dataset loading script \(scripted\.py\); kimi-lora never runs code"):
+        open_source(folder, SourceOptions(format="hf"))
+    assert not proof.exists()
+
+
+def test_streamed_parquet_is_read_row_by_row(tmp_path):
+    """A parquet source is a streamed `datasets` IterableDataset: rows come one at a time."""
+    datasets = pytest.importorskip("datasets")
+    n = 2000
+    wav = tmp_path / "a.wav"
+    sf.write(wav, _wave(0, 1600), 16000)
+    datasets.Dataset.from_dict({"path": [str(wav)] * n, "text": [f"row {i}" for i in range(n)]}).to_parquet(
+        str(tmp_path / "d.parquet"))
+    rows = iter(open_source(tmp_path / "d.parquet"))
+    assert next(rows).obj["conversation"][2]["content"] == "row 0"
+    assert sum(1 for _ in rows) == n - 1
