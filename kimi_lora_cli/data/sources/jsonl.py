@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 from kimi_lora_cli.data.audio import AudioError
@@ -97,14 +98,19 @@ def _number(value, key: str) -> tuple[float | None, str | None]:
     return float(value), None
 
 
+@lru_cache(maxsize=4096)  # bounded: a manifest of 100,000 files is never remembered whole
+def _file_seconds(path: str) -> float:
+    import soundfile as sf
+
+    return sf.info(path).duration
+
+
 def nemo_source(path: Path, opts: SourceOptions, clips: ClipStore) -> Source:
     cols = opts.column_map()
     audio_key, text_key = cols.get("audio", "audio_filepath"), cols.get("text", "text")
     folder = path.parent.resolve()
 
     def rows() -> Iterator[Record]:
-        import soundfile as sf
-
         for rec in json_objects(path):
             if rec.error is not None:
                 yield rec
@@ -131,7 +137,7 @@ def nemo_source(path: Path, opts: SourceOptions, clips: ClipStore) -> Source:
             audio = find_audio(str(obj[audio_key]), folder)
             try:
                 if offset or (duration is not None and Path(audio).is_file()
-                              and duration < sf.info(audio).duration - 0.01):
+                              and duration < _file_seconds(audio) - 0.01):
                     end = (offset or 0.0) + duration if duration is not None else None
                     audio = clips.segment(Path(audio), offset or 0.0, end)
             except (AudioError, OSError, RuntimeError) as e:
