@@ -109,3 +109,15 @@ def test_prepare_skip_bad_counts_reasons_and_resumes_a_manifest(byo, cli, tiny_d
     assert result["summary"]["skipped"] == 2 and len(result["summary"]["skipped_reasons"]) == 2
     rejects = [json.loads(x) for x in Path(result["rejects"]).read_text().splitlines()]
     assert [r["line"] for r in rejects] == [2, 4] and "empty transcript" in rejects[1]["problems"][0]
+
+
+def test_infer_reads_a_csv_with_its_transcripts_as_references(byo, cli, tiny_dir, tiny_speech_tokenizer_dir,
+                                                              tmp_path):
+    root, clips = byo
+    code, stdout, stderr = cli("infer", "-m", tiny_dir, "-d", root / "m.csv", "--speech-tokenizer",
+                               tiny_speech_tokenizer_dir, "--max-new-tokens", "2", "--device", "cpu",
+                               "-o", tmp_path / "preds.jsonl", "--json")
+    assert code == 0, stderr
+    preds = [json.loads(x) for x in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert [p["reference"] for p in preds] == TEXTS
+    assert json.loads(stdout)["samples"] == 4
