@@ -281,7 +281,7 @@ def test_read_only_or_forbidden_output_is_named(cli, tiny_dir, data, tmp_path, m
     import builtins
 
     import kimi_lora_cli.data.prepare as prepare_mod
-    import kimi_lora_cli.inference.runner as runner_mod
+    import kimi_lora_cli.inference.predictions as predictions_mod
 
     def refusing_open(path, mode="r", *args, **kwargs):
         if any(m in mode for m in "wa+"):
@@ -289,7 +289,7 @@ def test_read_only_or_forbidden_output_is_named(cli, tiny_dir, data, tmp_path, m
         return builtins.open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(prepare_mod, "open", refusing_open, raising=False)
-    monkeypatch.setattr(runner_mod, "open", refusing_open, raising=False)
+    monkeypatch.setattr(predictions_mod, "open", refusing_open, raising=False)
     out = tmp_path / "ro" / "out.jsonl"
     code, _, stderr = cli("prepare", "-m", tiny_dir, "-d", data, "-o", out)
     text = " ".join(stderr.split())
