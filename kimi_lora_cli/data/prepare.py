@@ -288,7 +288,7 @@ def check_paths(spec: PrepareSpec) -> _Paths:
         raise ConfigError("--recompute needs --speech-tokenizer DIR (the glm-4-voice-tokenizer folder)")
     check_device(spec.device)
     paths = _Paths.of(spec)
-    inputs = [("--data input", data if data.exists() else None), ("model folder", spec.model),
+    inputs = [(f"--data {'file' if data.is_file() else 'folder'}", data if data.exists() else None), ("model folder", spec.model),
               ("speech tokenizer folder", spec.speech_tokenizer)]
     if spec.output.resolve() == data.resolve():
         raise ConfigError(f"{spec.output}: --output must differ from --data (the input is never rewritten)")
