@@ -9,7 +9,19 @@ from typing import Annotated, Any
 
 import typer
 
-from kimi_lora_cli.cli._options import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt
+from kimi_lora_cli.cli._options import (
+    AllowPickleOpt,
+    ColumnsOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    InstructionOpt,
+    JsonOpt,
+    LanguageOpt,
+    MaxAudioSecondsOpt,
+    TaskOpt,
+    clip_dir,
+)
 
 _GEN = "Generation"
 _SAMPLING = "Sampling (official sampler; temperature 0 = greedy)"
@@ -77,9 +89,10 @@ def infer(
     adapter: Annotated[list[str] | None, typer.Option(
         "--adapter", "-a", help="Adapter folder, as DIR or NAME=DIR; repeat to compare several (all are "
         "loaded once onto one base).", show_default=False)] = None,
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="jsonl file in the fine-tuning format; "
-                                              "the trailing assistant message is the reference.",
-                                              show_default=False)] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Data in any format `kimi-lora prepare` reads "
+                                             "(official jsonl, NeMo, CSV/TSV, Kaldi, audio folder, LibriSpeech, "
+                                             "HF dataset, chat JSON); the trailing assistant message is the "
+                                             "reference.", show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="One text prompt (user message).",
                                                show_default=False)] = None,
     audio: Annotated[Path | None, typer.Option("--audio", help="With --prompt: an audio file appended as a "
@@ -144,6 +157,12 @@ def infer(
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    data_format: FormatOpt = "auto",
+    columns: ColumnsOpt = None,
+    task: TaskOpt = "asr",
+    language: LanguageOpt = "en",
+    instruction: InstructionOpt = None,
+    max_audio_seconds: MaxAudioSecondsOpt = None,
 ) -> None:
     """Generate answers with the base model and/or LoRA adapters; score them (WER/CER) when the data
     has references.
@@ -165,6 +184,7 @@ def infer(
 
       $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct -a out/tts -d tts_test.jsonl -o preds.jsonl --output-type both --audio-dir wavs/
     """
+    from kimi_lora_cli.data.sources import SourceOptions
     from kimi_lora_cli.errors import ConfigError
     from kimi_lora_cli.inference.runner import InferSpec, parse_adapter_args, run_inference
     from kimi_lora_cli.inference.sampler import SamplingParams
@@ -182,6 +202,9 @@ def infer(
         text_sampling=text_sampling, audio_sampling=audio_sampling, seed=seed, device=device or None,
         dtype=dtype, use_cache=not no_kv_cache, allow_pickle=allow_pickle, speech_tokenizer=speech_tokenizer,
         cache_features=cache_features, audio_dir=audio_dir, detokenizer=detokenizer, ode_steps=ode_steps,
+        sources=SourceOptions(format=data_format, columns=columns, task=task, language=language,
+                              instruction=instruction, max_audio_seconds=max_audio_seconds,
+                              clip_dir=clip_dir(cache_features)),
     )
     progress = _Progress(enabled=True)
     try:

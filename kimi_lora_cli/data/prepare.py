@@ -16,6 +16,12 @@ renamed to OUT and the state file removed.
 Audio paths: absolute, else relative to the jsonl's folder, else to the working directory.
 When OUT lives in another folder, paths found relative to the jsonl's folder are rewritten
 relative to OUT's folder so the output reads the same files.
+
+Other formats (NeMo, CSV/TSV, Kaldi, audio folders, LibriSpeech, HF datasets, chat JSON; see
+`data/sources/`) are read as the official records they become, numbered by their line or row, and
+streamed twice (check, then write) like a jsonl. Clips that are not files of their own (segments,
+dataset rows) are written once into `OUT_STEM.clips/` beside the output. Every input gets a
+summary (`data/summary.py`); `dry_run` stops after it.
 """
 
 from __future__ import annotations
@@ -30,18 +36,21 @@ from typing import Any
 
 from kimi_lora_cli.data.audio import RESAMPLER, AudioError, load_audio
 from kimi_lora_cli.data.features import CodeStore, FeatureStore
-from kimi_lora_cli.data.schema import AudioRef, LineCheck, check_line, decode_line, read_lines
+from kimi_lora_cli.data.schema import AudioRef, LineCheck, check_line, decode_line
+from kimi_lora_cli.data.sources import Source, SourceOptions, open_source
+from kimi_lora_cli.data.sources.jsonl import read_lines
+from kimi_lora_cli.data.summary import DataSummary, sequence_length
 from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
 from kimi_lora_cli.fileops import naming_errors, write_atomic
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class PrepareSpec:
     model: Path
-    data: Path
-    output: Path
+    data: Path | str
+    output: Path | None  # None only with dry_run
     speech_tokenizer: Path | None = None
     recompute: bool = False
     cache_features: Path | None = None
@@ -50,15 +59,19 @@ class PrepareSpec:
     batch_size: int = 8
     device: str | None = None
     overwrite: bool = False
+    sources: SourceOptions = field(default_factory=SourceOptions)
+    dry_run: bool = False
+    model_max_length: int | None = None  # None: the model's max_position_embeddings
 
 
 @dataclass
 class Finding:
     line: int
     message: str
+    where: str = ""  # FILE:LINE or dataset[row] of a non-jsonl source
 
     def render(self, data: Path | str) -> str:
-        return f"{data}:{self.line}: {self.message}"
+        return f"{self.where or f'{data}:{self.line}'}: {self.message}"
 
 
 class DataProblems(DataError):
@@ -97,6 +110,7 @@ class PrepareResult:
     resumed_at_line: int = 0
     paths_rewritten: int = 0
     notes: list[str] = field(default_factory=list)
+    summary: dict[str, Any] | None = None  # data/summary.py DataSummary.as_dict()
 
 
 # -------------------------------------------------------------------------------------------
@@ -112,6 +126,10 @@ class _Paths:
     rejects: Path
     rejects_partial: Path
 
+    @property
+    def clips(self) -> Path:
+        return self.output.with_name(f"{self.output.stem}.clips")
+
     @classmethod
     def of(cls, spec: PrepareSpec) -> _Paths:
         out = spec.output
@@ -125,8 +143,26 @@ def _has_work(ref: AudioRef, features: bool) -> bool:
     return ref.needs_tokens or (features and ref.continuous)
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    yield from read_lines(path)
+def _read_lines(source: Source) -> Iterator[tuple[int, bytes, str, str | None]]:
+    """(number, bytes of the official line, where, problem) of every record. A jsonl is passed on as
+    written (its bytes hashed for resuming); other formats as the JSON of the records they become."""
+    if source.format == "jsonl":
+        path = Path(source.label)
+        for number, raw in read_lines(path):
+            yield number, raw, "", None
+        return
+    for rec in source:
+        if rec.error is not None:
+            yield rec.number, (rec.text or rec.where).encode() + b"\n", rec.where, rec.error
+        else:
+            yield rec.number, (json.dumps(rec.obj, ensure_ascii=False) + "\n").encode(), rec.where, None
+
+
+def open_data(spec: PrepareSpec, clips: Path | None = None) -> Source:
+    """The --data source (clips cut from recordings go to `clips`, beside the output)."""
+    from dataclasses import replace
+
+    return open_source(str(spec.data), replace(spec.sources, clip_dir=clips or spec.sources.clip_dir))
 
 
 def _decode(raw: bytes, line: int) -> tuple[str | None, Finding | None]:
@@ -147,9 +183,10 @@ def _model_vocab(model: Path) -> tuple[int, int]:
 
 def _options_key(spec: PrepareSpec, offset: int) -> dict[str, Any]:
     st = str(spec.speech_tokenizer.expanduser().resolve()) if spec.speech_tokenizer else None
+    data = Path(spec.data).expanduser()
     # the resampler too: lines an older version coded from other 16 kHz waveforms are not resumed
-    return {"data": str(spec.data.resolve()), "recompute": spec.recompute, "speech_tokenizer": st, "offset": offset,
-            "resampler": RESAMPLER}
+    return {"data": str(data.resolve()) if data.exists() else str(spec.data), "recompute": spec.recompute,
+            "speech_tokenizer": st, "offset": offset, "resampler": RESAMPLER, "source": spec.sources.key()}
 
 
 def _load_state(paths: _Paths, options: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
@@ -173,36 +210,51 @@ def _write_state(paths: _Paths, state: dict[str, Any]) -> None:
     write_atomic(paths.state, json.dumps(state, indent=1))
 
 
-def _scan(spec: PrepareSpec, offset: int, vocab: int, resume_line: int,
-          progress: Callable[[PrepareProgress], None] | None) -> tuple[list[Finding], dict[int, list[str]], dict]:
-    """Check every line. Returns (findings, problems by line, totals of the work left after resume)."""
-    data_dir = spec.data.parent
+def _scan(spec: PrepareSpec, source: Source, offset: int, vocab: int, resume_line: int,
+          progress: Callable[[PrepareProgress], None] | None, summary: DataSummary | None = None,
+          tokens_of: Callable[[LineCheck], int | None] | None = None,
+          ) -> tuple[list[Finding], dict[int, list[str]], dict]:
+    """Check every line. Returns (findings, problems by line, totals of the work left after resume);
+    `summary` hears of every sample and skipped line."""
+    data_dir = source.base_dir
     findings: list[Finding] = []
     bad: dict[int, list[str]] = {}
     totals = {"lines": 0, "files": 0, "seconds": 0.0, "tokens": 0, "prefix_sha256": hashlib.sha256(),
               "records": 0, "cwd_paths": set()}
-    have_tokenizer = spec.speech_tokenizer is not None
+    have_tokenizer = spec.speech_tokenizer is not None or spec.dry_run  # a dry run computes no codes
     tick = PrepareProgress("check")
-    for number, raw in _read_lines(spec.data):
+    for number, raw, where, error in _read_lines(source):
         if number < resume_line:
             totals["prefix_sha256"].update(raw)
         tick.lines_done = number
         if progress and number % 200 == 0:
             progress(tick)
+        if error is not None:
+            findings.append(Finding(number, error, where))
+            bad[number] = [error]
+            if summary is not None:
+                summary.skip(error)
+            continue
         text, finding = _decode(raw, number)
         if finding:
             findings.append(finding)
             bad[number] = [finding.message]
+            if summary is not None:
+                summary.skip(finding.message)
             continue
         if not text.strip():
             continue
         chk = check_line(text, number, data_dir, offset, vocab, recompute=spec.recompute,
                          speech_tokenizer=have_tokenizer)
         if chk.problems:
-            findings.extend(Finding(number, p) for p in chk.problems)
+            findings.extend(Finding(number, p, where) for p in chk.problems)
             bad[number] = chk.problems
+            if summary is not None:
+                summary.skip(chk.problems[0])
             continue
         totals["records"] += 1
+        if summary is not None:
+            summary.add([ref.seconds for ref in chk.audios if ref.continuous], tokens_of(chk) if tokens_of else None)
         totals["cwd_paths"].update(ref.path for ref in chk.audios if ref.via_cwd)
         if number >= resume_line:
             totals["lines"] += 1
@@ -221,25 +273,28 @@ def check_paths(spec: PrepareSpec) -> _Paths:
     from kimi_lora_cli.devices import check_device
     from kimi_lora_cli.outputs import check_output
 
-    if not spec.data.exists():
+    spec.sources.check()
+    data = Path(spec.data).expanduser()
+    if not data.exists() and spec.sources.format in ("auto", "jsonl") and str(spec.data).endswith(".jsonl"):
         raise DataError(f"{spec.data}: no such data file; pass the jsonl with --data")
-    if not spec.data.is_file():
-        from kimi_lora_cli.data.schema import check_data_file
-
-        check_data_file(spec.data, "--data")
-        raise DataError(f"{spec.data}: not a file; pass the jsonl with --data")
+    open_data(spec)  # the format and its columns, checked before any model loads
+    if spec.output is None or spec.dry_run:
+        if not spec.dry_run:
+            raise ConfigError("--output is needed (or --dry-run for the summary alone)")
+        return None
     if spec.batch_size < 1:
         raise ConfigError(f"--batch-size {spec.batch_size}: must be at least 1")
     if spec.recompute and spec.speech_tokenizer is None:
         raise ConfigError("--recompute needs --speech-tokenizer DIR (the glm-4-voice-tokenizer folder)")
     check_device(spec.device)
     paths = _Paths.of(spec)
-    inputs = [("--data file", spec.data), ("model folder", spec.model),
+    inputs = [(f"--data {'file' if data.is_file() else 'folder'}", data if data.exists() else None), ("model folder", spec.model),
               ("speech tokenizer folder", spec.speech_tokenizer)]
-    if spec.output.resolve() == spec.data.resolve():
+    if spec.output.resolve() == data.resolve():
         raise ConfigError(f"{spec.output}: --output must differ from --data (the input is never rewritten)")
     check_output(spec.output, inputs, flag="--output", kind="file")
     check_output(paths.rejects, [*inputs, ("--output file", spec.output)], flag="--rejects", kind="file")
+    check_output(paths.clips, [*inputs, ("--output file", spec.output)], flag="--output (its clips folder)")
     _check_replaceable(paths.output, "--output", spec.overwrite)
     _check_replaceable(paths.rejects, "--rejects", spec.overwrite)
     return paths
@@ -267,6 +322,8 @@ def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | Non
 
     log = log or (lambda _msg: None)
     paths = check_paths(spec)
+    if paths is None:  # --dry-run without --output
+        return _dry_run(spec, progress)
     with naming_errors(paths.output.parent):
         paths.output.parent.mkdir(parents=True, exist_ok=True)
     with FolderLock.beside(paths.output, "prepare") as lock:
@@ -276,33 +333,73 @@ def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | Non
         return _prepare_locked(spec, paths, progress, log)
 
 
+def _summary_tools(spec: PrepareSpec, source: Source) -> tuple[DataSummary, Callable[[LineCheck], int | None]]:
+    """An empty summary of this input and the function giving a checked line's token count (the
+    model's tokenizer and config, read without weights)."""
+    from kimi_lora_cli.data.conversation import ConversationError, output_type_for_task
+    from kimi_lora_cli.loading import load_model
+
+    skeleton = load_model(spec.model, weights=False, load_whisper=False)
+    limit = spec.model_max_length or skeleton.config.max_position_embeddings
+
+    def tokens_of(chk: LineCheck) -> int | None:
+        try:
+            return sequence_length(chk.record["conversation"], {r.index: r.samples for r in chk.audios},
+                                   skeleton.tokenizer, skeleton.config,
+                                   output_type_for_task(chk.record.get("task_type")))
+        except (ConversationError, KeyError, TypeError):
+            return None
+
+    return DataSummary(source.label, source.format, limit), tokens_of
+
+
+def _dry_run(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | None) -> PrepareResult:
+    """Check every line and sum the input up; nothing is written, no audio is tokenized."""
+    offset, vocab = _model_vocab(spec.model)
+    source = open_data(spec)
+    summary, tokens_of = _summary_tools(spec, source)
+    findings, _, totals = _scan(spec, source, offset, vocab, 1, progress, summary, tokens_of)
+    result = PrepareResult(output=Path(spec.output) if spec.output else Path(""), summary=summary.as_dict())
+    result.lines_rejected = len({f.line for f in findings})
+    result.lines_written = totals["records"]
+    if findings:
+        result.notes.extend(f.render(spec.data) for f in findings[:20])
+        if len(findings) > 20:
+            result.notes.append(f"... and {len(findings) - 20} more problems")
+    return result
+
+
 def _prepare_locked(spec: PrepareSpec, paths: _Paths, progress: Callable[[PrepareProgress], None] | None,
                     log: Callable[[str], None]) -> PrepareResult:
     offset, vocab = _model_vocab(spec.model)
     options = _options_key(spec, offset)
     state = _load_state(paths, options, spec.overwrite)
     resume_line = state["next_line"] if state else 1
+    source = open_data(spec, paths.clips)
+    summary, tokens_of = _summary_tools(spec, source)
 
-    findings, bad, totals = _scan(spec, offset, vocab, resume_line, progress)
+    findings, bad, totals = _scan(spec, source, offset, vocab, resume_line, progress, summary, tokens_of)
     if state and totals["prefix_sha256"] != state["prefix_sha256"]:
         log(f"{paths.partial}: the first {resume_line - 1} lines of {spec.data} changed since the interrupted run; "
             "starting over")
         state, resume_line = None, 1
-        findings, bad, totals = _scan(spec, offset, vocab, 1, progress)
+        summary, tokens_of = _summary_tools(spec, source)
+        findings, bad, totals = _scan(spec, source, offset, vocab, 1, progress, summary, tokens_of)
     if findings and not spec.skip_bad:
         raise DataProblems(spec.data, findings, "; fix them (or pass --skip-bad to write the bad lines to a "
                                                 "rejects file and go on)")
     if not totals["records"] and not findings:
         raise DataError(f"{spec.data}: no samples (the file is empty); pass a jsonl with one conversation per line")
 
-    result = PrepareResult(output=paths.output, resumed_at_line=resume_line if state else 0)
+    result = PrepareResult(output=paths.output, resumed_at_line=resume_line if state else 0,
+                           summary=summary.as_dict())
     if spec.speech_tokenizer is not None and totals["records"] and not totals["tokens"] and not state:
         result.notes.append("every audio message already has audio_tokens: --speech-tokenizer was not needed")
     if totals["cwd_paths"]:
         result.notes.append(f"{len(totals['cwd_paths'])} audio paths are not next to {spec.data} and were found "
                             f"relative to the current folder {Path.cwd()}; {paths.output} names them by absolute "
                             "path")
-    runner = _Runner(spec, paths, offset, vocab, totals, result, progress)
+    runner = _Runner(spec, source, paths, offset, vocab, totals, result, progress)
     runner.run(state, bad)
     if not result.lines_written:
         # --skip-bad promises "the good lines"; with none, an empty file would only move the error to
@@ -317,9 +414,9 @@ def _prepare_locked(spec: PrepareSpec, paths: _Paths, progress: Callable[[Prepar
 class _Runner:
     """The writing pass: batches of lines, tokenized and/or featurized together, committed in order."""
 
-    def __init__(self, spec: PrepareSpec, paths: _Paths, offset: int, vocab: int, totals: dict,
+    def __init__(self, spec: PrepareSpec, source: Source, paths: _Paths, offset: int, vocab: int, totals: dict,
                  result: PrepareResult, progress: Callable[[PrepareProgress], None] | None) -> None:
-        self.spec, self.paths, self.offset, self.vocab = spec, paths, offset, vocab
+        self.spec, self.source, self.paths, self.offset, self.vocab = spec, source, paths, offset, vocab
         self.result, self.progress_cb = result, progress
         self.tick = PrepareProgress("prepare", lines_total=totals["lines"], files_total=totals["files"],
                                     seconds_total=totals["seconds"])
@@ -327,7 +424,7 @@ class _Runner:
         self.codes: CodeStore | None = None
         self.features: FeatureStore | None = None
         self.out_dir = paths.output.parent.resolve()
-        self.data_dir = spec.data.parent
+        self.data_dir = source.base_dir
 
     # -- models ------------------------------------------------------------------------------
 
@@ -378,10 +475,15 @@ class _Runner:
             start = state["next_line"] if state else 1
             pending: list[tuple[int, bytes, LineCheck | None]] = []
             work = 0
-            for number, raw in _read_lines(spec.data):
+            for number, raw, where, error in _read_lines(self.source):
                 if number < start:
                     prefix.update(raw)
                     continue
+                if error is not None and number not in bad:  # the data changed since the check pass
+                    if not spec.skip_bad:
+                        raise DataProblems(spec.data, [Finding(number, error, where)],
+                                           "; fix them and rerun to continue where it stopped")
+                    bad[number] = [error]
                 if number in bad:
                     pending.append((number, raw, None))
                 else:
@@ -392,7 +494,7 @@ class _Runner:
                                          recompute=spec.recompute, speech_tokenizer=spec.speech_tokenizer is not None)
                         if chk.problems:  # the files changed since the check pass
                             if not spec.skip_bad:
-                                raise DataProblems(spec.data, [Finding(number, p) for p in chk.problems],
+                                raise DataProblems(spec.data, [Finding(number, p, where) for p in chk.problems],
                                                    "; fix them and rerun to continue where it stopped")
                             bad[number] = chk.problems
                         work += sum(1 for a in chk.audios if _has_work(a, self.features is not None))

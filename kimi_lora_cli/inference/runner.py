@@ -26,7 +26,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kimi_lora_cli.errors import ConfigError, ModelLoadError
 from kimi_lora_cli.fileops import naming_errors
@@ -41,6 +41,9 @@ from kimi_lora_cli.inference.predictions import (
 )
 from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
 from kimi_lora_cli.inference.samples import InferSample, prompt_sample, read_audio_tokens_file, read_samples
+
+if TYPE_CHECKING:
+    from kimi_lora_cli.data.sources import SourceOptions
 
 BASE = "base"
 # Text answers (ASR, chat) rarely pass a few hundred tokens; the official 7500 positions let a model
@@ -79,6 +82,7 @@ class InferSpec:
     audio_dir: str | Path | None = None  # one WAV per spoken answer (output type "both")
     detokenizer: str | Path | None = None  # folder holding audio_detokenizer/ + vocoder/ (default: model)
     ode_steps: int = 30  # detokenizer flow-matching time points (official: 30)
+    sources: SourceOptions | None = None  # how --data is read (format, columns, task ...)
 
 
 class ProgressSink(Protocol):
@@ -357,7 +361,7 @@ def _run(spec: InferSpec, progress: ProgressSink | None, loaded: Any, lock_note:
     speech_codes = speech_codes_loader(spec, config)
     notes: list[str] = [lock_note] if lock_note else []
     if spec.data is not None:
-        samples = read_samples(spec.data, config, speech_codes=speech_codes, notes=notes)
+        samples = read_samples(spec.data, config, speech_codes=speech_codes, notes=notes, options=spec.sources)
     else:
         codes = None
         if spec.audio_tokens is not None:

@@ -49,8 +49,21 @@ def option(default: Any = None, help: str = "", *, panel: str, aliases: tuple[st
 class TrainConfig:
     # -- model and data
     data_path: str | None = option(
-        help="Training data: jsonl in the official format, audio messages with audio_tokens (see `kimi-lora "
-        "prepare`) or, with --speech-tokenizer, without.", panel=P_DATA)
+        help="Training data: the official jsonl (audio messages with audio_tokens, see `kimi-lora prepare`, or "
+        "without them given --speech-tokenizer), or any format `kimi-lora prepare` reads (NeMo, CSV/TSV, Kaldi, "
+        "audio folder, LibriSpeech, HF dataset, chat JSON).", panel=P_DATA)
+    data_format: str = option("auto", "Format of --data-path and --eval-data-path: auto, jsonl, nemo, csv, tsv, "
+                              "kaldi, folder, librispeech, hf, chat.", panel=P_DATA, aliases=("format",))
+    columns: str | None = option(help="Columns of a CSV/TSV, NeMo manifest or HF dataset: audio=COL,text=COL.",
+                                 panel=P_DATA)
+    task: str = option("asr", "What transcript-only data trains: asr (instruction + audio -> transcript) or tts "
+                       "(transcript -> audio, audio loss).", panel=P_DATA)
+    language: str = option("en", "en or zh: the official English or Chinese ASR instruction.", panel=P_DATA)
+    instruction: str | None = option(help="Your own ASR instruction instead of the official one.", panel=P_DATA)
+    max_audio_seconds: float | None = option(help="Clips longer than this are bad rows (refused, or left out with "
+                                             "--skip-bad).", panel=P_DATA)
+    skip_bad: bool = option(False, "Leave out rows the data source cannot read (unreadable audio, empty "
+                            "transcripts, ...) instead of stopping.", panel=P_DATA)
     model_name_or_path: str | None = option(
         help="Kimi-Audio release folder (tokenizer, whisper-large-v3/, and the weights unless --model-path is "
         "given).", panel=P_DATA)
@@ -265,6 +278,7 @@ class TrainConfig:
         check_schedule_name(self.lr_scheduler_type)
         need(0.0 <= self.warmup_ratio <= 1.0, "--warmup-ratio must be in [0, 1]")
         need(self.warmup_steps >= 0, "--warmup-steps must not be negative")
+        self.source_options().check()
         need(self.too_long in ("error", "skip", "truncate"), f"--too-long must be error, skip or truncate "
              f"(got {self.too_long!r})")
         need(self.model_max_length is None or self.model_max_length >= 8, "--model-max-length must be at least 8")
@@ -312,6 +326,15 @@ class TrainConfig:
         need(self.eval_generate_count == 0 or self.has_eval_set,
              "--eval-generate decodes evaluation conversations: pass --eval-data-path FILE or --eval-ratio")
         need(not (self.eval_data_path and self.eval_ratio > 0), "pick one of --eval-data-path and --eval-ratio")
+
+    def source_options(self) -> Any:
+        """How --data-path / --eval-data-path are read (data.sources.SourceOptions); clips cut from
+        recordings go under --feature-cache-dir when one is given."""
+        from kimi_lora_cli.data.sources import SourceOptions
+
+        clips = Path(self.feature_cache_dir).expanduser() / "clips" if self.feature_cache_dir else None
+        return SourceOptions(format=self.data_format, columns=self.columns, task=self.task, language=self.language,
+                             instruction=self.instruction, max_audio_seconds=self.max_audio_seconds, clip_dir=clips)
 
     @property
     def has_eval_set(self) -> bool:

@@ -48,12 +48,13 @@ def model_skeleton(cfg: TrainConfig) -> Any:
 def preflight(cfg: TrainConfig, skeleton: Any = None) -> Any:
     """Check the data against the model's tokenizer and config without loading weights (run before
     the weights load, and once by a launcher before starting N processes, so errors come early and once)."""
-    from kimi_lora_cli.data.schema import load_samples
+    from kimi_lora_cli.data.samples import load_samples
 
     skeleton = skeleton or model_skeleton(cfg)
     max_len, flag = cfg.sample_limit(skeleton.config.max_position_embeddings)
     return load_samples(cfg.data_path, skeleton.tokenizer, skeleton.config, max_length=max_len,
-                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config), limit_flag=flag)
+                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config), limit_flag=flag,
+                        options=cfg.source_options(), skip_bad=cfg.skip_bad)
 
 
 def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:
