@@ -83,7 +83,7 @@ def serve(
 
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401 - python-multipart, for uploads
+        import python_multipart  # noqa: F401 - uploads (the python-multipart package)
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"`kimi-lora serve` needs the serve extra ({e.name} is missing): {SERVE_EXTRA_HINT}") from None
@@ -120,7 +120,7 @@ def _bind(host: str, port: int) -> Any:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port (0 = any free "
                           "one) or stop what uses it") from None
-    sock.set_inheritable(True)
+    sock.listen(2048)  # connections wait in the backlog until uvicorn takes the socket over
     return sock
 
 

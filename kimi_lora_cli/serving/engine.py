@@ -373,6 +373,17 @@ class Engine:
             self._worker = None
         self.speech_pool.shutdown(wait=True)
 
+    def run_pending(self) -> int:
+        """Decode every waiting job in the calling thread (no worker needed); returns how many batches ran."""
+        batches = 0
+        while True:
+            with self._cond:
+                batch = self._take_batch()
+            if not batch:
+                return batches
+            self.run_batch(batch)
+            batches += 1
+
     def _loop(self) -> None:
         while True:
             with self._cond:

@@ -81,10 +81,15 @@ def parse_chat(body: Any) -> ChatRequest:
         raise validation_error(e, CHAT_FIELDS) from None
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def validation_error(e: ValidationError, fields: str) -> RequestError:
     """The first problem pydantic found, as one line naming the field."""
-    err = e.errors()[0]
-    loc = ".".join(str(x) if not isinstance(x, int) else f"[{x}]" for x in err["loc"]).replace(".[", "[")
+    # In a union (content: text or parts) pydantic reports every branch; the deepest is the one meant.
+    err = max(e.errors(), key=lambda x: len(x["loc"]))
+    path = [x for x in err["loc"] if isinstance(x, int) or ("[" not in x and x not in _TYPE_TAGS)]
+    loc = ".".join(str(x) if not isinstance(x, int) else f"[{x}]" for x in path).replace(".[", "[")
     kind = err["type"]
     if kind == "extra_forbidden":
         where = loc.rsplit(".", 1)
