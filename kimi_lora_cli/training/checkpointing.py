@@ -27,13 +27,13 @@ class CheckpointMixin:
     def _in_fresh_tmp(self, tmp: Path, write: Any) -> Any:
         """`write()` into a new temporary folder of this run (rank 0 creates and marks it); on any
         failure the folder is removed, so nothing half-written stays behind."""
-        if self.is_main:
-            remove_tree(tmp)
-            with naming_errors(tmp):
-                tmp.mkdir(parents=True)
-            write_marker(tmp, "train", run_id=self.out.run_id)
-        self.accelerator.wait_for_everyone()
         try:
+            if self.is_main:
+                remove_tree(tmp)
+                with naming_errors(tmp):
+                    tmp.mkdir(parents=True)
+                write_marker(tmp, "train", run_id=self.out.run_id)
+            self.accelerator.wait_for_everyone()
             return write()
         except BaseException:
             if self.is_main:

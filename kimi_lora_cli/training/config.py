@@ -145,7 +145,7 @@ class TrainConfig:
     fp16: bool = option(False, panel=P_OPT, hidden=True)
     gradient_checkpointing: bool = option(False, "Recompute layers in the backward pass (less memory).",
                                           panel=P_OPT)
-    device: str | None = option(help=DEVICE_HELP, panel=P_OPT, shown="the accelerator's")
+    device: str | None = option(help=DEVICE_HELP, panel=P_OPT)
     # -- saving, logging, resuming, launching
     save_steps: int = option(500, "Checkpoint every N steps.", panel=P_RUN)
     save_total_limit: int | None = option(help="Keep only the newest N checkpoints (and the best).", panel=P_RUN)

@@ -8,6 +8,7 @@ from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.training.distributed import deepspeed_config
+from kimi_lora_cli.training.output import absolute, with_absolute_paths
 from kimi_lora_cli.training.reporting import MetricsLog
 from kimi_lora_cli.training.result import TrainResult
 from kimi_lora_cli.training.setup import model_locations
@@ -50,7 +51,7 @@ class EvaluationMixin:
         if self.fsdp is not None:
             engine = "FSDP" + (", CPU offload" if self.fsdp.settings.cpu_offload else "")
         targets = f"LoRA r={cfg.lora_rank} on {len(self.selection.names)} modules ({cfg.lora_target})" \
-            if self.selection is not None else "full fine-tuning"
+            if self.selection is not None else "full fine-tuning: every weight (--use-lora trains an adapter)"
         rows = [("World size", f"{self.world} ({engine}, {self.device})"),
                 ("Batch", f"{cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
                           f"accumulation x {self.world} processes = {per_step} "
@@ -98,11 +99,19 @@ class EvaluationMixin:
             return True
         return False
 
+    @property
+    def planned_epochs(self) -> float:
+        """Epochs the run plans: --num-train-epochs, or what --max-steps makes of them (HF's field
+        would otherwise say 3.0 beside an epoch of 15.0)."""
+        if self.cfg.max_steps > 0:
+            return round(self.total_steps / self.steps_per_epoch, 4)
+        return self.cfg.num_train_epochs
+
     def _state_dict(self, step: int, records: list[dict[str, Any]]) -> dict[str, Any]:
         """trainer_state.json content (HF field names) for a checkpoint or the output folder."""
         cfg = self.cfg
         return {"global_step": step, "epoch": round(step / self.steps_per_epoch, 4), "max_steps": self.total_steps,
-                "num_train_epochs": cfg.num_train_epochs, "logging_steps": cfg.logging_steps,
+                "num_train_epochs": self.planned_epochs, "logging_steps": cfg.logging_steps,
                 "eval_steps": cfg.eval_steps or cfg.save_steps, "save_steps": cfg.save_steps,
                 "train_batch_size": cfg.per_device_train_batch_size, "world_size": self.world,
                 **self.state.to_dict(), "log_history": records}
@@ -111,7 +120,7 @@ class EvaluationMixin:
         from kimi_lora_cli.training.model_card import render_card, write_card
         from kimi_lora_cli.training.state import write_state
 
-        write_state(self.output_dir, self._state_dict(step, records))
+        write_state(self.output_dir, self._state_dict(step, records), tag=self.out.run_id)
         final = next((r for r in reversed(records) if "loss" in r), {})
         final = {**{k: v for k, v in final.items() if k in ("loss", "text_loss", "audio_loss")}, **result.last_eval}
         best = None
@@ -124,12 +133,12 @@ class EvaluationMixin:
 
             peft_version = peft.__version__
         weights, base = model_locations(self.cfg)
-        card = render_card(base_model=str(base or weights), config=self.cfg.to_dict(), samples=len(self.train_idx),
+        card = render_card(base_model=absolute(str(base or weights)), config=with_absolute_paths(self.cfg).to_dict(), samples=len(self.train_idx),
                            eval_samples=len(self.eval_idx), steps=step, final=final, best=best,
                            best_metric=self.state.metric_for_best_model, holds_best=self.cfg.load_best_model_at_end,
                            lora=self.selection is not None, command=self.command,
                            plot=result.plot.name if result.plot else None, peft_version=peft_version)
-        result.card = write_card(self.output_dir, card)
+        result.card = write_card(self.output_dir, card, tag=self.out.run_id)
         if result.card is None:
             self.reporter.print(f"[yellow]Note:[/] {self.output_dir / 'README.md'} is not a kimi-lora model card; "
                                 "left as it is (no card written)")

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kimi_lora_cli.errors import ConfigError
+from rich.markup import escape
+
+from kimi_lora_cli.errors import ConfigError, OutputError
 from kimi_lora_cli.fileops import write_atomic
 from kimi_lora_cli.sharded import as_plain
 from kimi_lora_cli.training import checkpoint as ckpt
@@ -27,7 +29,7 @@ from kimi_lora_cli.training.distributed import (
     env_world,
 )
 from kimi_lora_cli.training.optim import check_scheduler, make_optimizer, make_scheduler
-from kimi_lora_cli.training.output import OutputDir, check_resume, data_digest
+from kimi_lora_cli.training.output import OutputDir, absolute, check_resume, data_digest, with_absolute_paths
 from kimi_lora_cli.training.reporting import MetricsLog, Reporter, parse_report_to, plot_losses
 from kimi_lora_cli.training.result import TrainResult
 from kimi_lora_cli.training.run_evaluation import EvaluationMixin
@@ -65,7 +67,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         try:
             self._build()
         except BaseException:
-            self._release()
+            self._release(before_start=True)
             raise
 
     def _check_inputs(self) -> None:
@@ -82,6 +84,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             say(f"[yellow]Note:[/] {note}")
         self.resume_dir, self.resume_state = None, None
         if cfg.resume_from_checkpoint:
+            latest = cfg.resume_from_checkpoint in ckpt.LATEST
+            if latest and self.output_dir.is_dir() and not ckpt.list_checkpoints(self.output_dir):
+                raise self.out.no_checkpoint()  # (a folder that does not exist: find_checkpoint says so)
             self.resume_dir = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         self.out.check(resuming=self.resume_dir is not None)
         self.data_sha256 = data_digest(cfg)  # every rank: they must agree on refusing a resume
@@ -95,11 +100,14 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         # weights load, so a typo costs seconds, not a 20 GB load.
         skeleton = model_skeleton(cfg)
         config = skeleton.config
+        mimo_targets = 0
         if cfg.lora_enabled:
             from kimi_lora_cli.targets import linear_entries, resolve_targets
             from kimi_lora_cli.training.lora import check_modules_to_save
 
-            resolve_targets(linear_entries(skeleton.model), cfg.lora_target)
+            entries = linear_entries(skeleton.model)
+            resolve_targets(entries, cfg.lora_target)
+            mimo_targets = sum(1 for e in entries if e.targeted and e.component == "mimo")
             check_modules_to_save(skeleton.model, cfg.modules_to_save)
         max_len, _ = cfg.sample_limit(config.max_position_embeddings)
         data = preflight(cfg, skeleton)
@@ -127,10 +135,23 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if data.cwd_paths:
             say(f"[yellow]Note:[/] {data.cwd_paths} audio paths are not next to {data.path} and were found "
                 f"relative to the current folder {Path.cwd()}; `kimi-lora prepare` writes them resolved")
+        if mimo_targets and not any(any(s.seq.audio_loss) for s in data.samples):
+            say(f"[yellow]Hint:[/] {mimo_targets} targeted modules are mimo (audio output) layers, but no answer in "
+                f"{escape(str(data.path))} is spoken (no assistant audio message), so they get no loss and their "
+                "update stays zero; leave them out of --lora-target (e.g. backbone,text,adaptor instead of all)",
+                soft_wrap=True)
         if self.is_main:
             self.out.claim(self.resume_state)  # created and locked only now, before the weights load
             for note in self.out.notes:
                 say(f"[yellow]Note:[/] {note}")
+        say(f"[bold]Output[/] {escape(absolute(str(self.output_dir)))}", soft_wrap=True)
+        if not cfg.lora_enabled:
+            from kimi_lora_cli.formatting import human_count
+
+            weights_count = sum(p.numel() for p in skeleton.model.parameters())
+            say(f"[bold yellow]Warning:[/] no --use-lora, so this is full fine-tuning: all {human_count(weights_count)} "
+                "weights are trained (memory for their gradients and optimizer state too) and the output is a "
+                "full copy of the model; add --use-lora to train a small LoRA adapter", soft_wrap=True)
         self.skeleton = skeleton
 
     def _build(self) -> None:
@@ -220,7 +241,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             if cfg.lora_enabled:
                 from kimi_lora_cli.training.lora import wrap_lora
 
-                model, wrapped["selection"] = wrap_lora(inner, cfg, base_path=str(weights))
+                model, wrapped["selection"] = wrap_lora(inner, cfg, base_path=absolute(str(weights)))
             else:
                 inner.requires_grad_(True)
             if settings is not None:
@@ -289,11 +310,12 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self._release(together=True)
         return result
 
-    def _release(self, together: bool = False) -> None:
+    def _release(self, together: bool = False, before_start: bool = False) -> None:
         """Unlock the output folder; destroy the process group this run created (FSDP). `together`:
         the run ended normally, so every process first waits for the others (a process that tears its
-        connections down while another still uses them aborts)."""
-        self.out.release()
+        connections down while another still uses them aborts). `before_start`: set-up failed, so a
+        folder this run created and left empty is removed."""
+        self.out.release(before_start=before_start)
         if getattr(self, "owns_group", False):
             import torch.distributed as dist
 
@@ -313,7 +335,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                              skipped_too_long=self.data.skipped_too_long, truncated=self.data.truncated,
                              is_main=self.is_main)
         if self.is_main:
-            write_atomic(self.output_dir / CONFIG_FILE, cfg.to_yaml(), tag=self.out.run_id)
+            write_atomic(self.output_dir / CONFIG_FILE, with_absolute_paths(cfg).to_yaml(), tag=self.out.run_id)
         acc.wait_for_everyone()
 
         start_step, tokens_total = 0, 0
@@ -432,12 +454,41 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 self._load_best()
             result.best_metric = self.state.best_metric
             result.best_checkpoint = self.state.best_model_checkpoint
-            result.saved = self.save_final()
+            try:
+                result.saved = self.save_final()
+            except OSError as e:
+                raise self._final_save_failed(e, step, saved=False) from e
             if self.is_main:
-                result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png")
-                self._write_run_files(result, metrics.records, step)
+                try:
+                    result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png", tag=self.out.run_id,
+                                              note=lambda m: self.reporter.print(f"[yellow]Note:[/] {escape(m)}"))
+                    self._write_run_files(result, metrics.records, step)
+                except OSError as e:
+                    raise self._final_save_failed(e, step, saved=True) from e
         metrics.close()
         return result
+
+    def _final_save_failed(self, e: OSError, step: int, saved: bool) -> OutputError:
+        """The one message for a final save the OS refused: the file, the cause, what is on disk
+        and how to finish."""
+        from kimi_lora_cli.fileops import describe_os_error
+        from kimi_lora_cli.training import checkpoint as ckpt
+
+        what = "adapter" if self.selection is not None else "model"
+        text = describe_os_error(e).rstrip(".")
+        if saved:
+            return OutputError(f"{text}; the {what} in {self.output_dir} is complete and loads (step {step}): only "
+                               "the loss curve, trainer_state.json or the model card is missing, nothing to redo")
+        done = [(n, p) for n, p in ckpt.list_checkpoints(self.output_dir) if ckpt.owned_by(p, self.out.series)]
+        if done:
+            name, n = done[-1][1].name, done[-1][0]
+            redo = f"continues from {name}" + (f", redoing steps {n + 1}-{step}" if n < step else "")
+            return OutputError(f"{text}; the final {what} was not saved (nothing half-written is left): free some "
+                               f"space, then rerun the same command with --resume-from-checkpoint latest ({redo})")
+        return OutputError(f"{text}; the final {what} was not saved and the run saved no checkpoint (nothing "
+                           "half-written is left): free some space and rerun the same command (it starts over in "
+                           f"{self.output_dir}; a lower --save-steps keeps checkpoints to resume from)")
+
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None, command: list[str] | None = None) -> TrainResult:
     """Run one training job (in this process; call it in every process of a distributed launch).
