@@ -48,9 +48,10 @@ def serve(
     max_loaded_adapters: Annotated[int, typer.Option(
         "--max-loaded-adapters", help="Adapters kept in memory at once (least recently used are unloaded and "
         "reloaded on demand); 0 = all.", rich_help_panel=_LOAD)] = 0,
-    max_new_tokens: Annotated[int, typer.Option(
-        "--max-new-tokens", help="Step budget when a request sends no max_tokens; -1 = official (as `infer`).",
-        rich_help_panel=_LOAD)] = -1,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", help="Step budget of a request without max_tokens, as `infer`: -1 = official (7500 "
+        "- prompt length for text, 1500 - prompt length for spoken answers). \\[default: 512 for text answers, "
+        "official for spoken]", rich_help_panel=_LOAD, show_default=False)] = None,
     ode_steps: Annotated[int, typer.Option("--ode-steps", help="Detokenizer flow-matching time points per chunk "
                                            "(official 30).", rich_help_panel=_SPEECH)] = 30,
     device: DeviceOpt = "",

@@ -25,7 +25,7 @@ class ServeSpec:
     max_batch_size: int = 8
     max_queue: int = 64
     max_loaded_adapters: int = 0  # 0: every adapter stays loaded
-    max_new_tokens: int = -1  # default step budget of a request (-1: official, as `infer`)
+    max_new_tokens: int | None = None  # budget of a request without max_tokens (None: infer's default; -1: official)
     max_upload_mb: float = 25.0
     max_audio_seconds: float = 600.0
     device: str | None = None
@@ -99,7 +99,7 @@ def check_spec(spec: ServeSpec) -> None:
             raise ConfigError(f"{flag} must be >= {low}, not {value}")
     if not 0 <= spec.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535 (0: any free port), not {spec.port}")
-    if spec.max_new_tokens == 0 or spec.max_new_tokens < -1:
+    if spec.max_new_tokens is not None and (spec.max_new_tokens == 0 or spec.max_new_tokens < -1):
         raise ConfigError(f"--max-new-tokens must be > 0 (or -1 for the official budget), not {spec.max_new_tokens}")
     if spec.max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb must be > 0, not {spec.max_upload_mb}")
