@@ -45,6 +45,9 @@ def serve(
                                                 "use different adapters).", rich_help_panel=_LOAD)] = 8,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a decode; beyond it "
                                            "clients get 429 with Retry-After.", rich_help_panel=_LOAD)] = 64,
+    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="How long an idle server waits for more "
+                                                 "requests to join a decode (a burst becomes one batch).",
+                                                 rich_help_panel=_LOAD)] = 10.0,
     max_loaded_adapters: Annotated[int, typer.Option(
         "--max-loaded-adapters", help="Adapters kept in memory at once (least recently used are unloaded and "
         "reloaded on demand); 0 = all.", rich_help_panel=_LOAD)] = 0,
@@ -91,7 +94,7 @@ def serve(
     spec = ServeSpec(
         model=model, adapters=parse_adapters(adapter or []), speech_tokenizer=speech_tokenizer,
         detokenizer=detokenizer, host=host, port=port, api_key=api_key_from(api_key), max_batch_size=max_batch_size,
-        max_queue=max_queue, max_loaded_adapters=max_loaded_adapters, max_new_tokens=max_new_tokens,
+        max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_loaded_adapters=max_loaded_adapters, max_new_tokens=max_new_tokens,
         max_upload_mb=max_upload_mb, max_audio_seconds=max_audio_seconds, device=device or None, dtype=dtype,
         allow_pickle=allow_pickle, ode_steps=ode_steps,
     )

@@ -27,6 +27,7 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -389,6 +390,11 @@ class Engine:
             with self._cond:
                 while not self._waiting and not self._stopping:
                     self._cond.wait()
+                # Requests of a burst arrive a few ms apart: give the rest a moment to join this decode.
+                until = time.monotonic() + self.spec.batch_wait_ms / 1000
+                while (not self._stopping and len(self._waiting) < self.spec.max_batch_size
+                       and (left := until - time.monotonic()) > 0):
+                    self._cond.wait(left)
                 if self._stopping:
                     return
                 batch = self._take_batch()
@@ -564,15 +570,18 @@ class Engine:
                 gens.append(g)
         answers = [_Answer(self, j) for j in live]
         hooks = _BatchHooks(live, answers)
-        mixed = _MixedAdapters(self.model) if self.loaded.adapter_names else None
-        if mixed is not None:
+        wanted = {j.adapter for j in live}
+        mixed = None
+        if len(wanted) > 1:  # per-row adapters; one adapter runs as `infer` runs it (no per-row indexing)
+            mixed = _MixedAdapters(self.model)
             hooks.names = mixed.names
         self.stats["running"] = len(live)
         self.stats["batches"] += 1
         self.stats["batched_rows"] += len(live)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
         try:
-            results = generate(self.model, prompts, gcfg, self.tokens, gens, hooks=hooks)
+            with self._only(wanted.pop() if mixed is None else None):
+                results = generate(self.model, prompts, gcfg, self.tokens, gens, hooks=hooks)
         finally:
             self.stats["running"] = 0
             if mixed is not None:
@@ -592,6 +601,18 @@ class Engine:
             else:
                 result.seconds = time.perf_counter() - j.submitted
                 self._finish(j, result)
+
+    @contextmanager
+    def _only(self, adapter: str | None):
+        """The model as one adapter (or the plain base) for a whole batch; None: rows choose (hooks)."""
+        if adapter is None or not self.loaded.adapter_names:
+            yield
+        elif adapter == BASE:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(adapter)
+            yield
 
     def _speak(self, job: Job, answer: _Answer, result: JobResult) -> None:
         """The waveform of a spoken answer on the speech thread, then `done` (after any streamed pieces)."""

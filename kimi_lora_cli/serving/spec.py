@@ -24,6 +24,7 @@ class ServeSpec:
     api_key: str | None = None
     max_batch_size: int = 8
     max_queue: int = 64
+    batch_wait_ms: float = 10.0  # how long an idle worker waits for more requests to join a decode
     max_loaded_adapters: int = 0  # 0: every adapter stays loaded
     max_new_tokens: int | None = None  # budget of a request without max_tokens (None: infer's default; -1: official)
     max_upload_mb: float = 25.0
@@ -97,6 +98,8 @@ def check_spec(spec: ServeSpec) -> None:
                              ("--max-loaded-adapters", spec.max_loaded_adapters, 0)):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, not {value}")
+    if spec.batch_wait_ms < 0:
+        raise ConfigError(f"--batch-wait-ms must be >= 0, not {spec.batch_wait_ms}")
     if not 0 <= spec.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535 (0: any free port), not {spec.port}")
     if spec.max_new_tokens is not None and (spec.max_new_tokens == 0 or spec.max_new_tokens < -1):
