@@ -72,7 +72,7 @@ def serve(
 
       $ kimi-lora serve -m ./Kimi-Audio-7B-Instruct -a asr=out/asr --speech-tokenizer ./glm-4-voice-tokenizer
 
-      $ KIMI_LORA_API_KEY=secret kimi-lora serve -m ./Kimi-Audio-7B-Instruct -a a=out/a -a b=out/b --host 0.0.0.0
+      $ kimi-lora serve -m ./Kimi-Audio-7B-Instruct -a a=out/a -a b=out/b --host 0.0.0.0 --api-key "$KEY"
 
       $ curl localhost:8000/v1/audio/transcriptions -F model=asr -F file=@clip.wav
     """
