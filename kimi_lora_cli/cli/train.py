@@ -268,8 +268,8 @@ def train(
         if num_processes is not None and num_processes < 1:
             raise ConfigError(f"--num-processes must be at least 1, not {num_processes}")
         if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
-            from kimi_lora_cli.training.output import OutputDir
-            from kimi_lora_cli.training.setup import preflight
+            from kimi_lora_cli.training.output_folder import OutputDir
+            from kimi_lora_cli.training.preflight import preflight
 
             OutputDir(cfg).check(resuming=cfg.resume_from_checkpoint is not None)
             preflight(cfg)  # bad data is reported here once, not by N processes

@@ -337,7 +337,7 @@ class TrainConfig:
 
     @property
     def best_greater_is_better(self) -> bool:
-        from kimi_lora_cli.training.state import default_greater_is_better
+        from kimi_lora_cli.training.trainer_state import default_greater_is_better
 
         if self.greater_is_better is not None:
             return self.greater_is_better

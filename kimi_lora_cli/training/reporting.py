@@ -138,6 +138,32 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def banner_rows(cfg: Any, *, world: int, engine: str, device: Any, steps_per_epoch: int, total_steps: int,
+                trainable: int, total: int, lora_modules: int | None, packing: str | None, eval_samples: int,
+                decoded: int) -> list[tuple[str, str]]:
+    """The start banner: world size and engine, the global batch, steps, trainable parameters,
+    precision, targets and the evaluation set."""
+    from kimi_lora_cli.formatting import human_count
+
+    per_step = world * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+    targets = f"LoRA r={cfg.lora_rank} on {lora_modules} modules ({cfg.lora_target})" \
+        if lora_modules is not None else "full fine-tuning: every weight (--use-lora trains an adapter)"
+    rows = [("World size", f"{world} ({engine}, {device})"),
+            ("Batch", f"{cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
+                      f"accumulation x {world} processes = {per_step} "
+                      f"{'packed rows' if cfg.packing else 'samples'} per step"),
+            *([("Packing", packing)] if packing else []),
+            ("Steps", f"{steps_per_epoch} per epoch, {total_steps} in total"),
+            ("Trainable", f"{human_count(trainable)} of {human_count(total)} parameters "
+                          f"({100.0 * trainable / max(total, 1):.3f}%)"),
+            ("Precision", precision + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
+            ("Targets", targets)]
+    if eval_samples:
+        rows.append(("Evaluation", f"{eval_samples} samples" + (f", {decoded} decoded for WER/CER" if decoded else "")))
+    return rows
+
+
 TRACKERS = ("tensorboard", "wandb")
 TRACKER_INSTALL = {"tensorboard": "pip install tensorboard (or 'kimi-lora[tensorboard]')",
                    "wandb": "pip install wandb"}

@@ -18,7 +18,7 @@ from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.outputs import FolderLock, check_output, marker_info, user_entries, write_marker
-from kimi_lora_cli.training import checkpoint as ckpt
+from kimi_lora_cli.training.checkpoints import folder as ckpt
 from kimi_lora_cli.training.config import TrainConfig
 
 # Settings a resumed run may change on purpose (more steps, another learning rate, how often to
