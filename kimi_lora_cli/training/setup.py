@@ -23,6 +23,8 @@ def model_locations(cfg: TrainConfig) -> tuple[Path, Path | None]:
 
 
 def load_dtype(cfg: TrainConfig) -> str:
+    if cfg.quantization and not (cfg.bf16 or cfg.fp16):
+        return "float32"  # what the 4-bit layers compute in, and the rest of the model is kept in
     if cfg.lora_enabled:
         return "bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else "auto"
     # Full fine-tuning keeps float32 master weights (autocast does bf16 compute) unless DeepSpeed,

@@ -97,10 +97,11 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         config = skeleton.config
         if cfg.lora_enabled:
             from kimi_lora_cli.targets import linear_entries, resolve_targets
-            from kimi_lora_cli.training.lora import check_modules_to_save
+            from kimi_lora_cli.training.lora import check_modules_to_save, check_quantized_training
 
             resolve_targets(linear_entries(skeleton.model), cfg.lora_target)
             check_modules_to_save(skeleton.model, cfg.modules_to_save)
+            check_quantized_training(skeleton.model, cfg, self.world)
         max_len, _ = cfg.sample_limit(config.max_position_embeddings)
         data = preflight(cfg, skeleton)
         self.data = data
@@ -221,6 +222,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 from kimi_lora_cli.training.lora import wrap_lora
 
                 model, wrapped["selection"] = wrap_lora(inner, cfg, base_path=str(weights))
+                if cfg.quantization:
+                    from kimi_lora_cli.training.lora import prepare_quantized
+
+                    prepare_quantized(inner, cfg.gradient_checkpointing)
             else:
                 inner.requires_grad_(True)
             if settings is not None:
@@ -228,7 +233,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 self.fsdp = fsdp.FsdpRun(inner, settings)
             return model
 
-        self.loaded = load_model(weights, dtype=load_dtype(cfg), device=self.device, base_path=base, prepare=prepare)
+        self.loaded = load_model(weights, dtype=load_dtype(cfg), device=self.device, base_path=base, prepare=prepare,
+                                 quantization=cfg.quantization, double_quant=cfg.double_quant)
         self.selection = wrapped.get("selection")
         if self.selection is not None:
             from kimi_lora_cli.sharded import checkpoint_key
