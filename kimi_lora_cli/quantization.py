@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,22 +70,10 @@ class _DropKernelAdvice(logging.Filter):
         return False
 
 
-def bitsandbytes_installed() -> bool:
-    import importlib.util
-
-    return "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is not None
-
-
-def import_bitsandbytes(required: bool = True) -> Any:
-    """bitsandbytes, imported so that it fetches nothing: the `kernels` package is made unimportable
-    while it loads (its CPU backend then keeps its own kernels) and the warning it logs about that
-    is dropped. None when it is not installed and not `required`; else a one-line error."""
-    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is not None:
-        return sys.modules["bitsandbytes"]
-    if not bitsandbytes_installed():
-        if not required:
-            return None
-        raise ModelLoadError(f"quantized loading needs bitsandbytes, which is not installed: {INSTALL}")
+@contextmanager
+def _no_hub_kernels() -> Iterator[None]:
+    """While bitsandbytes loads: `import kernels` fails (so nothing is downloaded or run from the
+    Hub) and the warning bitsandbytes logs about it is dropped."""
     saved = sys.modules.get("kernels", _MISSING)
     sys.modules["kernels"] = None  # type: ignore[assignment]  # `import kernels` raises ImportError
     loggers = [logging.getLogger(name) for name in _BNB_LOGGERS]
@@ -91,12 +81,7 @@ def import_bitsandbytes(required: bool = True) -> Any:
     for lg in loggers:
         lg.addFilter(drop)
     try:
-        import bitsandbytes
-    except Exception as e:  # a broken install: say what to reinstall
-        if not required:
-            return None
-        raise ModelLoadError(f"bitsandbytes is installed but cannot be imported ({str(e).splitlines()[0]}); "
-                             f"reinstall it: {INSTALL}") from None
+        yield
     finally:
         if saved is _MISSING:
             sys.modules.pop("kernels", None)
@@ -104,9 +89,75 @@ def import_bitsandbytes(required: bool = True) -> Any:
             sys.modules["kernels"] = saved
         for lg in loggers:
             lg.removeFilter(drop)
-    mps = sys.modules.get("bitsandbytes.backends.mps.ops")
-    if mps is not None and hasattr(mps, "_kernel_load_failed"):
-        mps._kernel_load_failed = True  # its Hub kernel is fetched lazily, at the first op: never
+        mps = sys.modules.get("bitsandbytes.backends.mps.ops")
+        if mps is not None and hasattr(mps, "_kernel_load_failed"):
+            mps._kernel_load_failed = True  # its Hub kernel would be fetched at the first op: never
+
+
+class _QuietLoader:
+    """bitsandbytes' own loader, run inside `_no_hub_kernels`."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: Any) -> Any:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        with _no_hub_kernels():
+            self._inner.exec_module(module)
+
+    def __getattr__(self, name: str) -> Any:  # resource readers and the like
+        return getattr(self._inner, name)
+
+
+class _QuietFinder:
+    """Finds bitsandbytes as usual and hands it `_QuietLoader`, whoever imports it (peft does on
+    `import peft`, transformers through peft), so the rule holds in every command and in the API."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "bitsandbytes":
+            return None
+        for finder in sys.meta_path:
+            if isinstance(finder, _QuietFinder) or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _QuietLoader(spec.loader)
+                return spec
+        return None
+
+
+def guard_bitsandbytes_import() -> None:
+    """Install `_QuietFinder` once (cheap: nothing is imported until someone imports bitsandbytes)."""
+    if not any(isinstance(f, _QuietFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietFinder())
+
+
+def bitsandbytes_installed() -> bool:
+    import importlib.util
+
+    return "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is not None
+
+
+def import_bitsandbytes(required: bool = True) -> Any:
+    """bitsandbytes (imported through the guard); None when it is not installed and not `required`,
+    else a one-line error naming what to install."""
+    if sys.modules.get("bitsandbytes") is not None:
+        return sys.modules["bitsandbytes"]
+    guard_bitsandbytes_import()
+    if not bitsandbytes_installed():
+        if not required:
+            return None
+        raise ModelLoadError(f"quantized loading needs bitsandbytes, which is not installed: {INSTALL}")
+    try:
+        import bitsandbytes
+    except Exception as e:  # a broken install: say what to reinstall
+        if not required:
+            return None
+        raise ModelLoadError(f"bitsandbytes is installed but cannot be imported ({str(e).splitlines()[0]}); "
+                             f"reinstall it: {INSTALL}") from None
     return bitsandbytes
 
 
@@ -114,8 +165,7 @@ _MISSING = object()
 
 
 def quiet_bitsandbytes() -> None:
-    """Import bitsandbytes the quiet way if it is installed and not yet imported (peft imports it
-    whenever it wraps layers, quantized or not)."""
+    """Import bitsandbytes the quiet way if it is installed and not yet imported."""
     import_bitsandbytes(required=False)
 
 
@@ -231,10 +281,9 @@ def quantize_into(layer: Any, weight: torch.Tensor, spec: QuantSpec, dtype: torc
     layer.weight = param.to(device)
 
 
-def quantized_bytes(model: Any) -> tuple[int, int, int]:
-    """(bytes of the quantized weights with their scales, bytes they would take in `dtype` of the rest
-    of the model, number of quantized layers) for a loaded model."""
-    total = full = n = 0
+def quantized_bytes(model: Any) -> tuple[int, int]:
+    """(bytes the quantized layers hold: weights, their scales and biases; number of such layers)."""
+    total = n = 0
     for module in model.modules():
         if not is_quantized_layer(module):
             continue
@@ -247,14 +296,13 @@ def quantized_bytes(model: Any) -> tuple[int, int, int]:
             if state.state2 is not None:
                 total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 256 * 4
         scb = getattr(w, "SCB", None)
-        if scb is not None:
+        if scb is None:
+            scb = getattr(getattr(module, "state", None), "SCB", None)
+        if scb is not None:  # int8: one scale per row
             total += scb.numel() * scb.element_size()
         if module.bias is not None:
             total += module.bias.numel() * module.bias.element_size()
-        elem = module.bias.element_size() if module.bias is not None else 2
-        full += (module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)) \
-            * elem
-    return total, full, n
+    return total, n
 
 
 def dequantized_weight(layer: Any) -> torch.Tensor:
@@ -269,3 +317,26 @@ def dequantized_weight(layer: Any) -> torch.Tensor:
         scb = w.SCB if w.SCB is not None else layer.state.SCB
         return w.data.float() * (scb.float()[:, None] / 127.0)
     return torch.as_tensor(w).float()
+
+
+def logical_numel(p: Any) -> int:
+    """Parameters a tensor stands for: a 4-bit weight packs two in a byte."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and is_quantized_weight(p):
+        import math
+
+        return math.prod(state.shape)
+    return p.numel()
+
+
+def summary(model: Any, spec: QuantSpec, dtype: torch.dtype, norms_fp32: bool = False) -> str:
+    """One line for banners: what is quantized, its memory, what stays in `dtype`."""
+    from kimi_lora_cli.formatting import human_bytes
+
+    stored, n = quantized_bytes(model)
+    full = sum(logical_numel(m.weight) + (m.bias.numel() if m.bias is not None else 0)
+               for m in model.modules() if is_quantized_layer(m)) * dtype.itemsize
+    name = str(dtype).replace("torch.", "")
+    return (f"{spec.describe()}: {n} decoder linears (both stacks) in {human_bytes(stored)} ({human_bytes(full)} in "
+            f"{name}); in {name}: Whisper, adaptor, embeddings, " + ("heads; norms float32" if norms_fp32 else
+                                                                    "norms, heads"))

@@ -186,13 +186,15 @@ class ParamRow:
 
 def parameter_rows(model: Any, mimo_from: int, whisper_params: int = 0) -> list[ParamRow]:
     """Trainable / total parameters per component (adapter weights counted with their module's)."""
+    from kimi_lora_cli.quantization import logical_numel
+
     rows: dict[str, ParamRow] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        n = p.ds_numel if hasattr(p, "ds_numel") else logical_numel(p)
         comp = component_of(name, mimo_from)
         row = rows.setdefault(comp, ParamRow(comp, 0, 0))
         row.total += n

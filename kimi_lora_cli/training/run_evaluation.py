@@ -43,8 +43,10 @@ class EvaluationMixin:
 
         cfg = self.cfg
         per_step = self.world * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        from kimi_lora_cli.quantization import logical_numel
+
         trainable = sum(p.numel() for p in self._unwrapped().parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self._unwrapped().parameters())
+        total = sum(logical_numel(p) for p in self._unwrapped().parameters())
         precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
         engine = f"DeepSpeed {cfg.deepspeed}" if cfg.deepspeed else "DDP" if self.world > 1 else "single process"
         if self.fsdp is not None:
@@ -61,6 +63,14 @@ class EvaluationMixin:
                               f"({100.0 * trainable / max(total, 1):.3f}%)"),
                 ("Precision", precision + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
                 ("Targets", targets)]
+        if cfg.quantization:
+            import torch
+
+            from kimi_lora_cli.quantization import quant_spec, summary
+            from kimi_lora_cli.training.setup import load_dtype
+
+            spec = quant_spec(cfg.quantization, cfg.double_quant)
+            rows.append(("Quantized", summary(self._unwrapped(), spec, getattr(torch, load_dtype(cfg)), True)))
         if self.eval_idx:
             gen = len(self.evaluator.generate)
             rows.append(("Evaluation", f"{len(self.eval_idx)} samples" + (f", {gen} decoded for WER/CER" if gen else "")))

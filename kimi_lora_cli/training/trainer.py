@@ -168,6 +168,11 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.steps_per_epoch = max(1, self.plan.steps_per_epoch())
         optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
+        if cfg.quantization:  # each process quantized the same files: DDP need not broadcast them
+            from kimi_lora_cli.quantization import is_quantized_weight
+
+            model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters()
+                                                       if is_quantized_weight(p)]
         if self.fsdp is not None:  # sharded by kimi-lora; accelerate must not wrap it again
             self.model, self.optimizer = model, acc.prepare(optimizer)
         else:
