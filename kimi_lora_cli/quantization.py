@@ -340,3 +340,18 @@ def summary(model: Any, spec: QuantSpec, dtype: torch.dtype, norms_fp32: bool = 
     return (f"{spec.describe()}: {n} decoder linears (both stacks) in {human_bytes(stored)} ({human_bytes(full)} in "
             f"{name}); in {name}: Whisper, adaptor, embeddings, " + ("heads; norms float32" if norms_fp32 else
                                                                     "norms, heads"))
+
+
+def trained_over(adapter_folder: Any) -> str | None:
+    """The quantization a `kimi-lora train` adapter was trained over (its train_config.yaml), or None."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(adapter_folder) / "train_config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    mode = data.get("quantization") if isinstance(data, dict) else None
+    return mode if mode in MODES else None

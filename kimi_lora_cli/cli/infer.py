@@ -136,6 +136,12 @@ def infer(
                                            rich_help_panel=_SPEECH)] = 30,
     no_kv_cache: Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the whole sequence every "
                                               "step (slow; for checking).", rich_help_panel=_GEN)] = False,
+    quantization: Annotated[str | None, typer.Option(
+        "--quantization", help="nf4, fp4 or int8: load the linear layers of both decoder stacks quantized "
+        "(bitsandbytes: pip install 'kimi-lora[qlora]'), e.g. to run a QLoRA adapter as it was trained; the rest "
+        "stays in --dtype, the layers' compute dtype.", show_default=False)] = None,
+    double_quant: Annotated[bool, typer.Option("--double-quant", help="With --quantization nf4/fp4: quantize the "
+                                               "blocks' scales too.")] = False,
     device: DeviceOpt = "",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -160,6 +166,8 @@ def infer(
       $ kimi-lora infer -m ./merged -p 'Please transcribe the following audio:' --audio clip.wav --audio-tokens clip.codes
 
       $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct -a out/tts -d tts_test.jsonl -o preds.jsonl --output-type both --audio-dir wavs/
+
+      $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct --quantization nf4 -a out/qlora -d test.jsonl -o preds.jsonl
     """
     from kimi_lora_cli.errors import ConfigError
     from kimi_lora_cli.inference.runner import InferSpec, parse_adapter_args, run_inference
@@ -178,6 +186,7 @@ def infer(
         text_sampling=text_sampling, audio_sampling=audio_sampling, seed=seed, device=device or None,
         dtype=dtype, use_cache=not no_kv_cache, allow_pickle=allow_pickle, speech_tokenizer=speech_tokenizer,
         cache_features=cache_features, audio_dir=audio_dir, detokenizer=detokenizer, ode_steps=ode_steps,
+        quantization=quantization, double_quant=double_quant,
     )
     progress = _Progress(enabled=True)
     try:
