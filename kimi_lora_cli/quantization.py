@@ -70,6 +70,14 @@ class _DropKernelAdvice(logging.Filter):
         return False
 
 
+class _DropInt8CastNote(logging.Filter):
+    """int8 layers always multiply in float16 (LLM.int8); bitsandbytes says so at every call of every
+    layer whose input is not float16, which would flood a run's log. Said once, in --quantization's help."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
 @contextmanager
 def _no_hub_kernels() -> Iterator[None]:
     """While bitsandbytes loads: `import kernels` fails (so nothing is downloaded or run from the
@@ -89,6 +97,7 @@ def _no_hub_kernels() -> Iterator[None]:
             sys.modules["kernels"] = saved
         for lg in loggers:
             lg.removeFilter(drop)
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropInt8CastNote())
         mps = sys.modules.get("bitsandbytes.backends.mps.ops")
         if mps is not None and hasattr(mps, "_kernel_load_failed"):
             mps._kernel_load_failed = True  # its Hub kernel would be fetched at the first op: never
@@ -138,7 +147,9 @@ def guard_bitsandbytes_import() -> None:
 def bitsandbytes_installed() -> bool:
     import importlib.util
 
-    return "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is not None
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"] is not None
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def import_bitsandbytes(required: bool = True) -> Any:

@@ -119,7 +119,8 @@ class TrainConfig:
     quantization: str | None = option(
         help="QLoRA: keep the linear layers of both decoder stacks in nf4, fp4 or int8 (bitsandbytes: pip install "
         "'kimi-lora[qlora]') and train LoRA over them; Whisper, adaptor, embeddings and heads stay in the training "
-        "dtype (--bf16 / --fp16, else float32), norms in float32.", panel=P_LORA)
+        "dtype (--bf16 / --fp16, else float32: the 4-bit layers' compute dtype; int8 layers multiply in float16), norms "
+        "in float32.", panel=P_LORA)
     double_quant: bool = option(False, "With --quantization nf4/fp4: quantize the 4-bit blocks' scales too (about "
                                 "0.4 bit less per weight).", panel=P_LORA)
     # -- optimisation

@@ -54,9 +54,10 @@ def check_quantized_training(model: Any, cfg: TrainConfig, world: int) -> None:
     quantized decoder layers."""
     if not cfg.quantization:
         return
-    from kimi_lora_cli.quantization import is_decoder_linear
+    from kimi_lora_cli.quantization import import_bitsandbytes, is_decoder_linear
 
     q = cfg.quantization
+    import_bitsandbytes()  # not installed: one line naming the extra to install
     if cfg.deepspeed:
         from kimi_lora_cli.training.distributed import deepspeed_config
 
