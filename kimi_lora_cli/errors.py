@@ -23,3 +23,7 @@ class AdapterError(KimiLoraError):
 
 class ConfigError(KimiLoraError):
     """A command option or config file value is wrong."""
+
+
+class OutputError(KimiLoraError):
+    """An output could not be written; the message names the file, what was kept and how to finish."""

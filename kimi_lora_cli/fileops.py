@@ -23,7 +23,7 @@ OS_CAUSES: dict[int, tuple[str, str]] = {
     errno.EACCES: ("permission denied", "choose a folder you can write to, or fix its permissions"),
     errno.EPERM: ("operation not permitted", "choose a folder you can write to, or fix its permissions"),
     errno.EFBIG: ("file too large (the file size limit, `ulimit -f`, or the file system's maximum)",
-                  "raise the limit, lower --max-shard-size, or write to another file system"),
+                  "raise the limit or write to another file system"),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "fix the path"),
     errno.EISDIR: ("is a folder where a file is expected", "pass a file path"),
     errno.ENOENT: ("no such file or folder", "check the path"),
@@ -32,17 +32,23 @@ OS_CAUSES: dict[int, tuple[str, str]] = {
     errno.EMFILE: ("too many open files", "raise the limit (`ulimit -n`)"),
     errno.EIO: ("input/output error (the disk or network file system failed)", "check the disk"),
 }
+# Errors of the writing side: for a copy (two file names) they concern the destination.
+_WRITE_SIDE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 _CODE_IN_TEXT = re.compile(r"(?:os error |code: |errno[ =:]*)(\d+)", re.IGNORECASE)
 
 
 def describe_os_error(e: OSError, path: str | Path | None = None) -> str:
     """`PATH: cause (ENAME); fix` for an OSError (the path from the error, else `path`)."""
-    where = e.filename or path
+    where, other = e.filename or path, e.filename2
+    if other and e.errno in _WRITE_SIDE:  # a copy: the destination is the file that could not be written
+        where, other = other, f"copying {where}"
+    elif other:
+        other = f"with {other}"
     name = errno.errorcode.get(e.errno or 0, "")
     cause, fix = OS_CAUSES.get(e.errno or -1, ((e.strerror or str(e)).rstrip("."), ""))
     text = f"{where}: {cause}" if where else cause
-    if e.filename2:
-        text += f" (with {e.filename2})"
+    if other:
+        text += f" ({other})"
     if name:
         text += f" ({name})"
     return text + (f"; {fix}" if fix else "")
@@ -141,10 +147,23 @@ def link_or_copy(src: Path, dst: Path, counts: dict[str, int] | None = None,
     counts[how] = counts.get(how, 0) + 1
 
 
+# The marker that says "kimi-lora wrote this folder" (outputs.MARKER); kept until a folder is empty.
+_MARKER = ".kimi-lora.json"
+
+
 def remove_tree(path: Path) -> None:
-    """Delete a folder or file that this tool wrote (callers check that first)."""
+    """Delete a folder or file that this tool wrote (callers check that first). A folder's marker
+    goes last, so a removal cut short by a kill leaves a folder that is still recognisably ours
+    (marked, or empty) for the next run to finish."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        for child in sorted(path.iterdir(), key=lambda c: c.name == _MARKER):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    child.unlink()
+        with contextlib.suppress(OSError):
+            path.rmdir()
     else:
         path.unlink(missing_ok=True)
 
@@ -187,3 +206,38 @@ def save_torch(obj, path: Path) -> None:
             if w.error is not None:
                 raise w.error from None
             raise
+
+
+def load_torch(path: Path, error: type[Exception], fix: str, extra_safe: list | None = None, mmap: bool = False):
+    """torch.load(weights_only=True) for every pickle file this tool reads (--allow-pickle included):
+    tensors, numbers, strings and containers only. A file holding anything else could run code when
+    unpickled, so it is refused with one message (`error`, ending in `fix`) that names what it holds;
+    torch's own advice to retry with weights_only=False (which would run it) is never passed on."""
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(extra_safe or []):
+            if mmap:
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise error(_refused(path, str(e), fix)) from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError, TypeError) as e:
+        text = str(e)
+        if "weights_only" in text or "GLOBAL" in text:
+            raise error(_refused(path, text, fix)) from None
+        first = next((x for x in text.splitlines() if x.strip()), type(e).__name__)
+        raise error(f"{path}: unreadable ({first[:160]}); {fix}") from None
+
+
+def _refused(path: Path, text: str, fix: str) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f" ({found.group(1)})" if found else ""
+    return (f"{path}: refused - it holds Python objects{what}, which could run code when loaded; kimi-lora reads "
+            f"only tensors and numbers from pickle files, with --allow-pickle too: {fix}")

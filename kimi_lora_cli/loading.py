@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.errors import AdapterError, ConfigError, ModelLoadError
 from kimi_lora_cli.model_files import (  # noqa: F401 (re-exported: the core's public names)
+    ADAPTER_PICKLE_FIX,
     FINETUNE_WHISPER_PREFIX,
     INV_FREQ_SUFFIX,
+    MODEL_PICKLE_FIX,
     WHISPER_DIR,
     ModelInfo,
     inspect_folder,
@@ -292,6 +294,9 @@ def check_adapter_folder(folder: Path, allow_pickle: bool = False) -> None:
             raise AdapterError(
                 f"{folder / 'adapter_model.bin'}: pickle adapter; pass --allow-pickle if you trust it"
             )
+        from kimi_lora_cli.fileops import load_torch
+
+        load_torch(folder / "adapter_model.bin", AdapterError, ADAPTER_PICKLE_FIX)  # refused here, not inside peft
         return
     raise AdapterError(f"{folder}: no adapter_model.safetensors; the adapter folder is incomplete")
 

@@ -22,6 +22,9 @@ from kimi_lora_cli.models.kimi_audio.configuration import is_kimi_config
 WHISPER_DIR = "whisper-large-v3"
 INV_FREQ_SUFFIX = "rotary_emb.inv_freq"
 FINETUNE_WHISPER_PREFIX = "whisper_model.speech_encoder."  # the official fine-tune layout
+# How to get past a pickle weight file that is refused (fileops.load_torch), for models and adapters.
+MODEL_PICKLE_FIX = "use the release's .safetensors files, or convert the file with a tool you trust"
+ADAPTER_PICKLE_FIX = "use an adapter saved as adapter_model.safetensors (peft's default)"
 
 
 @dataclass
@@ -145,7 +148,12 @@ def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], dict[st
             raise ModelLoadError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e}); "
                                  "re-download it") from None
         files = sorted(set(weight_map.values()), key=lambda p: p.name)
+        inside = folder.resolve()
         for f in files:
+            if inside not in f.resolve().parents:
+                shown = next(v for k, v in data["weight_map"].items() if folder / v == f)
+                raise ModelLoadError(f"{index}: lists {shown!r}, a path outside the model folder {folder}; every "
+                                     "shard must be a file in that folder - re-download the index")
             if not f.is_file():
                 raise ModelLoadError(f"{f}: listed in {index.name} but missing; re-download the shard")
         return files, weight_map

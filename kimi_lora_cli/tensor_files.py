@@ -6,14 +6,14 @@ for every loader).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kimi_lora_cli.errors import KimiLoraError, ModelLoadError
-from kimi_lora_cli.model_files import read_safetensors_header
+from kimi_lora_cli.fileops import load_torch
+from kimi_lora_cli.model_files import MODEL_PICKLE_FIX, read_safetensors_header
 
 
 @contextmanager
@@ -36,29 +36,10 @@ def open_safetensors(path: Path) -> Iterator[Any]:
             raise ModelLoadError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
 
 
-def load_weights_only(path: Path, mmap: bool = False) -> Any:
-    """`torch.load(weights_only=True)`: plain tensors and containers only, so nothing in the file can
-    run; a pickled object is refused in one line that names its class."""
-    import pickle
-
-    import torch
-
-    try:
-        if mmap:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # also the legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"a pickled Python object ({found.group(1)})" if found else "data that is not plain tensors"
-        raise ModelLoadError(
-            f"{path}: holds {what}; weight files are read with torch.load(weights_only=True) only, so nothing in "
-            "them can run: re-save it as a dict of tensors (or safetensors), or re-download it") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); re-download it") from None
+def load_weights_only(path: Path, mmap: bool = False, fix: str = MODEL_PICKLE_FIX) -> Any:
+    """A pickled weight file read by the one pickle reader (`fileops.load_torch`: weights_only=True,
+    so nothing in it can run; a file holding Python objects is refused in one line ending in `fix`)."""
+    return load_torch(path, ModelLoadError, fix, mmap=mmap)
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], Any]]]:

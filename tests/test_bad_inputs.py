@@ -51,6 +51,27 @@ def _edit_adapter(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
+class _RunsCode:
+    """Unpickling this would call os.mkdir(path): the proof that a loader ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
+
+
+def _crafted_bin(adapter: Path, proof: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save({**state, "x": _RunsCode(str(proof))}, adapter / "adapter_model.bin")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_dir, tiny, tiny_speech_tokenizer_dir):
     from kimi_lora_cli.data.synthetic import write_synthetic_dataset
@@ -64,6 +85,9 @@ def world(tmp_path_factory, tiny_dir, tiny, tiny_speech_tokenizer_dir):
     (data.parent / "bad_utf8.jsonl").write_bytes(lines[0].encode() + b"\n" + b'{"task_type": "caf\xe9"}\n')
     (data.parent / "invalid.jsonl").write_text(lines[0] + "\n" + '{"task_type": oops}\n')
     (data.parent / "empty.jsonl").write_text("")
+    asr = json.loads(lines[0])
+    asr["task_type"] = "asr"  # the official loader would train this as text + speech
+    (data.parent / "asr_task.jsonl").write_text(lines[1] + "\n" + json.dumps(asr) + "\n")
     (root / "foreign").mkdir()
     (root / "foreign" / "mine.txt").write_text("a user's notes")
     (root / "notes.txt").write_text("a user's file")
@@ -87,6 +111,14 @@ def world(tmp_path_factory, tiny_dir, tiny, tiny_speech_tokenizer_dir):
     _edit_adapter(adapter, root / "bad_ad_targets", target_modules=5)
     shutil.copytree(adapter, root / "bad_ad_utf8")
     (root / "bad_ad_utf8" / "adapter_config.json").write_bytes(b"{\n\"r\": \"\xfe\"}")
+
+    _copy_model(model, root / "bad_index_escape")  # an index entry that points outside the folder
+    index = root / "bad_index_escape" / "model.safetensors.index.json"
+    body = json.loads(index.read_text())
+    body["weight_map"][next(iter(body["weight_map"]))] = "/etc/passwd"
+    index.write_text(json.dumps(body))
+    shutil.copytree(adapter, root / "bad_ad_pickle")  # --allow-pickle with a crafted .bin
+    _crafted_bin(root / "bad_ad_pickle", root / "code-ran")
 
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--model-name-or-path", str(model), "--data-path", str(data),
@@ -171,6 +203,10 @@ CASES = [
     ("train-data-invalid-json", train("-o", "{new}", data="{data_dir}/invalid.jsonl"), 1,
      ["invalid.jsonl:2: invalid JSON (Expecting value at column 15)"]),
     ("train-data-empty", train("-o", "{new}", data="{data_dir}/empty.jsonl"), 1, ["empty.jsonl: no usable samples"]),
+    ("train-data-folder", train("-o", "{new}", data="{data_dir}"), 1,
+     ["data: is a folder", "--data-path takes one jsonl file", "asr_task.jsonl"]),
+    ("train-task-type", train("-o", "{new}", data="{data_dir}/asr_task.jsonl"), 1,
+     ['asr_task.jsonl:2: unknown task_type "asr"', '"understanding"', '"speech_conversation"']),
     ("train-cfg-abc", train("-o", "{new}", model="{bad_cfg_abc}"), 1,
      ["config.json", "hidden_size = 'abc' is not valid"]),
     ("train-cfg-negative", train("-o", "{new}", model="{bad_cfg_negative}"), 1,
@@ -199,7 +235,12 @@ CASES = [
     ("prepare-o-in-model", prep("-o", "{model}/config.json"), 1, ["is inside the model folder"]),
     ("prepare-o-inside-model", prep("-o", "{model}/new.jsonl"), 1, ["is inside the model folder"]),
     ("prepare-o-folder", prep("-o", "{foreign}"), 1, ["is a folder"]),
-    ("prepare-o-exists", prep("-o", "{file}"), 1, ["already exists", "--overwrite"]),
+    ("prepare-o-exists", prep("-o", "{file}"), 1, ["already exists", "not a file `kimi-lora prepare` wrote",
+                                                    "never replaced"]),
+    ("prepare-o-foreign-overwrite", prep("-o", "{file}", "--overwrite"), 1,
+     ["not a file `kimi-lora prepare` wrote", "never replaced"]),
+    ("prepare-rejects-foreign-overwrite", prep("-o", "{new}", "--skip-bad", "--rejects", "{file}", "--overwrite"), 1,
+     ["--rejects", "not a file `kimi-lora prepare` wrote", "never replaced"]),
     ("prepare-o-inside-st", prep("--speech-tokenizer", "{st}", "-o", "{st}/o.jsonl"), 1,
      ["inside the speech tokenizer folder"]),
     ("prepare-rejects-is-data", prep("-o", "{new}", "--skip-bad", "--rejects", "{data}"), 1,
@@ -217,7 +258,10 @@ CASES = [
     ("prepare-data-invalid-json", prep("-o", "{new}", data="{data_dir}/invalid.jsonl"), 1,
      ["invalid.jsonl:2: invalid JSON (Expecting value at column 15)"]),
     ("prepare-data-empty", prep("-o", "{new}", data="{data_dir}/empty.jsonl"), 1, ["no samples (the file is empty)"]),
-    ("prepare-data-folder", prep("-o", "{new}", data="{foreign}"), 1, ["not a file"]),
+    ("prepare-data-folder", prep("-o", "{new}", data="{foreign}"), 1,
+     ["foreign: is a folder", "--data takes one jsonl file"]),
+    ("prepare-task-type", prep("-o", "{new}", data="{data_dir}/asr_task.jsonl"), 1,
+     ["asr_task.jsonl", 'unknown task_type "asr"']),
     ("prepare-cfg-abc", ["prepare", "-m", "{bad_cfg_abc}", "-d", "{data}", "-o", "{new}"], 1, ["hidden_size = 'abc'"]),
     ("prepare-cfg-utf8", ["prepare", "-m", "{bad_cfg_utf8}", "-d", "{data}", "-o", "{new}"], 1,
      ["config.json:1: not UTF-8"]),
@@ -234,10 +278,17 @@ CASES = [
     ("infer-data-invalid-json", infer(data="{data_dir}/invalid.jsonl"), 1,
      ["invalid.jsonl:2: invalid JSON (Expecting value at column 15)"]),
     ("infer-data-empty", infer(data="{data_dir}/empty.jsonl"), 1, ["no samples (the file is empty)"]),
+    ("infer-data-folder", infer(data="{data_dir}"), 1, ["data: is a folder", "--data takes one jsonl file"]),
+    ("infer-task-type", infer(data="{data_dir}/asr_task.jsonl"), 1,
+     ['asr_task.jsonl:2: unknown task_type "asr"', '"understanding"']),
     ("infer-cfg-negative", ["infer", "-m", "{bad_cfg_negative}", "-d", "{data}"], 1, ["num_hidden_layers = -2"]),
     ("infer-adapter-r", infer("-a", "{bad_ad_r}"), 1, ["adapter_config.json", "r = 'abc' is not valid"]),
     ("infer-adapter-alpha", infer("-a", "{bad_ad_alpha}"), 1, ["lora_alpha = 'x' is not valid"]),
     ("infer-adapter-targets", infer("-a", "{bad_ad_targets}"), 1, ["target_modules = 5 is not valid"]),
+    ("infer-index-escape", ["infer", "-m", "{bad_index_escape}", "-d", "{data}"], 1,
+     ["'/etc/passwd', a path outside the model folder"]),
+    ("infer-pickle-crafted", infer("-a", "{bad_ad_pickle}", "--allow-pickle", "--max-new-tokens", "1"), 1,
+     ["adapter_model.bin: refused - it holds Python objects (posix.mkdir), which could run code"]),
     # -- merge: outputs (items 1, 3), bases that cannot load (item 12), flags
     ("merge-o-is-model", merge("-o", "{model}"), 1, ["is the base model folder"]),
     ("merge-o-inside-model", merge("-o", "{model}/merged"), 1, ["is inside the base model folder"]),
@@ -252,6 +303,13 @@ CASES = [
     ("merge-o-is-file", merge("-o", "{file}"), 1, ["is a file, not a folder"]),
     ("merge-device", merge("-o", "{new}", "--device", "bogus"), 1, ["not a device"]),
     ("merge-shard-size", merge("-o", "{new}", "--max-shard-size", "lots"), 1, ["--max-shard-size"]),
+    ("merge-weights-nan", merge("-o", "{new}", "--weights", "nan"), 1, ["--weights nan", "not a finite number"]),
+    ("merge-weights-inf", merge("-o", "{new}", "--weights", "inf"), 1, ["--weights inf", "not a finite number"]),
+    ("merge-weights-minus-inf", merge("-o", "{new}", "--weights", "-inf"), 1, ["not a finite number"]),
+    ("merge-index-escape", ["merge", "-m", "{bad_index_escape}", "-a", "{adapter}", "-o", "{new}"], 1,
+     ["'/etc/passwd', a path outside the model folder"]),
+    ("merge-pickle-crafted", merge("-o", "{new}", "--allow-pickle", adapter="{bad_ad_pickle}"), 1,
+     ["adapter_model.bin: refused - it holds Python objects (posix.mkdir), which could run code"]),
     ("merge-cfg-abc", ["merge", "-m", "{bad_cfg_abc}", "-a", "{adapter}", "-o", "{new}"], 1, ["hidden_size = 'abc'"]),
     ("merge-cfg-negative", ["merge", "-m", "{bad_cfg_negative}", "-a", "{adapter}", "-o", "{new}"], 1,
      ["num_hidden_layers = -2"]),
@@ -281,6 +339,10 @@ CASES = [
     ("inspect-adapter-alpha", ["inspect-adapter", "{bad_ad_alpha}"], 1, ["lora_alpha = 'x' is not valid"]),
     ("inspect-adapter-targets", ["inspect-adapter", "{bad_ad_targets}"], 1, ["target_modules = 5 is not valid"]),
     ("inspect-adapter-utf8", ["inspect-adapter", "{bad_ad_utf8}"], 1, ["not UTF-8"]),
+    ("inspect-pickle-crafted", ["inspect-adapter", "{bad_ad_pickle}", "--allow-pickle"], 1,
+     ["adapter_model.bin: refused - it holds Python objects (posix.mkdir), which could run code"]),
+    ("inspect-base-index-escape", ["inspect-adapter", "{adapter}", "--base", "{bad_index_escape}"], 1,
+     ["a path outside the model folder"]),
     ("inspect-top", ["inspect-adapter", "{adapter}", "--top", "-1"], 2, ["--top", "greater than or equal to 0"]),
     # -- list-modules: configs (item 12)
     ("list-cfg-abc", ["list-modules", "{bad_cfg_abc}"], 1, ["hidden_size = 'abc'"]),
@@ -318,6 +380,7 @@ def test_bad_input(world, tmp_path, argv, code, words):
     assert text.count("Error") == 1, result.stderr  # one message
     for w in words:
         assert w in text, f"{w!r} not in {text!r}"
+    assert "weights_only=False" not in text and "unexpected" not in text
     assert snapshot(world) == before, "an input changed"
     assert not new.exists() and list(tmp_path.iterdir()) == []
 

@@ -81,3 +81,20 @@ def test_debug_env_shows_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kimi_lora_cli", "list-modules", str(tmp_path / "missing")],
                           capture_output=True, text=True, env={**os.environ, "KIMI_LORA_DEBUG": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_list_modules_at_80_columns_never_breaks_a_name(cli, tiny_dir, monkeypatch):
+    from kimi_lora_cli.cli._output import out as console
+
+    code, payload, _ = cli("list-modules", tiny_dir, "--json")
+    names = {m["name"] for m in json.loads(payload)["modules"]}
+    monkeypatch.setattr(console, "width", 80)
+    code, out, _ = cli("list-modules", tiny_dir)
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= 80
+    cells = {line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")}
+    patterns = {c for c in cells if c}
+    # every pattern cell is a whole module pattern (one line), covering the module names
+    assert "model.mimo_layers.{0-1}.self_attn.k_proj" in patterns and "lm_head" in patterns
+    assert all(c.startswith(("model.", "whisper.")) or c in ("lm_head", "mimo_output") for c in patterns)
+    assert len(patterns) < len(names) and "--json has them" in " ".join(out.split())

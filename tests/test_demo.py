@@ -16,8 +16,17 @@ def test_demo_runs_and_its_claims_hold(cli, tmp_path):
     work = tmp_path / "demo"
     code, out, err = cli("demo", "--workdir", work)
     assert code == 0, err
-    for step in ("list-modules", "train", "inspect-adapter", "merge", "infer"):
+    for step in ("prepare", "list-modules", "train", "inspect-adapter", "merge", "infer"):
         assert f"$ kimi-lora {step} " in err  # each step shows its standalone command
+    said = " ".join(err.split())
+    assert f"Demo folder: {work.resolve()}" in said and f"is in {work.resolve()}" in " ".join(out.split())
+    # prepare turned the raw clips (no audio_tokens) into the training data with the tiny speech tokenizer
+    raw = [json.loads(x) for x in (work / "data" / "raw.jsonl").read_text().splitlines()]
+    prepared = [json.loads(x) for x in (work / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(raw) == len(prepared) == 8
+    assert not any("audio_tokens" in m for r in raw for m in r["conversation"])
+    assert all(m["audio_tokens"] for r in prepared for m in r["conversation"] if m["message_type"] == "audio")
+    assert f"--speech-tokenizer {work / 'glm-4-voice-tokenizer-tiny'}" in said
 
     # the spoken answer: a 24 kHz 16-bit WAV of 4 x 480 samples per audio code, named in its jsonl
     import soundfile as sf
@@ -63,3 +72,13 @@ def test_demo_refuses_a_folder_it_did_not_make(cli, tmp_path):
     code, _, err = cli("demo", "--workdir", tmp_path)
     assert code != 0 and "not made by `kimi-lora demo`" in err
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_the_default_demo_folder_is_ignored_by_git():
+    """`kimi-lora demo` run from the checkout (the quickstart) leaves no untracked folder behind."""
+    from pathlib import Path
+
+    from kimi_lora_cli.cli.demo import DEFAULT_WORKDIR
+
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+    assert f"/{DEFAULT_WORKDIR}/" in ignored

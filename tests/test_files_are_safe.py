@@ -281,7 +281,7 @@ def test_read_only_or_forbidden_output_is_named(cli, tiny_dir, data, tmp_path, m
     import builtins
 
     import kimi_lora_cli.data.prepare as prepare_mod
-    import kimi_lora_cli.inference.runner as runner_mod
+    import kimi_lora_cli.inference.predictions as predictions_mod
 
     def refusing_open(path, mode="r", *args, **kwargs):
         if any(m in mode for m in "wa+"):
@@ -289,14 +289,14 @@ def test_read_only_or_forbidden_output_is_named(cli, tiny_dir, data, tmp_path, m
         return builtins.open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(prepare_mod, "open", refusing_open, raising=False)
-    monkeypatch.setattr(runner_mod, "open", refusing_open, raising=False)
+    monkeypatch.setattr(predictions_mod, "open", refusing_open, raising=False)
     out = tmp_path / "ro" / "out.jsonl"
     code, _, stderr = cli("prepare", "-m", tiny_dir, "-d", data, "-o", out)
     text = " ".join(stderr.split())
     assert code == 1 and f"{out}.partial: {cause}" in text and not out.exists()
     preds = tmp_path / "ro" / "preds.jsonl"
     code, _, stderr = cli("infer", "-m", tiny_dir, "-d", data, "-o", preds, "--max-new-tokens", "2")
-    assert code == 1 and f"{preds}: {cause}" in " ".join(stderr.split()) and not preds.exists()
+    assert code == 1 and f"{preds}.partial: {cause}" in " ".join(stderr.split()) and not preds.exists()
 
 
 # -------------------------------------------------------------------------------------------
@@ -364,3 +364,325 @@ def test_feature_cache_drops_only_dead_runs_temporary_files(tiny, tmp_path):
         f.write_bytes(b"partial")
     FeatureStore(tiny.feature_encoder, cache_dir=tmp_path)
     assert not dead.exists() and mine.exists() and other.exists()
+
+
+# -------------------------------------------------------------------------------------------
+# Issue 22: concurrent runs, kills at named moments, full disks, crafted pickles
+# -------------------------------------------------------------------------------------------
+
+PAUSE = REPO / "tests" / "_pause_at.py"
+
+
+def _paused(where: Path, call: str, pattern: str, *args) -> tuple[subprocess.Popen, dict]:
+    """A real `kimi-lora` process stopped for good at the first `call` on a path matching `pattern`
+    (see tests/_pause_at.py); returns it once it got there."""
+    import time
+
+    ready = where / "paused.json"
+    ready.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, str(PAUSE), str(ready), call, pattern, *map(str, args)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(6000):  # a bound, not a timing: the run normally gets there in seconds
+        if ready.exists():
+            return proc, json.loads(ready.read_text())
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {call} {pattern}: {proc.communicate()[1]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"the run never reached {call} {pattern}")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.communicate()
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture()
+def spare(tmp_path):
+    """A folder for the pause marker, outside every output."""
+    (tmp_path / "spare").mkdir()
+    return tmp_path / "spare"
+
+
+def test_two_prepares_into_one_output(cli, tiny_dir, data, tmp_path, spare):
+    """The second run is refused in one line naming the first; after the first is killed, the
+    second takes over and the output is all its own lines (no torn or foreign line)."""
+    out = tmp_path / "out" / "prep.jsonl"
+    other = shutil.copytree(data.parent, tmp_path / "b-data") / "b.jsonl"  # the same clips, 2 lines
+    other.write_text("".join(line + "\n" for line in data.read_text().splitlines()[:2]))
+    first, _ = _paused(spare, "open", f"{out}.partial*", "prepare", "-m", tiny_dir, "-d", data, "-o", out)
+    try:
+        code, _, stderr = cli("prepare", "-m", tiny_dir, "-d", other, "-o", out)
+        text = " ".join(stderr.split())
+        assert code == 1 and f"{out} is in use by `kimi-lora prepare` (pid {first.pid}" in text, text
+    finally:
+        _kill(first)
+    code, stdout, stderr = cli("prepare", "-m", tiny_dir, "-d", other, "-o", out)
+    assert code == 0, stderr
+    assert f"took over the lock of an earlier `kimi-lora prepare` (pid {first.pid})" in " ".join(stderr.split())
+    assert len(_lines(out)) == 2 and "Wrote" in stdout
+    assert sorted(p.name for p in out.parent.iterdir()) == [".prep.jsonl.kimi-lora.json", "prep.jsonl"]
+
+
+def test_two_infers_into_one_output(cli, tiny_dir, data, tmp_path, spare):
+    out = tmp_path / "preds.jsonl"
+    args = ("infer", "-m", tiny_dir, "-d", data, "-o", out, "--max-new-tokens", "2", "--device", "cpu")
+    first, _ = _paused(spare, "open", f"{out}*", *args)
+    try:
+        code, _, stderr = cli(*args, "--seed", "3")
+        text = " ".join(stderr.split())
+        assert code == 1 and f"{out} is in use by `kimi-lora infer` (pid {first.pid}" in text, text
+        assert not out.exists()
+    finally:
+        _kill(first)
+    code, _, stderr = cli(*args)
+    assert code == 0, stderr
+    records = _lines(out)
+    assert len(records) == 4 and len({r["id"] for r in records}) == 4
+    assert not list(tmp_path.glob("preds.jsonl.*")) and not list(tmp_path.glob(".preds.jsonl.*"))
+
+
+def test_two_merges_into_one_output(cli, tiny_dir, tmp_path, spare):
+    from adapter_helpers import make_adapter
+
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter", "q_proj")
+    out = tmp_path / "merged"
+    args = ("merge", "-m", tiny_dir, "-a", adapter, "-o", out, "--overwrite")
+    first, _ = _paused(spare, "mkdir", str(tmp_path / ".merged.partial-*"), *args)
+    try:
+        code, _, stderr = cli(*args)
+        text = " ".join(stderr.split())
+        assert code == 1 and f"{out} is in use by `kimi-lora merge` (pid {first.pid}" in text, text
+    finally:
+        _kill(first)
+    code, _, stderr = cli(*args)
+    assert code == 0, stderr and (out / "config.json").is_file()
+
+
+def test_a_merge_killed_while_removing_the_old_output_is_cleaned(cli, tiny_dir, tmp_path, spare):
+    from adapter_helpers import make_adapter
+
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter", "q_proj")
+    out = tmp_path / "merged"
+    args = ("merge", "-m", tiny_dir, "-a", adapter, "-o", out, "--overwrite")
+    assert cli(*args)[0] == 0
+    proc, at = _paused(spare, "rmdir", str(tmp_path / ".merged.old-*"), *args)  # its files are gone already
+    _kill(proc)
+    left = Path(at["path"])
+    assert left.is_dir() and not (left / ".kimi-lora.json").exists()
+    code, _, stderr = cli(*args)
+    assert code == 0, stderr
+    assert not left.exists() and f"removed{left}" in "".join(stderr.split())  # rich may wrap inside the path
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_merge_killed_right_after_creating_its_partial_folder_is_cleaned(cli, tiny_dir, tmp_path, spare):
+    from adapter_helpers import make_adapter
+
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter", "q_proj")
+    out = tmp_path / "merged"
+    args = ("merge", "-m", tiny_dir, "-a", adapter, "-o", out)
+    proc, _ = _paused(spare, "open", str(tmp_path / ".merged.partial-*" / "*kimi-lora.json*"), *args)
+    _kill(proc)
+    left = tmp_path / f".merged.partial-{proc.pid}"
+    assert left.is_dir() and not (left / ".kimi-lora.json").exists()
+    code, _, stderr = cli(*args)
+    assert code == 0, stderr
+    assert not left.exists() and f"removed{left}" in "".join(stderr.split()) and (out / "config.json").is_file()
+
+
+def test_a_train_killed_while_starting_a_checkpoint_is_cleaned_by_the_resume(cli, tiny_dir, data, tmp_path, spare):
+    out = tmp_path / "run"
+    args = train_args(tiny_dir, data, out)
+    proc, _ = _paused(spare, "open", str(out / ".tmp-checkpoint-2-*" / "*kimi-lora.json*"), *args)
+    _kill(proc)
+    left = list(out.glob(".tmp-checkpoint-2-*"))
+    assert len(left) == 1 and not (left[0] / ".kimi-lora.json").exists()
+    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--resume-from-checkpoint", "latest"))
+    assert code == 0, stderr
+    assert not left[0].exists() and "removed 1 unfinished entries of an interrupted run" in " ".join(stderr.split())
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+class _FullDisk:
+    """A file whose writes fail as a full disk does: OSError ENOSPC without a file name."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _disk_full_for(monkeypatch, name: str) -> None:
+    """Every open-for-writing of a file whose path starts with `name` gets a full disk."""
+    import builtins
+    import io
+
+    real = builtins.open
+
+    def opening(file, mode="r", *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        if any(m in mode for m in "wax+") and os.fspath(file).startswith(name):
+            return _FullDisk(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", opening)
+    monkeypatch.setattr(io, "open", opening)
+
+
+def test_full_disk_after_the_final_adapter_names_the_file_and_says_it_is_complete(cli, tiny_dir, data, tmp_path,
+                                                                                 monkeypatch):
+    out = tmp_path / "run"
+    _disk_full_for(monkeypatch, str(out / ".README.md"))  # the card, written aside first
+    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--save-steps", "1000"))
+    text = " ".join(stderr.split())
+    assert code == 1 and "Traceback" not in stderr and text.count("Error") == 1, text
+    assert f"{out / 'README.md'}: no space left on the device (ENOSPC)" in text
+    assert "the adapter in" in text and "is complete and loads (step 2)" in text
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")] and not (out / ".kimi-lora.lock").exists()
+    assert load_file(str(out / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("save_steps", ["1", "1000"])
+def test_full_disk_in_the_final_save_says_how_to_finish_and_that_works(cli, tiny_dir, data, tmp_path, monkeypatch,
+                                                                       save_steps):
+    """With a checkpoint: resume from it. Without (the run died before its first checkpoint): the
+    same command starts over in the folder - and a resume says so instead of sending the user
+    back and forth (item 5)."""
+    import peft.peft_model
+
+    out = tmp_path / "run"
+    real = peft.peft_model.safe_save_file
+
+    def full_for_the_final(tensors, filename, *args, **kwargs):  # as safetensors reports it
+        if ".tmp-final-" in str(filename):
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_for_the_final)
+    args = train_args(tiny_dir, data, out, "--save-steps", save_steps)
+    code, _, stderr = cli(*args)
+    text = " ".join(stderr.split())
+    assert code == 1 and "(ENOSPC)" in text and "adapter_model.safetensors" in text and "Traceback" not in stderr
+    assert "the final adapter was not saved" in text
+    assert not list(out.glob(".tmp-*")) and not (out / ".kimi-lora.lock").exists()
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", real)  # space freed
+    if save_steps == "1":
+        assert "--resume-from-checkpoint latest (continues from checkpoint-2)" in text
+        code, _, stderr = cli(*args, "--resume-from-checkpoint", "latest")
+    else:
+        assert "rerun the same command" in text
+        code, _, stderr = cli(*args, "--resume-from-checkpoint", "latest")
+        text = " ".join(stderr.split())
+        assert code == 1 and "drop --resume-from-checkpoint to start over in this folder" in text, text
+        code, _, stderr = cli(*args)
+        assert "stopped before its first checkpoint; starting over" in " ".join(stderr.split())
+        assert list((out / "logs").glob("metrics.*.jsonl"))  # the earlier run's metrics kept aside
+    assert code == 0, stderr
+    assert load_file(str(out / "adapter_model.safetensors"))
+
+
+def test_a_real_full_disk_is_named(tiny_dir, data, tmp_path):
+    """A 16 KiB tmpfs (needs root and mount; skipped elsewhere)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        out = mnt / "run"
+        proc = subprocess.run([sys.executable, "-m", "kimi_lora_cli", *map(str, train_args(tiny_dir, data, out))],
+                              env=ENV, capture_output=True, text=True, timeout=300)
+        text = " ".join(proc.stderr.split())
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and text.count("Error:") == 1, text
+        assert ": no space left on the device (ENOSPC)" in text and f"Error: {mnt}" in text
+        assert "unexpected" not in text and not (out / ".kimi-lora.lock").exists()
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_crafted_pickle_gets_the_same_refusal_in_every_command(cli, tiny_dir, tmp_path):
+    from adapter_helpers import make_adapter
+
+    proof = tmp_path / "code-ran"
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter", "q_proj")
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save({**state, "x": RunsCode(str(proof))}, adapter / "adapter_model.bin")
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    for f in [*model.glob("model-*.safetensors"), model / "model.safetensors.index.json"]:
+        f.unlink()
+    torch.save({"x": RunsCode(str(proof))}, model / "pytorch_model.bin")
+    runs = {
+        "infer-adapter": (adapter / "adapter_model.bin", ["infer", "-m", tiny_dir, "-a", adapter, "--prompt", "hi",
+                                                          "--max-new-tokens", "1", "--allow-pickle"]),
+        "merge": (adapter / "adapter_model.bin", ["merge", "-m", tiny_dir, "-a", adapter, "-o", tmp_path / "m",
+                                                  "--allow-pickle"]),
+        "inspect-adapter": (adapter / "adapter_model.bin", ["inspect-adapter", adapter, "--allow-pickle"]),
+        "infer-model": (model / "pytorch_model.bin", ["infer", "-m", model, "--prompt", "hi", "--max-new-tokens", "1",
+                                                      "--allow-pickle"]),
+    }
+    for name, (path, argv) in runs.items():
+        code, _, stderr = cli(*argv)
+        text = " ".join(stderr.split())
+        assert code == 1 and not proof.exists(), (name, text)
+        assert f"{path}: refused - it holds Python objects (posix.mkdir), which could run code" in text, (name, text)
+        assert "weights_only=False" not in text and "unexpected" not in text, (name, text)
+
+
+def test_a_resume_mismatch_points_at_the_folder_in_use(cli, tiny_dir, data, finished_run, tmp_path):
+    out = shutil.copytree(finished_run, tmp_path / "moved")
+    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--resume-from-checkpoint", "latest", "--lora-rank", "4"))
+    text = " ".join(stderr.split())
+    assert code == 1 and f"--config {out / 'train_config.yaml'}" in text, text
+
+
+def test_a_train_failing_before_it_starts_leaves_no_folder(cli, tiny_dir, data, tmp_path):
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    shard = sorted(model.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])  # the header reads, the tensors do not
+    out = tmp_path / "run"
+    code, _, stderr = cli(*train_args(model, data, out))
+    assert code == 1 and "Traceback" not in stderr, stderr
+    assert not out.exists()
+
+
+def test_copy_errors_name_the_file_that_could_not_be_written():
+    from kimi_lora_cli.fileops import describe_os_error
+
+    text = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/src/a.bin", None, "/dst/a.bin"))
+    assert text.startswith("/dst/a.bin: no space left on the device (copying /src/a.bin) (ENOSPC)")
+    assert "--max-shard-size" not in describe_os_error(OSError(errno.EFBIG, "File too large", "/x"))
+
+
+def test_prepare_prints_no_empty_progress_line(cli, tiny_dir, data, tmp_path):
+    code, _, stderr = cli("prepare", "-m", tiny_dir, "-d", data, "-o", tmp_path / "p.jsonl")
+    assert code == 0, stderr
+    assert "prepare: 0/" not in stderr
+
+
+def test_prepare_overwrite_replaces_only_its_own_files(cli, tiny_dir, data, tmp_path):
+    out = tmp_path / "p.jsonl"
+    assert cli("prepare", "-m", tiny_dir, "-d", data, "-o", out)[0] == 0
+    code, _, stderr = cli("prepare", "-m", tiny_dir, "-d", data, "-o", out)
+    assert code == 1 and "written by an earlier `kimi-lora prepare`); pass --overwrite" in " ".join(stderr.split())
+    assert cli("prepare", "-m", tiny_dir, "-d", data, "-o", out, "--overwrite")[0] == 0
+    out.write_text(out.read_text() + "\n")  # edited by the user since: no longer prepare's file
+    code, _, stderr = cli("prepare", "-m", tiny_dir, "-d", data, "-o", out, "--overwrite")
+    assert code == 1 and "is not a file `kimi-lora prepare` wrote" in " ".join(stderr.split())
+    assert out.read_text().endswith("\n\n")

@@ -91,7 +91,9 @@ def test_a_separate_detokenizer_folder_and_the_json_report(cli, tiny_dir, tiny_d
                          tiny_detok_dir, "--ode-steps", "4", "--json", *SAMPLING)
     assert code == 0, err
     payload = json.loads(out)
-    assert payload["audio_dir"] == str(wavs) and payload["notes"] == []
+    assert payload["audio_dir"] == str(wavs)
+    # the only note: answers cut by the 30-step budget (no detokenizer or WAV problem)
+    assert all("reached --max-new-tokens 30 before ending" in n for n in payload["notes"])
     spoken = [r for r in payload["predictions"] if r["audio_tokens"]]
     assert spoken and all(sf.info(r["audio_path"]).frames == len(r["audio_tokens"]) * 1920 for r in spoken)
 
@@ -118,3 +120,18 @@ def test_missing_detokenizer_and_foreign_folders_are_refused_before_loading(cli,
     code, _, err = cli("infer", "-m", speech_model, "-d", speech_data, "--audio-dir", mine, *SAMPLING)
     assert code == 1 and "was not made by `kimi-lora infer`" in err
     assert [p.name for p in mine.iterdir()] == ["song.wav"] and (mine / "song.wav").read_bytes() == b"keep"
+
+
+def test_no_wav_at_all_is_said_with_the_reason(cli, speech_model, speech_data, tmp_path):
+    """One step is less than the audio delay: no answer can hold an audio code, so no WAV is written."""
+    wavs = tmp_path / "wavs"
+    code, out, err = cli("infer", "-m", speech_model, "-d", speech_data, "--audio-dir", wavs, "--max-new-tokens", "1")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "spoken answers in" not in said and "no spoken answer" in said
+    assert f"no spoken answer was produced, so {wavs} holds no WAV" in said and "raise --max-new-tokens" in said
+    assert not list(wavs.glob("*.wav"))
+    code, out, err = cli("infer", "-m", speech_model, "-d", speech_data, "--audio-dir", tmp_path / "w2",
+                         "--max-new-tokens", "1", "--json")
+    payload = json.loads(out)
+    assert payload["spoken_answers"] == 0 and any("no spoken answer was produced" in n for n in payload["notes"])

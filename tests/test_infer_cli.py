@@ -182,3 +182,46 @@ def test_output_type_both_returns_audio_codes_and_says_how_to_get_a_waveform(cli
 def test_bad_options_are_one_line_errors(cli, tiny_dir, asr_data, args, message):
     code, _, err = cli("infer", "-m", tiny_dir, "-d", asr_data, *args)
     assert code == 1 and message in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def endless_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with an all-zero lm_head: every text logit ties, greedy picks token 0 for ever and
+    never says text_eos (a model that does not stop, on any machine)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path_factory.mktemp("endless") / "Kimi-Audio-tiny"
+    shutil.copytree(tiny_dir, target)
+    index = json.loads((target / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = target / index["lm_head.weight"]
+    tensors = load_file(str(shard))
+    tensors["lm_head.weight"] = torch.zeros_like(tensors["lm_head.weight"])
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return target
+
+
+def test_default_budget_stops_a_model_that_never_ends_and_cells_fit_the_terminal(cli, endless_dir, asr_data,
+                                                                               tmp_path, monkeypatch):
+    from kimi_lora_cli.cli._output import out as console
+    from kimi_lora_cli.inference.runner import DEFAULT_TEXT_STEPS
+
+    monkeypatch.setattr(console, "width", 80)
+    preds = tmp_path / "preds.jsonl"
+    code, stdout, err = cli("infer", "-m", endless_dir, "-d", asr_data, "-o", preds)
+    assert code == 0, err
+    records = _records(preds)
+    assert {r["new_tokens"] for r in records} == {DEFAULT_TEXT_STEPS} and {r["finish"] for r in records} == {"length"}
+    assert all(len(r["prediction"]) >= DEFAULT_TEXT_STEPS for r in records)  # the full text stays in the file
+    said = " ".join(stdout.split())
+    assert f"4 of 4 answers reached the default budget ({DEFAULT_TEXT_STEPS} steps" in said
+    assert f"Long cells are cut to about 3 lines; the full text is in {preds}" in said
+    assert max(len(line) for line in stdout.splitlines()) <= 80
+    table = stdout.split("Predictions", 1)[1].split("Long cells")[0]
+    assert len(table.splitlines()) <= 4 * (3 + 1) + 4  # four rows of at most 3 lines, rules and header
+    assert "\u2026" in table
+
+    code, stdout, err = cli("infer", "-m", endless_dir, "-d", asr_data, "--max-new-tokens", "5")
+    assert code == 0, err
+    assert "4 of 4 answers reached --max-new-tokens 5 before ending" in " ".join(stdout.split())

@@ -356,7 +356,7 @@ def test_refusals(corpus, tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="--output must differ from --data"):
         prepare(PrepareSpec(model=tiny_dir, data=data, output=data))
     (tmp_path / "done.jsonl").write_text("{}\n")
-    with pytest.raises(ConfigError, match="already exists .* pass --overwrite"):
+    with pytest.raises(ConfigError, match="already exists and is not a file `kimi-lora prepare` wrote"):
         prepare(PrepareSpec(model=tiny_dir, data=data, output=tmp_path / "done.jsonl", speech_tokenizer=big))
 
 
@@ -373,3 +373,19 @@ def test_feature_encoder_alone_matches_load_model(tmp_path, layout, corpus):
     wave = load_audio(corpus / "audio" / "a.wav")
     full = load_model(folder, dtype="float32", load_tokenizer_=False).feature_encoder
     torch.testing.assert_close(enc.encode(wave), full.encode(wave), rtol=0, atol=0)
+
+
+def test_skip_bad_with_every_line_bad_fails_and_names_the_rejects(corpus, tiny_dir, st_dir, cli):
+    data = write_jsonl(corpus / "allbad.jsonl", [asr_line("audio/missing.wav"), asr_line("audio/corrupt.wav")])
+    out = corpus / "allbad.out.jsonl"
+    code, stdout, stderr = cli("prepare", "-m", tiny_dir, "--speech-tokenizer", st_dir, "-d", data, "-o", out,
+                               "--skip-bad")
+    said = " ".join(stderr.split())
+    assert code == 1 and "Traceback" not in stderr
+    rejects = corpus / "allbad.out.rejects.jsonl"
+    assert "none of its 2 lines is usable" in said and str(rejects) in said
+    assert "was not needed" not in said + stdout  # the speech tokenizer was needed; no line reached it
+    assert not out.exists() and [r["line"] for r in read_jsonl(rejects)] == [1, 2]
+    code, _, stderr = cli("prepare", "-m", tiny_dir, "--speech-tokenizer", st_dir, "-d", data, "-o", out,
+                          "--skip-bad", "--overwrite")
+    assert code == 1 and "none of its 2 lines is usable" in " ".join(stderr.split())

@@ -90,7 +90,7 @@ def test_yaml_config_with_flags_overriding(cli, tiny_dir, data, tmp_path):
     (["--lora-rank", "4"], "--lora-rank is a LoRA option but --use-lora is not set"),
     (["--use-lora", "--lora-target", "nothing_here"], "target 'nothing_here' matches no linear layer"),
     (["--use-lora", "--too-long", "maybe"], "--too-long must be error, skip or truncate"),
-    (["--use-lora", "--resume-from-checkpoint", "latest"], "no checkpoint-N folder to resume from"),
+    (["--use-lora", "--resume-from-checkpoint", "latest"], "does not exist; pass the --output-dir of the run to resume"),
 ])
 def test_bad_options_give_one_line_errors(cli, tiny_dir, data, tmp_path, args, message):
     code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir",
@@ -303,8 +303,129 @@ def test_progress_bar_keeps_the_last_logged_values_between_log_steps():
            "tokens_per_second": 123.0}
     reporter.step(1, 10, None)
     assert reporter._progress.tasks[0].fields["info"] == ""  # nothing logged yet: no made-up zeros
+    assert "loss" not in reporter._progress.tasks[0].fields["head"]
     reporter.step(2, 10, rec)
     reporter.step(3, 10, None)
-    info = reporter._progress.tasks[0].fields["info"]
+    fields = reporter._progress.tasks[0].fields
     reporter.stop()
-    assert "loss 3.2500 (text 3.0000 audio 0.2500)" in info and "123 tok/s" in info
+    assert "3/10 loss 3.2500 eta" in fields["head"]
+    assert "(text 3.0000 audio 0.2500)" in fields["info"] and "123 tok/s" in fields["info"]
+
+
+def test_trainer_state_records_the_epochs_max_steps_plans(cli, tiny_dir, data, tmp_path):
+    """4 samples, batch 4: one step per epoch, so --max-steps 3 plans 3 epochs whatever --num-train-epochs says."""
+    out = tmp_path / "out"
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                          "--use-lora", "--num-train-epochs", "1", "--max-steps", "3",
+                          "--per-device-train-batch-size", "4", "--device", "cpu")
+    assert code == 0, stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["epoch"] == 3.0 and state["num_train_epochs"] == 3.0
+
+
+def test_a_line_says_why_there_is_no_loss_plot(cli, tiny_dir, data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on an install without the [plot] extra
+    out = tmp_path / "out"
+    code, stdout, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                               "--use-lora", "--max-steps", "1", "--device", "cpu")
+    assert code == 0, stderr
+    assert not (out / "loss_curve.png").exists()
+    said = " ".join(stderr.split())
+    assert "no loss_curve.png" in said and "matplotlib" in said and "kimi-lora[plot]" in said
+
+
+def test_the_output_folder_and_full_fine_tuning_by_omission_are_said_before_loading(cli, tiny_dir, data, tmp_path):
+    out = tmp_path / "full"
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                          "--max-steps", "1", "--device", "cpu")
+    assert code == 0, stderr
+    said = " ".join(stderr.split())
+    warning = said.index("Warning: no --use-lora, so this is full fine-tuning")
+    assert warning < said.index("Loading") and "add --use-lora" in said
+    assert said.index(f"Output {out}") < said.index("Loading")
+
+
+def test_mimo_targets_without_spoken_answers_are_explained(cli, tiny_dir, data, tmp_path):
+    """ASR data (no assistant audio): the mimo layers get no loss, so their LoRA update stays zero."""
+    out = tmp_path / "asr"
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
+                          "--use-lora", "--max-steps", "2", "--learning-rate", "1e-2", "--device", "cpu")
+    assert code == 0, stderr
+    said = " ".join(stderr.split())
+    assert "Hint:" in said and "mimo (audio output) layers" in said and "backbone,text,adaptor" in said
+    assert said.index("Hint:") < said.index("Loading")
+    code, stdout, _ = cli("inspect-adapter", out, "--stats")
+    shown = " ".join(stdout.split())
+    assert "have a zero update (e.g. " in shown and "mimo_layers" in shown
+    assert "all are mimo (audio output) layers, which get no loss" in shown
+    # with the mimo layers left out, nothing is hinted and no update is zero
+    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir",
+                          tmp_path / "text", "--use-lora", "--lora-target", "backbone,text,adaptor", "--max-steps", "2",
+                          "--learning-rate", "1e-2", "--device", "cpu")
+    assert code == 0 and "Hint:" not in stderr
+    code, stdout, _ = cli("inspect-adapter", tmp_path / "text", "--stats")
+    assert "zero update" not in stdout
+
+
+def test_paths_are_recorded_absolute_and_a_resume_works_from_another_folder(cli, tiny_dir, data, tmp_path,
+                                                                            monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, stderr = cli("train", "--model-name-or-path", os.path.relpath(tiny_dir), "--data-path",
+                          os.path.relpath(data), "--output-dir", "out", "--use-lora", "--max-steps", "2",
+                          "--save-steps", "1", "--device", "cpu")
+    assert code == 0, stderr
+    out = work / "out"
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["model_name_or_path"] == str(tiny_dir) and saved["data_path"] == str(data)
+    assert saved["output_dir"] == str(out)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir)
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_dir}" in card and f"kimi-lora infer -m {tiny_dir} --adapter ." in card
+    assert f"[Kimi-Audio]({tiny_dir})" in card and f"`{data}`" in card
+
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded config still finds everything
+    code, _, stderr = cli("train", "--config", "work/out/train_config.yaml", "--resume-from-checkpoint", "latest",
+                          "--max-steps", "3")
+    assert code == 0, stderr
+    assert "Resuming" in stderr and json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_80_columns_keep_step_loss_and_eta_first(tiny_dir):
+    """A narrow terminal cuts the details at the end of the live line, never the step, loss or ETA."""
+    import io
+
+    from rich.console import Console
+
+    from kimi_lora_cli.training.reporting import Reporter
+
+    buf = io.StringIO()
+    reporter = Reporter(console=Console(file=buf, force_terminal=True, width=80, color_system=None),
+                        rich_progress=True)
+    reporter.start(100, 0)
+    reporter.step(15, 100, {"epoch": 3.75, "loss": 4.4685, "text_loss": 3.0, "audio_loss": 1.4685,
+                            "learning_rate": 1e-4, "tokens_per_second": 3017.0})
+    reporter.stop()
+    last = buf.getvalue().split("\r")[-1].split("\n")[0].replace("\x1b[2K", "")
+    assert last.startswith("train 15/100 loss 4.4685 eta ") and len(last) <= 80
+    assert "\u2501" in last  # the bar is still there
+
+
+def test_train_help_reads_at_80_columns():
+    from typer.testing import CliRunner
+
+    from kimi_lora_cli.cli.app import app
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "80"}, catch_exceptions=False)
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and len(lines) < 220
+    text = result.stdout
+    for name in ("--per-device-train-batch-size", "--resume-from-checkpoint", "--load-best-model-at-end",
+                 "--gradient-checkpointing", "--feature-cache-dir"):
+        assert name in text  # whole, never broken over two lines
+    # the description of an option is one paragraph, wrapped at spaces only
+    assert "Keep only the newest N checkpoints (and the best)." in " ".join(text.split())
+    words = set(" ".join(text.split()).split())
+    assert "checkpoints" in words and "checkpoi" not in words

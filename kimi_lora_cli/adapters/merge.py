@@ -12,9 +12,10 @@ and a 64 MB float32 work block - never a whole shard, whatever the model size.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,6 +120,10 @@ def prepare_merge(spec: MergeSpec) -> tuple[BaseCheckpoint, list[Adapter], list[
     if len(weights) != len(spec.adapters):
         raise ConfigError(f"--weights has {len(weights)} values for {len(spec.adapters)} adapters; "
                           "give one weight per --adapter, e.g. --weights 0.7,0.3")
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise ConfigError(f"--weights {','.join(str(w) for w in weights)}: {bad[0]} is not a finite number; give "
+                          "one finite weight per --adapter, e.g. --weights 0.7,0.3")
     out_dtype = _resolve_out_dtype(spec.dtype)
     base = read_base(spec.model)
     adapters = [read_adapter(p, allow_pickle=spec.allow_pickle) for p in spec.adapters]
@@ -369,14 +374,33 @@ def merge_adapters(spec: MergeSpec, progress: Callable[[str], None] | None = Non
     n = len(shards)
     names = [f"model-{i + 1}-of-{n}.safetensors" for i in range(n)]
 
-    from kimi_lora_cli.outputs import clean_dead_partials, write_marker
+    from kimi_lora_cli.outputs import FolderLock
 
     with naming_errors(out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
-    clean_dead_partials(out.parent, out.name, "merge", say)
+    with FolderLock.beside(out, "merge") as lock:
+        if lock.note:
+            say(lock.note)
+        _check_output(spec, base)  # again under the lock: a run that just finished may have written it
+        dead = [int(lock.previous["pid"])] if lock.previous else []
+        changed, weight_map, total, counts, checked = _write_folder(spec, base, weights, out, names, shards, ops,
+                                                                    out_dtype, say, dead)
+    say(f"merged {len(changed)} tensors, copied {len(weight_map) - len(changed)} unchanged")
+    return MergeResult(output=out, shards=names, tensors=len(weight_map), changed=changed, total_bytes=total,
+                       linked_files=counts["linked"], copied_files=counts["copied"] + counts["cloned"],
+                       seconds=time.perf_counter() - start,
+                       dtype=DTYPES[out_dtype][0] if out_dtype else (base.info.dtype or "auto"), verify=checked)
+
+
+def _write_folder(spec: MergeSpec, base: BaseCheckpoint, weights: list[float], out: Path, names: list[str],
+                  shards, ops: dict[str, _Ops], out_dtype: str | None, say, dead_pids: list[int]):
+    """Everything into `.<out>.partial-<pid>`, then renamed to `out` (under the output's lock)."""
+    from kimi_lora_cli.outputs import clean_dead_partials, write_marker
+
+    clean_dead_partials(out.parent, out.name, "merge", say, dead_pids)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
-        shutil.rmtree(tmp)
+        remove_tree(tmp)
     with naming_errors(tmp):
         tmp.mkdir()
     counts = {"linked": 0, "copied": 0, "cloned": 0}
@@ -397,14 +421,17 @@ def merge_adapters(spec: MergeSpec, progress: Callable[[str], None] | None = Non
             link_or_copy(entry, tmp / entry.name, counts, say, link_weights=spec.link_files)
         checked = _verify(spec, base, weights, tmp, say) if spec.verify else None
         _swap_into_place(tmp, out)
+    except OSError as e:
+        remove_tree(tmp)
+        if e.errno == errno.EFBIG:
+            from kimi_lora_cli.fileops import describe_os_error
+
+            raise ConfigError(f"{describe_os_error(e)}, or pass a smaller --max-shard-size") from e
+        raise
     except BaseException:
         remove_tree(tmp)
         raise
-    say(f"merged {len(changed)} tensors, copied {len(weight_map) - len(changed)} unchanged")
-    return MergeResult(output=out, shards=names, tensors=len(weight_map), changed=changed, total_bytes=total,
-                       linked_files=counts["linked"], copied_files=counts["copied"] + counts["cloned"],
-                       seconds=time.perf_counter() - start,
-                       dtype=DTYPES[out_dtype][0] if out_dtype else (base.info.dtype or "auto"), verify=checked)
+    return changed, weight_map, total, counts, checked
 
 
 def _verify(spec: MergeSpec, base: BaseCheckpoint, weights: list[float], folder: Path, say) -> Any:
@@ -432,6 +459,6 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
             except BaseException:
                 old.rename(out)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)  # its marker last: a kill here leaves a folder the next run knows as ours
         else:
             tmp.rename(out)

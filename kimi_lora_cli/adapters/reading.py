@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.errors import AdapterError, KimiLoraError
+from kimi_lora_cli.model_files import ADAPTER_PICKLE_FIX
 from kimi_lora_cli.model_files import read_adapter_config as read_config
 from kimi_lora_cli.safetensors_io import DTYPES, TensorLoc, header_locations, numel
 
@@ -198,12 +199,11 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str:
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
-    import torch
+    from kimi_lora_cli.fileops import load_torch
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
-        raise AdapterError(f"{path}: cannot read the pickle adapter ({str(e).splitlines()[0]})") from None
+    state = load_torch(path, AdapterError, ADAPTER_PICKLE_FIX)
+    if not isinstance(state, dict):
+        raise AdapterError(f"{path}: holds a {type(state).__name__}, not a dict of tensors; {ADAPTER_PICKLE_FIX}")
     return {_strip(k): v for k, v in state.items()}
 
 

@@ -213,7 +213,17 @@ def summarize_adapter(path: str | Path, *, base: str | Path | None = None, stats
             issues.append(Issue("error", "every LoRA update is zero (lora_B all zeros): the adapter was never "
                                          "trained or its weights were lost when saving"))
         elif zero:
-            issues.append(Issue("warning", f"{len(zero)} modules have a zero update (e.g. {zero[0]})"))
+            text = f"{len(zero)} modules have a zero update (e.g. {zero[0]})"
+            if summary.kind == "kimi-audio" and all(_in_mimo(n) for n in zero):
+                text += ("; all are mimo (audio output) layers, which get no loss from training data without "
+                         "spoken answers (ASR and other task_type \"understanding\" lines): expected there, and "
+                         "--lora-target backbone,text,adaptor leaves them out")
+            issues.append(Issue("warning", text))
     for desc in adapter.unmergeable():
         issues.append(Issue("warning", f"uses {desc}: `kimi-lora merge` cannot merge it"))
     return summary
+
+
+def _in_mimo(name: str) -> bool:
+    """A module of the mimo (audio output) branch: its layers or its head."""
+    return ".mimo_layers." in f".{name}" or name.rsplit(".", 1)[-1] == "mimo_output"

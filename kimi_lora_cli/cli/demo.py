@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 DEMO_SAMPLES = 8
+DEFAULT_WORKDIR = "kimi-lora-demo"  # in the current folder; the repository's .gitignore lists it
 SPOKEN_PROMPT = "Say hello in a friendly voice."
 
 
@@ -34,11 +35,12 @@ def demo(
                                                  "(default: ./kimi-lora-demo); a rerun replaces the demo's outputs.")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps (the default memorises the data).")] = 120,
 ) -> None:
-    """Run the whole pipeline on a tiny Kimi-Audio: list-modules, train, inspect-adapter, merge, infer,
-    and a spoken answer written as a WAV file.
+    """Run the whole pipeline on a tiny Kimi-Audio: prepare, list-modules, train, inspect-adapter, merge,
+    infer, and a spoken answer written as a WAV file.
 
     Builds a tiny random Kimi-Audio checkpoint in the exact release layout (with its audio
-    detokenizer and vocoder) and a small synthetic speech data set, then runs each step as the
+    detokenizer and vocoder), a tiny speech tokenizer and a small synthetic speech data set (WAV files
+    and transcripts, which `prepare` turns into training data), then runs each step as the
     standalone command it prints, and checks what a user should see: the loss falls, the adapter
     learns the transcripts (WER high -> near 0), the merged model equals base + adapter, and a
     spoken answer becomes a WAV (noise: the tiny model is random). No download, no GPU; about a
@@ -52,12 +54,15 @@ def demo(
     """
     import functools
 
+    from rich.markup import escape
+
     from kimi_lora_cli.cli._output import err, out
     from kimi_lora_cli.data.synthetic import write_synthetic_dataset
     from kimi_lora_cli.errors import ConfigError
     from kimi_lora_cli.fileops import naming_errors, remove_tree, write_atomic
     from kimi_lora_cli.inference.metrics import score
     from kimi_lora_cli.models.kimi_audio.tiny import add_tiny_detokenizer, build_tiny_checkpoint
+    from kimi_lora_cli.models.speech_tokenizer.tiny import build_tiny_speech_tokenizer
     from kimi_lora_cli.outputs import (
         OLD_DEMO_MARKER,
         check_output,
@@ -69,7 +74,7 @@ def demo(
     # each step runs through the app that runs `demo` (found from the context, not imported back up)
     run = functools.partial(_invoke, ctx.find_root().command)
 
-    work = check_output(workdir or Path("kimi-lora-demo"), [], flag="--workdir")
+    work = check_output(workdir or Path(DEFAULT_WORKDIR), [], flag="--workdir")
     info = marker_info(work)
     ours = (info is not None and info.get("command") == "demo") or (work / OLD_DEMO_MARKER).is_file()
     if user_entries(work) and not ours:
@@ -78,14 +83,21 @@ def demo(
     with naming_errors(work):
         work.mkdir(parents=True, exist_ok=True)
     write_marker(work, "demo")
+    err.print(f"Demo folder: [bold]{escape(str(work.resolve()))}[/] (a rerun replaces the demo's files there; "
+              "--workdir DIR puts them elsewhere)", soft_wrap=True)
     model = work / "Kimi-Audio-tiny"
     if not (model / "config.json").is_file():
         err.print(f"Building a tiny random Kimi-Audio (release layout) in {model}")
         build_tiny_checkpoint(model, detokenizer=True)
     elif not (model / "audio_detokenizer").is_dir():  # a folder from an older demo
         add_tiny_detokenizer(model)
-    data = write_synthetic_dataset(work / "data", json.loads((model / "config.json").read_text()),
-                                   n=DEMO_SAMPLES, seed=0)
+    config = json.loads((model / "config.json").read_text())
+    speech_tokenizer = work / "glm-4-voice-tokenizer-tiny"
+    if not (speech_tokenizer / "config.json").is_file():
+        err.print(f"Building a tiny random speech tokenizer (glm-4-voice-tokenizer layout) in {speech_tokenizer}")
+        build_tiny_speech_tokenizer(speech_tokenizer, vocab=config["vocab_size"] - config["kimia_token_offset"])
+    raw = _raw_data(write_synthetic_dataset(work / "data", config, n=DEMO_SAMPLES, seed=0, name="synthetic.jsonl"))
+    data = work / "data" / "train.jsonl"
     adapter, merged, preds = work / "adapter", work / "merged", work / "predictions.jsonl"
     spoken, spoken_preds = work / "spoken", work / "spoken.jsonl"
     # A rerun starts the steps afresh (only the outputs the demo's own steps wrote are removed).
@@ -96,8 +108,10 @@ def demo(
             raise ConfigError(f"{old}: not written by the demo's `kimi-lora {command}`; move it away and rerun")
     preds.unlink(missing_ok=True)
     spoken_preds.unlink(missing_ok=True)
-    err.print(f"Data: {data} ({DEMO_SAMPLES} synthetic clips with audio_tokens and transcripts)")
+    err.print(f"Data: {raw} ({DEMO_SAMPLES} synthetic clips with transcripts; `prepare` adds their audio_tokens)")
 
+    run(["prepare", "--model", str(model), "--speech-tokenizer", str(speech_tokenizer), "--data", str(raw),
+         "--output", str(data), "--overwrite"])
     run(["list-modules", str(model), "--target", "all,lm_head", "--rank", "32"])
     run(["train", "--model-name-or-path", str(model), "--data-path", str(data), "--output-dir", str(adapter),
              "--use-lora", "--lora-rank", "32", "--lora-alpha", "64", "--lora-dropout", "0",
@@ -133,6 +147,18 @@ def demo(
     else:
         out.print("  spoken answer: the random model chose no audio code, so no WAV was written")
     out.print(f"  summary written to {work / 'demo_summary.json'}")
+    out.print(f"Everything the demo made is in {work.resolve()}; delete that folder when done.")
+
+
+def _raw_data(synthetic: Path) -> Path:
+    """The synthetic jsonl as a user's own data starts: audio paths and transcripts, no audio_tokens."""
+    rows = [json.loads(line) for line in synthetic.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for row in rows:
+        for message in row["conversation"]:
+            message.pop("audio_tokens", None)
+    raw = synthetic.with_name("raw.jsonl")
+    raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return raw
 
 
 def summarize(work: Path, adapter: Path, preds: Path, score) -> dict:

@@ -15,6 +15,9 @@ _GEN = "Generation"
 _SAMPLING = "Sampling (official sampler; temperature 0 = greedy)"
 _SPEECH = "Spoken answers (WAV files)"
 MAX_TABLE_ROWS = 20
+CELL_LINES = 3  # a prediction or reference cell shows at most about this many lines
+ID_WIDTH = 10
+MIN_CELL = 12
 
 
 class _Progress:
@@ -103,9 +106,10 @@ def infer(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples generated together "
                                             "(left padding; outputs equal batch size 1).",
                                             rich_help_panel=_GEN)] = 8,
-    max_new_tokens: Annotated[int, typer.Option(
-        "--max-new-tokens", help="Step budget per sample; -1 = official (7500 - prompt length for text, "
-        "1500 - prompt length for both).", rich_help_panel=_GEN)] = -1,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", help="Step budget per answer; a note says how many reached it. -1 = official "
+        "(7500 - prompt length for text, 1500 - prompt length for both). \\[default: 512 for text answers, "
+        "official for both]", rich_help_panel=_GEN, show_default=False)] = None,
     output_type: Annotated[str | None, typer.Option(
         "--output-type", help="text or both (text + audio codes). Default: from each line's task_type "
         "('understanding' -> text); text for --prompt.", rich_help_panel=_GEN, show_default=False)] = None,
@@ -210,6 +214,7 @@ def _json_payload(report: Any, rates: dict[str, float]) -> dict[str, Any]:
         "skipped": report.skipped,
         "output_types": list(report.output_types),
         "audio_dir": report.audio_dir,
+        "spoken_answers": report.spoken,
         "metrics": {
             name: {
                 "predictions": s.samples, "scored": s.scored,
@@ -229,12 +234,22 @@ def _json_payload(report: Any, rates: dict[str, float]) -> dict[str, Any]:
     return payload
 
 
-def _shown(text: str | None) -> str:
-    """Printable form of a prediction: control characters as \\xNN, rich markup escaped."""
+def _shown(text: str | None, limit: int | None = None) -> str:
+    """Printable form of a prediction: control characters as \\xNN, cut to `limit` characters (with
+    an ellipsis), rich markup escaped."""
     from rich.markup import escape
 
     text = "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" for ch in (text or ""))
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "\u2026"
     return escape(text)
+
+
+def cell_limit(width: int, text_columns: int) -> int:
+    """Characters a table cell shows: CELL_LINES lines of its share of the terminal (the id column and
+    the borders take the rest), so a runaway answer cannot fill the screen."""
+    share = (width - ID_WIDTH - 3 * (text_columns + 1)) // max(text_columns, 1)
+    return max(MIN_CELL, share) * CELL_LINES
 
 
 def _durations(sample_id: str, variants: list[str], by_key: dict) -> str:
@@ -282,14 +297,21 @@ def _print_report(report: Any, rates: dict[str, float]) -> None:
         with_audio = report.audio_dir is not None
         if with_audio:
             table.add_column("audio (s)", justify="right")
+        limit = cell_limit(out.width, len(report.variants) + (1 if with_ref else 0))
+        cut = False
         for s in shown:
-            row = [_shown(s.id)] + ([_shown(s.reference)] if with_ref else [])
-            row += [_shown(by_key[(s.id, v)]["prediction"]) if (s.id, v) in by_key else "[dim]-[/]"
-                    for v in report.variants]
+            texts = ([s.reference or ""] if with_ref else []) + [
+                by_key[(s.id, v)]["prediction"] if (s.id, v) in by_key else None for v in report.variants]
+            cut |= any(t is not None and len(_shown(t)) > limit for t in texts)
+            row = [_shown(s.id)] + [_shown(t, limit) if t is not None else "[dim]-[/]" for t in texts]
             if with_audio:
                 row.append(_durations(s.id, report.variants, by_key))
             table.add_row(*row)
         out.print(table)
+        if cut:
+            where = (f"the full text is in {escape(report.output)}" if report.output
+                     else "pass --output FILE (or --json) for the full text")
+            out.print(f"[dim]Long cells are cut to about {CELL_LINES} lines; {where}[/]")
         if len(report.samples) > len(shown):
             more = len(report.samples) - len(shown)
             where = f" (all in {escape(report.output)})" if report.output else ""
@@ -313,7 +335,8 @@ def _print_report(report: Any, rates: dict[str, float]) -> None:
     if report.output:
         line += f"; predictions in {escape(report.output)}"
     if report.audio_dir:
-        line += f"; spoken answers in {escape(report.audio_dir)}"
+        line += (f"; {report.spoken} spoken answer{'s' if report.spoken != 1 else ''} in {escape(report.audio_dir)}"
+                 if report.spoken else "; no spoken answer (see the note below)")
     out.print(line)
     for note in report.notes:
         out.print(f"[yellow]Note:[/] {escape(note)}")

@@ -9,6 +9,8 @@ import typer
 
 from kimi_lora_cli.cli._options import AllowPickleOpt, JsonOpt, ModelArg, TargetOpt
 
+FULL_TABLE_EXTRA = 75  # columns the count, shape, params, component, targeted columns and borders need
+
 
 def list_modules(
     model: ModelArg,
@@ -51,21 +53,29 @@ def list_modules(
 
     from rich.table import Table
 
+    groups = group_entries(report.entries)
+    longest = max((len(g.pattern) for g in groups), default=7)
+    # A module name is what a user copies into --target: it is never split. When the terminal cannot
+    # hold every column beside the names (80 columns), the shape columns are left out rather than cut.
+    full = out.width >= longest + FULL_TABLE_EXTRA
     table = Table(title=f"Linear layers of {report.model_path}", title_justify="left")
-    table.add_column("Pattern", overflow="fold")
-    table.add_column("Count", justify="right")
-    table.add_column("in -> out", justify="right")
-    table.add_column("Params", justify="right")
-    table.add_column("Component")
+    table.add_column("Pattern", no_wrap=True, min_width=longest)
+    table.add_column("Count", justify="right", no_wrap=True)
+    if full:
+        table.add_column("in -> out", justify="right", no_wrap=True)
+        table.add_column("Params", justify="right", no_wrap=True)
+        table.add_column("Component", no_wrap=True)
     table.add_column("Targeted")
-    for g in group_entries(report.entries):
+    for g in groups:
         if g.targeted:
             mark = "[green]yes[/]" if g.targeted == g.count else f"[yellow]{g.targeted}/{g.count}[/]"
         else:
             mark = f"[dim]no - {g.excluded_reason}[/]" if g.excluded_reason else "[dim]no[/]"
-        table.add_row(g.pattern, f"x{g.count}", f"{g.in_features}->{g.out_features}", human_count(g.params),
-                      g.component, mark)
+        shape = [f"{g.in_features}->{g.out_features}", human_count(g.params), g.component] if full else []
+        table.add_row(g.pattern, f"x{g.count}", *shape, mark)
     out.print(table)
+    if not full:
+        out.print("[dim](narrow terminal: shapes, parameter counts and components left out; --json has them)[/]")
     sel = report.selection
     out.print(
         f"--target {target!r}: [bold]{len(sel.names)}[/] modules. "

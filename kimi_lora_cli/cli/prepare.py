@@ -128,6 +128,8 @@ class _Progress:
             if self.task is None:
                 self.task = self.bar.add_task(desc, total=total, rate=rate)
             self.bar.update(self.task, description=desc, completed=done, total=total, rate=rate)
+        elif p.stage != "check" and not (p.files_done or p.lines_done):
+            self.last_line = time.monotonic()  # the start: a first line when there is progress to show
         elif p.stage != "check" and time.monotonic() - self.last_line >= 10:
             self.last_line = time.monotonic()
             self.console.print(f"prepare: {p.files_done}/{p.files_total} audio files, {p.lines_done}/"

@@ -121,12 +121,78 @@ def normalise_args(args: list[str]) -> list[str]:
     return out
 
 
+NARROW_HELP = 100  # below this many columns the options table leaves ~20 columns for descriptions
+
+
 class TrainCommand(TyperCommand):
-    """Rewrites the guide's spellings before click parses, and keeps the raw arguments for relaunching."""
+    """Rewrites the guide's spellings before click parses, and keeps the raw arguments for relaunching.
+    On a narrow terminal its help is a list (names, then the description below them) instead of the
+    rich table, whose description column would be a few words wide."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         ctx.meta["kimi_lora_train_args"] = list(args)
         return super().parse_args(ctx, normalise_args(list(args)))
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        import shutil
+
+        width = shutil.get_terminal_size((NARROW_HELP, 24)).columns
+        if width >= NARROW_HELP:
+            return super().format_help(ctx, formatter)
+        formatter.write(narrow_help(self, ctx, max(width, 40)))
+
+
+def _plain(text: str) -> str:
+    from rich.text import Text
+
+    return Text.from_markup(text).plain
+
+
+def _type_name(param: Any) -> str:
+    """INT, FLOAT, TEXT, PATH... (click's `type`; newer typer versions expose `bare_type()` instead)."""
+    kind = getattr(param, "type", None)
+    if kind is not None and getattr(kind, "name", None):
+        return str(kind.name).upper()
+    bare = getattr(param, "bare_type", None)
+    if callable(bare):
+        found = bare()
+        return str(getattr(found, "__name__", found)).upper()
+    return "VALUE"
+
+
+def narrow_help(command: Any, ctx: Any, width: int) -> str:
+    """The help as panels of `--name ALIAS / --no-name TYPE` lines, each followed by its description
+    wrapped at spaces (an option name or a path is never split)."""
+    import textwrap
+
+    def wrap(text: str, indent: str, rest: str | None = None) -> list[str]:
+        return textwrap.wrap(text, width - 1, initial_indent=indent, subsequent_indent=rest or indent,
+                             break_long_words=False, break_on_hyphens=False) or [""]
+
+    lines = [f"Usage: {ctx.command_path} [OPTIONS]", ""]
+    for para in _plain(command.help or "").split("\n\n"):
+        para = para.strip()
+        if para.startswith("$"):
+            lines += wrap(para, "  ", "      ")
+        elif para:
+            lines += wrap(" ".join(para.split()), "")
+        lines.append("")
+    panels: dict[str, list[Any]] = {}
+    for param in command.get_params(ctx):
+        if getattr(param, "hidden", False):
+            continue
+        panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(param)
+    for title, params in panels.items():
+        lines.append(f"{title}:")
+        for param in params:
+            names = ", ".join(param.opts) + (" / " + ", ".join(param.secondary_opts) if param.secondary_opts else "")
+            if not getattr(param, "is_flag", False):
+                names += f" {_type_name(param)}"
+            lines += wrap(names, "  ", "    ")
+            if param.help:
+                lines += wrap(_plain(param.help), "      ")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _launch(ctx: typer.Context, n: int) -> None:
@@ -202,8 +268,8 @@ def train(
         if num_processes is not None and num_processes < 1:
             raise ConfigError(f"--num-processes must be at least 1, not {num_processes}")
         if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
-            from kimi_lora_cli.training.output import OutputDir
-            from kimi_lora_cli.training.setup import preflight
+            from kimi_lora_cli.training.output_folder import OutputDir
+            from kimi_lora_cli.training.preflight import preflight
 
             OutputDir(cfg).check(resuming=cfg.resume_from_checkpoint is not None)
             preflight(cfg)  # bad data is reported here once, not by N processes

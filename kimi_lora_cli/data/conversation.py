@@ -73,9 +73,18 @@ class TokenizedConversation:
         }
 
 
+# The official loader names one value, "understanding" (answers in text), and turns every other
+# value into text + speech answers, so a typo or an invented name ("asr") silently trains the audio
+# head on blanks. kimi-lora accepts one name for each kind; the project's speech data uses
+# "speech_conversation".
+TASK_TYPES = {"understanding": "text", "speech_conversation": "both"}
+TASK_TYPES_HINT = ('use "understanding" for answers in text (ASR, captions, questions about audio) or '
+                   '"speech_conversation" for answers in text and speech')
+
+
 def output_type_for_task(task_type: str | None) -> str:
-    """'understanding' tasks answer in text; any other task_type trains text + speech ('both')."""
-    return "text" if (task_type or "understanding") == "understanding" else "both"
+    """'understanding' tasks answer in text; 'speech_conversation' trains text + speech ('both')."""
+    return TASK_TYPES.get(task_type or "understanding", "both")
 
 
 def tokenize_conversation(

@@ -224,6 +224,9 @@ def check_paths(spec: PrepareSpec) -> _Paths:
     if not spec.data.exists():
         raise DataError(f"{spec.data}: no such data file; pass the jsonl with --data")
     if not spec.data.is_file():
+        from kimi_lora_cli.data.schema import check_data_file
+
+        check_data_file(spec.data, "--data")
         raise DataError(f"{spec.data}: not a file; pass the jsonl with --data")
     if spec.batch_size < 1:
         raise ConfigError(f"--batch-size {spec.batch_size}: must be at least 1")
@@ -237,20 +240,44 @@ def check_paths(spec: PrepareSpec) -> _Paths:
         raise ConfigError(f"{spec.output}: --output must differ from --data (the input is never rewritten)")
     check_output(spec.output, inputs, flag="--output", kind="file")
     check_output(paths.rejects, [*inputs, ("--output file", spec.output)], flag="--rejects", kind="file")
-    if paths.output.exists() and not spec.overwrite:
-        raise ConfigError(f"{paths.output}: already exists (a finished prepare run); pass --overwrite to rebuild "
-                          "it or choose another --output")
-    if paths.rejects.exists() and not spec.overwrite:
-        raise ConfigError(f"--rejects {paths.rejects}: already exists; pass --overwrite to replace it (only with "
-                          "a file an earlier prepare wrote) or choose another --rejects")
+    _check_replaceable(paths.output, "--output", spec.overwrite)
+    _check_replaceable(paths.rejects, "--rejects", spec.overwrite)
     return paths
+
+
+def _check_replaceable(path: Path, flag: str, overwrite: bool) -> None:
+    """An existing output or rejects file is replaced only with --overwrite, and only when an
+    earlier prepare wrote it (its record beside it matches the bytes)."""
+    from kimi_lora_cli.outputs import file_written_by
+
+    if not path.exists():
+        return
+    if not file_written_by(path, "prepare"):
+        raise ConfigError(f"{flag} {path}: already exists and is not a file `kimi-lora prepare` wrote (or it "
+                          f"changed since); it is never replaced - choose another {flag}")
+    if not overwrite:
+        raise ConfigError(f"{flag} {path}: already exists (written by an earlier `kimi-lora prepare`); pass "
+                          f"--overwrite to rebuild it or choose another {flag}")
 
 
 def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | None = None,
             log: Callable[[str], None] | None = None) -> PrepareResult:
     """Run `kimi-lora prepare` (see module docstring). Raises DataProblems listing every bad line."""
+    from kimi_lora_cli.outputs import FolderLock
+
     log = log or (lambda _msg: None)
     paths = check_paths(spec)
+    with naming_errors(paths.output.parent):
+        paths.output.parent.mkdir(parents=True, exist_ok=True)
+    with FolderLock.beside(paths.output, "prepare") as lock:
+        if lock.note:
+            log(lock.note)
+        check_paths(spec)  # again under the lock: a run that just finished may have written the output
+        return _prepare_locked(spec, paths, progress, log)
+
+
+def _prepare_locked(spec: PrepareSpec, paths: _Paths, progress: Callable[[PrepareProgress], None] | None,
+                    log: Callable[[str], None]) -> PrepareResult:
     offset, vocab = _model_vocab(spec.model)
     options = _options_key(spec, offset)
     state = _load_state(paths, options, spec.overwrite)
@@ -269,7 +296,7 @@ def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | Non
         raise DataError(f"{spec.data}: no samples (the file is empty); pass a jsonl with one conversation per line")
 
     result = PrepareResult(output=paths.output, resumed_at_line=resume_line if state else 0)
-    if spec.speech_tokenizer is not None and not totals["tokens"] and not state:
+    if spec.speech_tokenizer is not None and totals["records"] and not totals["tokens"] and not state:
         result.notes.append("every audio message already has audio_tokens: --speech-tokenizer was not needed")
     if totals["cwd_paths"]:
         result.notes.append(f"{len(totals['cwd_paths'])} audio paths are not next to {spec.data} and were found "
@@ -277,6 +304,13 @@ def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | Non
                             "path")
     runner = _Runner(spec, paths, offset, vocab, totals, result, progress)
     runner.run(state, bad)
+    if not result.lines_written:
+        # --skip-bad promises "the good lines"; with none, an empty file would only move the error to
+        # `train` ("no usable samples"). The rejects file stays: it says what is wrong with each line.
+        paths.output.unlink(missing_ok=True)
+        raise DataError(f"{spec.data}: none of its {result.lines_rejected} lines is usable, so nothing was written; "
+                        f"each line and its problems are in {result.rejects}: fix them and rerun (with --overwrite "
+                        "to replace that rejects file)")
     return result
 
 
@@ -370,14 +404,17 @@ class _Runner:
         finally:
             out.close()
             rej.close()
-        os.replace(paths.partial, paths.output)
+        _finish(paths.partial, paths.output)
         if res.lines_rejected:
-            os.replace(paths.rejects_partial, paths.rejects)
+            _finish(paths.rejects_partial, paths.rejects)
             res.rejects = paths.rejects
         else:
             paths.rejects_partial.unlink(missing_ok=True)
-            if spec.overwrite:
-                paths.rejects.unlink(missing_ok=True)
+            if spec.overwrite and paths.rejects.exists():
+                from kimi_lora_cli.outputs import file_written_by, forget_file
+
+                if file_written_by(paths.rejects, "prepare"):  # an earlier run's, now out of date
+                    forget_file(paths.rejects)
         paths.state.unlink(missing_ok=True)
 
     def _commit(self, pending, bad, out, rej, prefix) -> None:
@@ -472,6 +509,15 @@ class _Runner:
         if self.progress_cb:
             self.progress_cb(self.tick)
         return failed
+
+
+def _finish(partial: Path, final: Path) -> None:
+    """Record the finished file as prepare's, then rename it into place in one step."""
+    from kimi_lora_cli.outputs import record_file
+
+    with naming_errors(final):
+        record_file(final, partial, "prepare")
+        os.replace(partial, final)
 
 
 def result_json(result: PrepareResult) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from kimi_lora_cli.data.audio import resampled_length
 from kimi_lora_cli.data.conversation import (
     MESSAGE_TYPES,
     ROLES,
+    TASK_TYPES,
+    TASK_TYPES_HINT,
     ConversationError,
     TokenizedConversation,
     output_type_for_task,
@@ -241,6 +243,8 @@ def check_record(
     task = obj.get("task_type", "understanding")
     if not isinstance(task, str):
         problems.append(f"task_type must be a string such as \"understanding\", not {task!r}")
+    elif task not in TASK_TYPES:
+        problems.append(f"unknown task_type {json.dumps(task, ensure_ascii=False)}; {TASK_TYPES_HINT}")
     has_assistant = False
     for i, msg in enumerate(conv):
         where = f"message {i}"
@@ -370,6 +374,16 @@ def iter_records(path: Path):
             yield lineno, f"{path}:{lineno}", *parse_line(text)
 
 
+def check_data_file(path: Path, flag: str) -> None:
+    """A data path names one existing jsonl file; a folder or a missing path gets its own message."""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.jsonl"))[:3]
+        hint = f" (it holds {', '.join(found)}{', ...' if len(found) == 3 else ''})" if found else ""
+        raise DataError(f"{path}: is a folder; {flag} takes one jsonl file with a conversation per line{hint}")
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found; pass the jsonl written by `kimi-lora prepare` as {flag}")
+
+
 def load_samples(
     path: str | Path,
     tokenizer: Any,
@@ -389,8 +403,7 @@ def load_samples(
     if too_long not in TOO_LONG_POLICIES:
         raise DataError(f"too-long policy {too_long!r} is unknown; use error, skip or truncate")
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found; pass the jsonl written by `kimi-lora prepare` as --data-path")
+    check_data_file(path, "--data-path")
     jsonl_dir = path.parent.resolve()
     cwd = Path(cwd) if cwd is not None else Path.cwd()
     probe = AudioProbe()

@@ -21,8 +21,6 @@ folder; see inference/speech.py), written before its jsonl line, which names it 
 
 from __future__ import annotations
 
-import json
-import os
 import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,15 +28,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
+from kimi_lora_cli.errors import ConfigError, ModelLoadError
 from kimi_lora_cli.fileops import naming_errors
 from kimi_lora_cli.inference.decode import plan_batches
 from kimi_lora_cli.inference.generation import GenerationConfig, StreamTokens, generate, unwrap_model
 from kimi_lora_cli.inference.metrics import ErrorCounts, score
+from kimi_lora_cli.inference.predictions import (
+    PredictionWriter,
+    partial_of,
+    predictions_or_empty,
+    read_predictions,
+)
 from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
 from kimi_lora_cli.inference.samples import InferSample, prompt_sample, read_audio_tokens_file, read_samples
 
 BASE = "base"
+# Text answers (ASR, chat) rarely pass a few hundred tokens; the official 7500 positions let a model
+# that never says text_eos (an untrained base, say) run for minutes per sample. Spoken answers keep
+# the official budget (1500 positions, 120 s of speech), which already bounds them.
+DEFAULT_TEXT_STEPS = 512
 DETOKENIZER_NOTE = (
     "audio_tokens are GLM-4-Voice semantic codes (offset removed); pass --audio-dir DIR to turn them into "
     "WAV files with the Kimi-Audio detokenizer (audio_detokenizer/ + vocoder/ of the release folder)"
@@ -57,7 +65,7 @@ class InferSpec:
     output: str | Path | None = None
     resume: bool = False
     batch_size: int = 8
-    max_new_tokens: int = -1
+    max_new_tokens: int | None = None  # None: DEFAULT_TEXT_STEPS for text answers, official for both
     output_type: str | None = None  # None: each sample's task_type decides ("text" for --prompt)
     text_sampling: SamplingParams = TEXT_DEFAULTS
     audio_sampling: SamplingParams = AUDIO_DEFAULTS
@@ -108,6 +116,7 @@ class InferReport:
     output_types: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     audio_dir: str | None = None  # where the WAVs of spoken answers went (None: not asked for)
+    spoken: int = 0  # predictions with a WAV
 
 
 def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
@@ -126,6 +135,29 @@ def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
             raise ConfigError(f"--adapter {v!r}: two adapters named {name!r}; name them with NAME=DIR")
         out.append((name, Path(folder).expanduser()))
     return tuple(out)
+
+
+def step_budget(max_new_tokens: int | None, output_type: str) -> int:
+    """--max-new-tokens as GenerationConfig takes it (-1: the official budget)."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    return DEFAULT_TEXT_STEPS if output_type == "text" else -1
+
+
+def budget_note(records: list[dict[str, Any]], max_new_tokens: int | None) -> str | None:
+    """How many of this run's answers were cut by the step budget (finish "length")."""
+    cut = [r for r in records if r.get("finish") == "length"]
+    if not cut:
+        return None
+    if max_new_tokens is None:
+        which = (f"the default budget ({DEFAULT_TEXT_STEPS} steps for text answers, the official one for spoken "
+                 "answers)")
+    elif max_new_tokens == -1:
+        which = "the official budget"
+    else:
+        which = f"--max-new-tokens {max_new_tokens}"
+    return (f"{len(cut)} of {len(records)} answers reached {which} before ending (finish \"length\" in the "
+            "predictions); raise --max-new-tokens if they were cut short (-1: the official 7500 positions)")
 
 
 def resolve_device(device: str | None) -> str:
@@ -149,7 +181,7 @@ def _check_spec(spec: InferSpec) -> None:
         raise ConfigError(f"--batch-size must be >= 1, not {spec.batch_size}")
     if spec.output_type not in (None, "text", "both"):
         raise ConfigError(f"--output-type must be text or both, not {spec.output_type!r}")
-    if spec.max_new_tokens == 0 or spec.max_new_tokens < -1:
+    if spec.max_new_tokens is not None and (spec.max_new_tokens == 0 or spec.max_new_tokens < -1):
         raise ConfigError(f"--max-new-tokens must be > 0 (or -1 for the official budget), not {spec.max_new_tokens}")
     if spec.audio_tokens is not None and spec.audio is None:
         raise ConfigError("--audio-tokens needs --audio FILE too (the model also reads the waveform's Whisper "
@@ -183,90 +215,10 @@ def check_output_file(spec: InferSpec) -> None:
               ("--data file", spec.data), ("--audio file", spec.audio), ("--audio-tokens file", spec.audio_tokens),
               ("speech tokenizer folder", spec.speech_tokenizer)]
     check_output(output, inputs, flag="--output", kind="file")
-    if output.is_file() and output.stat().st_size:
-        with open(output, "rb") as f:
-            first = f.readline()
-        try:
-            rec = json.loads(first)
-            ours = isinstance(rec, dict) and {"id", "adapter", "prediction"} <= set(rec)
-        except ValueError:
-            ours = False
-        if not ours:
-            raise ConfigError(f"--output {output} exists and is not a predictions file of `kimi-lora infer`; it is "
-                              "never replaced - choose another --output")
-
-
-# -------------------------------------------------------------------------------------------
-# Predictions file
-# -------------------------------------------------------------------------------------------
-
-
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """Records already in a predictions file. A cut-off last line (crash mid-write) is dropped
-    from the file; any other bad line is an error."""
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    records, good_end, pos = [], 0, 0
-    for k, line in enumerate(lines):
-        end = pos + len(line) + (1 if k < len(lines) - 1 else 0)
-        if line.strip():
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict) or "id" not in obj or "adapter" not in obj:
-                    raise ValueError("not a prediction record")
-            except ValueError:
-                if all(not rest.strip() for rest in lines[k + 1 :]):
-                    with open(path, "r+b") as f:  # drop the torn tail so new lines append cleanly
-                        f.truncate(good_end)
-                    break
-                raise DataError(f"{path}:{k + 1}: not a prediction line written by `kimi-lora infer`; "
-                                "remove the line or write to a new --output file") from None
-            records.append(obj)
-            good_end = end
-        pos = end
-    else:
-        if raw and not raw.endswith(b"\n"):
-            with open(path, "ab") as f:
-                f.write(b"\n")
-    return records
-
-
-class PredictionWriter:
-    """Appends one JSON line per prediction and flushes it to disk at once."""
-
-    def __init__(self, path: Path | None, resume: bool) -> None:
-        self.path = path
-        self._f = None
-        if path is not None:
-            with naming_errors(path):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._f = open(path, "ab" if resume else "wb")  # noqa: SIM115 - closed in close()
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self._f is None:
-            return
-        start = self._f.tell()
-        try:
-            with naming_errors(self.path):
-                self._f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-                self._f.flush()
-                os.fsync(self._f.fileno())
-        except OSError:
-            try:  # a line that did not fit is cut off, so the file stays whole lines for --resume
-                self._f.truncate(start)
-            except OSError:
-                pass
-            raise
-
-    def close(self) -> None:
-        if self._f is not None:
-            f, self._f = self._f, None
-            try:
-                f.close()
-            except OSError:
-                pass
+    for path in (output, partial_of(output)):
+        if not predictions_or_empty(path):
+            raise ConfigError(f"--output {output}: {path} exists and is not a predictions file of `kimi-lora "
+                              "infer`; it is never replaced - choose another --output")
 
 
 # -------------------------------------------------------------------------------------------
@@ -389,15 +341,28 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
     """Run every (sample, variant) pair not already in the output file; see the module docstring.
 
     `loaded` reuses an already loaded model (its adapters must be the spec's)."""
+    _check_spec(spec)
+    if spec.output is None:
+        return _run(spec, progress, loaded, None)
+    from kimi_lora_cli.outputs import FolderLock
+
+    output = Path(spec.output).expanduser()
+    with naming_errors(output.parent):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    with FolderLock.beside(output, "infer") as lock:
+        check_output_file(spec)  # again under the lock: a run that just finished may have written it
+        return _run(spec, progress, loaded, lock.note)
+
+
+def _run(spec: InferSpec, progress: ProgressSink | None, loaded: Any, lock_note: str | None) -> InferReport:
     import torch
 
     from kimi_lora_cli.inference.prompts import build_prompts, tokenize_prompt
 
-    _check_spec(spec)
     output = Path(spec.output).expanduser() if spec.output is not None else None
     config = loaded.config if loaded is not None else model_config(spec)
     speech_codes = speech_codes_loader(spec, config)
-    notes: list[str] = []
+    notes: list[str] = [lock_note] if lock_note else []
     if spec.data is not None:
         samples = read_samples(spec.data, config, speech_codes=speech_codes, notes=notes)
     else:
@@ -433,7 +398,9 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
 
     adapter_names = list(loaded.adapter_names)
     variants = ([BASE] if spec.compare_base or not adapter_names else []) + adapter_names
-    previous = read_predictions(output) if (spec.resume and output is not None) else []
+    previous = []
+    if spec.resume and output is not None:  # an interrupted run's partial file, else the finished output
+        previous = read_predictions(partial_of(output) if partial_of(output).is_file() else output)
     ids = {s.id for s in samples}
     done = {(r["id"], r["adapter"]) for r in previous if r["id"] in ids}
     todo = [s for s in samples if any((s.id, v) not in done for v in variants)]
@@ -463,7 +430,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
         for otype, batch in batches:
             prompts = build_prompts([s.messages for s in batch], tokenizer, config, loaded.feature_encoder,
                                     otype, [s.source for s in batch], features=features)
-            gcfg = GenerationConfig(output_type=otype, max_new_tokens=spec.max_new_tokens,
+            gcfg = GenerationConfig(output_type=otype, max_new_tokens=step_budget(spec.max_new_tokens, otype),
                                     text=spec.text_sampling, audio=spec.audio_sampling, use_cache=spec.use_cache)
             for v in variants:
                 picks = [k for k, s in enumerate(batch) if (s.id, v) not in done]
@@ -486,6 +453,7 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
                     summary.new_tokens += r.steps
                 if progress is not None:
                     progress.update(samples=len(subset))
+        writer.finish()
     finally:
         writer.close()
         if device.type == "cuda":
@@ -510,8 +478,27 @@ def run_inference(spec: InferSpec, progress: ProgressSink | None = None, loaded:
     if detok is not None and silent:
         notes.append(f"{silent} predictions kept from {output} were made without --audio-dir and have no WAV; "
                      "rerun without --resume (or with a new --output) to hear them")
+    note = budget_note(new_records, spec.max_new_tokens)
+    if note:
+        notes.append(note)
+    spoken = sum(1 for r in records if r.get("audio_path"))
+    if audio_folder is not None and not spoken:
+        notes.append(silence_note(records, audio_folder.path, tokens.delay))
     return InferReport(model=str(loaded.info.path), variants=variants, samples=samples, records=records,
                        summaries=summaries, output=str(output) if output else None, skipped=skipped,
                        output_types=otypes, notes=notes,
-                       audio_dir=str(audio_folder.path) if audio_folder is not None else None)
+                       audio_dir=str(audio_folder.path) if audio_folder is not None else None, spoken=spoken)
+
+
+def silence_note(records: list[dict[str, Any]], folder: Path, delay: int) -> str:
+    """Why --audio-dir got no WAV: every spoken answer came back without an audio code."""
+    both = [r for r in records if r.get("output_type") == "both"]
+    if both and all(r.get("finish") == "length" and r.get("new_tokens", 0) <= delay for r in both):
+        why = (f"the --max-new-tokens budget ended before the audio stream began (it starts {delay} steps after "
+               "the text); raise --max-new-tokens")
+    else:
+        why = ("the model ended every answer without an audio code, as a model or adapter trained on text "
+               "answers (ASR, task_type \"understanding\") does; use one trained on spoken answers "
+               "(task_type \"speech_conversation\")")
+    return f"no spoken answer was produced, so {folder} holds no WAV: {why}"
 

@@ -26,6 +26,7 @@ from kimi_lora_cli.data.schema import (
     NEED_TOKENIZER,
     AudioProbe,
     LineCheck,
+    check_data_file,
     check_record,
     iter_records,
 )
@@ -124,6 +125,8 @@ def read_samples(path: str | Path, config: Any, *, speech_codes: SpeechCodes | N
     from kimi_lora_cli.data.conversation import output_type_for_task
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        check_data_file(path, "--data")
     if not path.is_file():
         raise DataError(f"{path}: data file not found; pass a jsonl file with one conversation per line")
     data_dir = path.parent.resolve()

@@ -152,7 +152,7 @@ class TrainConfig:
     fp16: bool = option(False, panel=P_OPT, hidden=True)
     gradient_checkpointing: bool = option(False, "Recompute layers in the backward pass (less memory).",
                                           panel=P_OPT)
-    device: str | None = option(help=DEVICE_HELP, panel=P_OPT, shown="the accelerator's")
+    device: str | None = option(help=DEVICE_HELP, panel=P_OPT)
     # -- saving, logging, resuming, launching
     save_steps: int = option(500, "Checkpoint every N steps.", panel=P_RUN)
     save_total_limit: int | None = option(help="Keep only the newest N checkpoints (and the best).", panel=P_RUN)
@@ -360,7 +360,7 @@ class TrainConfig:
 
     @property
     def best_greater_is_better(self) -> bool:
-        from kimi_lora_cli.training.state import default_greater_is_better
+        from kimi_lora_cli.training.trainer_state import default_greater_is_better
 
         if self.greater_is_better is not None:
             return self.greater_is_better

@@ -125,3 +125,65 @@ class Evaluator:
         return {"eval_wer": word_errors / ref_words if ref_words else float(word_errors > 0),
                 "eval_cer": char_errors / ref_chars if ref_chars else float(char_errors > 0),
                 "eval_generated": int(n)}
+
+
+def build_evaluator(cfg: Any, samples: list[Sample], eval_idx: list[int], *, tokenizer: Any, config: Any,
+                    **context: Any) -> Evaluator:
+    """The run's Evaluator: the decoded set chosen from the eval conversations (an error when
+    --eval-generate finds none to score), and `context` (rank, world, reduce, to_device, store, sharded,
+    autocast, plan) from the trainer."""
+    from kimi_lora_cli.errors import ConfigError
+
+    generate = []
+    if cfg.eval_generate_count:
+        generate = generation_samples(samples, eval_idx, cfg.eval_generate_count)
+        if not generate:
+            raise ConfigError("--eval-generate: no evaluation conversation ends with an assistant text answer "
+                              "to score")
+    return Evaluator(indices=eval_idx, batch_size=cfg.eval_batch_size, decode_batch_size=cfg.decode_batch_size,
+                     text_weight=cfg.text_loss_weight, audio_weight=cfg.audio_loss_weight, generate=generate,
+                     tokenizer=tokenizer, config=config,
+                     max_new_tokens=cfg.eval_max_new_tokens or default_max_new_tokens(generate, tokenizer), **context)
+
+
+@dataclass
+class EvaluationTracker:
+    """Evaluations during training with their log lines, the best-model bookkeeping and early stopping
+    (`best`: the run's TrainerState, replaced on resume)."""
+
+    evaluator: Evaluator
+    cfg: Any
+    output_dir: Any
+    say: Callable[[str], None]
+    show_pairs: Callable[[list[tuple[str, str, str]]], None] | None = None
+    best: Any = None
+
+    def evaluate(self, model: Any, unwrapped: Any) -> dict[str, float]:
+        metrics = self.evaluator.evaluate(model, unwrapped)
+        pairs = self.evaluator.last_pairs if "eval_wer" in metrics else []
+        if pairs and self.show_pairs is not None:
+            self.show_pairs(pairs)
+        return metrics
+
+    def track(self, step: int, epoch: float, model: Any, unwrapped: Any, metrics: Any, result: Any) -> None:
+        ev = self.evaluate(model, unwrapped)
+        metrics.write({"step": step, "epoch": round(epoch, 4), **ev})
+        result.last_eval_loss, result.last_eval = ev["eval_loss"], ev
+        checkpoint = self.output_dir / f"checkpoint-{step}"
+        improved = self.best.observe(ev, step, checkpoint, self.cfg.early_stopping_threshold)
+        text = f"eval at step {step}: loss {ev['eval_loss']:.4f} (text {ev['eval_text_loss']:.4f} audio " \
+               f"{ev['eval_audio_loss']:.4f})"
+        if "eval_wer" in ev:
+            text += f", WER {ev['eval_wer']:.4f} CER {ev['eval_cer']:.4f} on {ev['eval_generated']} decoded"
+        if improved:
+            text += f" [bold]best {self.best.metric_for_best_model}[/]"
+        self.say(text)
+
+    def should_stop(self) -> bool:
+        patience = self.cfg.early_stopping_patience
+        if patience and self.best.early_stopping_patience_counter >= patience:
+            self.say(f"Early stopping: {self.best.metric_for_best_model} has not improved by more than "
+                     f"{self.cfg.early_stopping_threshold} for {patience} evaluations (best "
+                     f"{self.best.best_metric:.4f} at step {self.best.best_global_step}).")
+            return True
+        return False

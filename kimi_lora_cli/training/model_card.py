@@ -7,7 +7,6 @@ metrics and the loss curve, so the folder explains itself when shared.
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -86,12 +85,13 @@ def is_card(path: Path) -> bool:
         return False
 
 
-def write_card(folder: Path, text: str) -> Path | None:
-    """README.md in `folder`, unless a README.md that is not a kimi-lora card is there (then None)."""
+def write_card(folder: Path, text: str, tag: str | None = None) -> Path | None:
+    """README.md in `folder`, unless a README.md that is not a kimi-lora card is there (then None).
+    Written aside and renamed (`tag`: the run id in the temporary name)."""
+    from kimi_lora_cli.fileops import write_atomic
+
     path = folder / "README.md"
     if path.exists() and not is_card(path):
         return None
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(text + "\n" + CARD_MARK + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text + "\n" + CARD_MARK + "\n", tag=tag)
     return path

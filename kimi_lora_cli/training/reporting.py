@@ -4,6 +4,7 @@ otherwise), logs/metrics.jsonl, optional TensorBoard / W&B, and the loss-curve P
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.fileops import naming_errors, write_atomic
 from kimi_lora_cli.formatting import human_count
+
+BAR_WIDTH = 20
 
 
 class Reporter:
@@ -57,21 +60,20 @@ class Reporter:
         self._first_step = first_step
         if not self.enabled or not self.rich:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, Progress, TextColumn
+        from rich.table import Column
 
+        # What matters first (step/total, loss, ETA) leads and is never cut; the rest of the line gives
+        # way on a narrow (80-column) terminal.
         self._progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False,
+            TextColumn("{task.fields[head]}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=BAR_WIDTH),
+            TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True)),
+            console=self.console, transient=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=total_steps, completed=first_step, info="")
+        self._task = self._progress.add_task("train", total=total_steps, completed=first_step,
+                                             head=f"train {first_step}/{total_steps}", info="")
 
     def step(self, step: int, total_steps: int, record: dict[str, Any] | None) -> None:
         """After each optimizer step; `record` is the step's logged metrics (None between log steps).
@@ -81,21 +83,25 @@ class Reporter:
             return
         if record is not None:
             self._last = record
+        elapsed = time.perf_counter() - self._start
+        done = step - self._first_step
+        eta = _clock(elapsed / done * (total_steps - step)) if done > 0 else "-:--:--"
         if self._progress is not None:
             m = self._last
+            head = f"train {step}/{total_steps}" + ("" if m is None else f" loss {m['loss']:.4f}") + f" eta {eta}"
             info = "" if m is None else (
-                f"epoch {m['epoch']:.2f} loss {m['loss']:.4f} (text {m['text_loss']:.4f} audio {m['audio_loss']:.4f}) "
-                f"lr {m['learning_rate']:.2e} {m.get('tokens_per_second', 0):.0f} tok/s")
-            self._progress.update(self._task, completed=step, info=info)
+                f"epoch {m['epoch']:.2f} (text {m['text_loss']:.4f} audio {m['audio_loss']:.4f}) "
+                f"lr {m['learning_rate']:.2e} {m.get('tokens_per_second', 0):.0f} tok/s elapsed {_clock(elapsed)}")
+            room = self.console.width - len(head) - BAR_WIDTH - 3  # the columns' separating spaces
+            if len(info) > room:
+                info = info[: max(room - 1, 0)] + "\u2026" if room > 1 else ""
+            self._progress.update(self._task, completed=step, head=head, info=info)
         elif record is not None:
-            elapsed = time.perf_counter() - self._start
-            done = step - self._first_step
-            eta = elapsed / done * (total_steps - step) if done > 0 else 0.0
             self.console.print(
-                f"step {step}/{total_steps} ({100.0 * step / max(total_steps, 1):.1f}%) epoch {record['epoch']:.2f} "
-                f"loss {record['loss']:.4f} text_loss {record['text_loss']:.4f} audio_loss {record['audio_loss']:.4f} "
-                f"lr {record['learning_rate']:.3e} tokens/s {record.get('tokens_per_second', 0):.0f} "
-                f"elapsed {_clock(elapsed)} eta {_clock(eta)}",
+                f"step {step}/{total_steps} ({100.0 * step / max(total_steps, 1):.1f}%) loss {record['loss']:.4f} "
+                f"eta {eta} epoch {record['epoch']:.2f} text_loss {record['text_loss']:.4f} "
+                f"audio_loss {record['audio_loss']:.4f} lr {record['learning_rate']:.3e} "
+                f"tokens/s {record.get('tokens_per_second', 0):.0f} elapsed {_clock(elapsed)}",
                 soft_wrap=True,
             )
 
@@ -130,6 +136,32 @@ class Reporter:
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def banner_rows(cfg: Any, *, world: int, engine: str, device: Any, steps_per_epoch: int, total_steps: int,
+                trainable: int, total: int, lora_modules: int | None, packing: str | None, eval_samples: int,
+                decoded: int) -> list[tuple[str, str]]:
+    """The start banner: world size and engine, the global batch, steps, trainable parameters,
+    precision, targets and the evaluation set."""
+    from kimi_lora_cli.formatting import human_count
+
+    per_step = world * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+    targets = f"LoRA r={cfg.lora_rank} on {lora_modules} modules ({cfg.lora_target})" \
+        if lora_modules is not None else "full fine-tuning: every weight (--use-lora trains an adapter)"
+    rows = [("World size", f"{world} ({engine}, {device})"),
+            ("Batch", f"{cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
+                      f"accumulation x {world} processes = {per_step} "
+                      f"{'packed rows' if cfg.packing else 'samples'} per step"),
+            *([("Packing", packing)] if packing else []),
+            ("Steps", f"{steps_per_epoch} per epoch, {total_steps} in total"),
+            ("Trainable", f"{human_count(trainable)} of {human_count(total)} parameters "
+                          f"({100.0 * trainable / max(total, 1):.3f}%)"),
+            ("Precision", precision + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
+            ("Targets", targets)]
+    if eval_samples:
+        rows.append(("Evaluation", f"{eval_samples} samples" + (f", {decoded} decoded for WER/CER" if decoded else "")))
+    return rows
 
 
 TRACKERS = ("tensorboard", "wandb")
@@ -219,14 +251,21 @@ def _tracker_key(key: str) -> str:
     return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """loss / text_loss / audio_loss (and eval loss) against step; None when matplotlib is missing."""
+PLOT_SKIPPED = ("no {name}: the loss plot needs matplotlib, which is not installed (pip install "
+                "'kimi-lora[plot]'); the losses are in logs/metrics.jsonl")
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path, tag: str | None = None, note: Any = None) -> Path | None:
+    """loss / text_loss / audio_loss (and eval loss) against step; None when matplotlib is missing
+    (then `note(message)` hears why, so a user does not look for a file that never came)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        if note is not None and records:
+            note(PLOT_SKIPPED.format(name=path.name))
         return None
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -244,8 +283,14 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{tag or os.getpid()}.tmp")  # a killed run's is removed by the next
+    try:
+        with naming_errors(path):
+            fig.savefig(tmp, dpi=120, format="png")
+            tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return path

@@ -15,30 +15,41 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.fileops import write_atomic
 from kimi_lora_cli.sharded import as_plain
-from kimi_lora_cli.training import checkpoint as ckpt
-from kimi_lora_cli.training.checkpointing import CheckpointMixin
+from kimi_lora_cli.training.checkpoints import folder as ckpt
+from kimi_lora_cli.training.checkpoints.client import CheckpointClient
+from kimi_lora_cli.training.checkpoints.final import final_save_error
 from kimi_lora_cli.training.config import TrainConfig
 from kimi_lora_cli.training.distributed import (
     deepspeed_config,
     env_rank,
     env_world,
 )
+from kimi_lora_cli.training.evaluation import EvaluationTracker, build_evaluator
 from kimi_lora_cli.training.optim import check_scheduler, make_optimizer, make_scheduler
-from kimi_lora_cli.training.output import OutputDir, check_resume, data_digest
-from kimi_lora_cli.training.reporting import MetricsLog, Reporter, parse_report_to, plot_losses
+from kimi_lora_cli.training.output_folder import (
+    OutputDir,
+    absolute,
+    check_resume,
+    data_digest,
+    resolved_paths,
+    with_absolute_paths,
+)
+from kimi_lora_cli.training.preflight import check_data_and_targets, load_dtype, model_locations
+from kimi_lora_cli.training.reporting import MetricsLog, Reporter, banner_rows, parse_report_to, plot_losses
 from kimi_lora_cli.training.result import TrainResult
-from kimi_lora_cli.training.run_evaluation import EvaluationMixin
-from kimi_lora_cli.training.setup import load_dtype, model_locations, model_skeleton, preflight
+from kimi_lora_cli.training.run_files import trainer_state, write_run_files
 from kimi_lora_cli.training.signals import StopFlag
-from kimi_lora_cli.training.state import TrainerState
+from kimi_lora_cli.training.trainer_state import TrainerState
 
 CONFIG_FILE = "train_config.yaml"
 
 
-class Trainer(CheckpointMixin, EvaluationMixin):
+class Trainer:
     def __init__(self, cfg: TrainConfig, reporter: Reporter | None = None) -> None:
         from kimi_lora_cli.training.fsdp import from_launcher
 
@@ -65,13 +76,11 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         try:
             self._build()
         except BaseException:
-            self._release()
+            self._release(before_start=True)
             raise
 
     def _check_inputs(self) -> None:
         import torch
-
-        from kimi_lora_cli.training.plan import split_eval
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
@@ -82,6 +91,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             say(f"[yellow]Note:[/] {note}")
         self.resume_dir, self.resume_state = None, None
         if cfg.resume_from_checkpoint:
+            latest = cfg.resume_from_checkpoint in ckpt.LATEST
+            if latest and self.output_dir.is_dir() and not ckpt.list_checkpoints(self.output_dir):
+                raise self.out.no_checkpoint()  # (a folder that does not exist: find_checkpoint says so)
             self.resume_dir = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         self.out.check(resuming=self.resume_dir is not None)
         self.data_sha256 = data_digest(cfg)  # every rank: they must agree on refusing a resume
@@ -90,48 +102,23 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             for change in check_resume(cfg, self.resume_state, self.resume_dir, self.world, self.data_sha256):
                 say(f"[bold]Resuming[/] with {change}")
 
-        weights, base = model_locations(cfg)
         # Data and targets are checked against config + tokenizer (no tensor read) before the
         # weights load, so a typo costs seconds, not a 20 GB load.
-        skeleton = model_skeleton(cfg)
-        config = skeleton.config
-        if cfg.lora_enabled:
-            from kimi_lora_cli.targets import linear_entries, resolve_targets
-            from kimi_lora_cli.training.lora import check_modules_to_save, check_quantized_training
-
-            resolve_targets(linear_entries(skeleton.model), cfg.lora_target)
-            check_modules_to_save(skeleton.model, cfg.modules_to_save)
-            check_quantized_training(skeleton.model, cfg, self.world)
-        max_len, _ = cfg.sample_limit(config.max_position_embeddings)
-        data = preflight(cfg, skeleton)
-        self.data = data
-        if data.audio_tokenized:
-            say(f"[bold]Speech tokenizer[/] {cfg.speech_tokenizer}: audio_tokens for {data.audio_tokenized} files")
-        msg = f"[bold]Data[/] {data.path}: {len(data.samples)} samples, {data.tokens} tokens"
-        if data.skipped_too_long:
-            msg += f"; skipped {data.skipped_too_long} longer than {max_len}"
-        if data.truncated:
-            msg += f"; truncated {data.truncated} to {max_len}"
-        say(msg)
-        self.samples = list(data.samples)
-        if cfg.eval_data_path:
-            eval_data = preflight(cfg.with_(data_path=cfg.eval_data_path), skeleton)
-            say(f"[bold]Eval data[/] {eval_data.path}: {len(eval_data.samples)} samples")
-            self.train_idx = list(range(len(self.samples)))
-            self.eval_idx = list(range(len(self.samples), len(self.samples) + len(eval_data.samples)))
-            self.samples += eval_data.samples
-        else:
-            self.train_idx, self.eval_idx = split_eval(len(self.samples), cfg.eval_ratio, cfg.seed)
-        if len(self.train_idx) < self.world:
-            raise ConfigError(f"{data.path}: {len(self.train_idx)} training samples for {self.world} processes; "
-                              "add data or use fewer processes")
-        if data.cwd_paths:
-            say(f"[yellow]Note:[/] {data.cwd_paths} audio paths are not next to {data.path} and were found "
-                f"relative to the current folder {Path.cwd()}; `kimi-lora prepare` writes them resolved")
+        checked = check_data_and_targets(cfg, self.world, say)
+        skeleton, self.data = checked.skeleton, checked.data
+        self.samples, self.train_idx, self.eval_idx = checked.samples, checked.train_idx, checked.eval_idx
         if self.is_main:
             self.out.claim(self.resume_state)  # created and locked only now, before the weights load
             for note in self.out.notes:
                 say(f"[yellow]Note:[/] {note}")
+        say(f"[bold]Output[/] {escape(absolute(str(self.output_dir)))}", soft_wrap=True)
+        if not cfg.lora_enabled:
+            from kimi_lora_cli.formatting import human_count
+
+            weights_count = sum(p.numel() for p in skeleton.model.parameters())
+            say(f"[bold yellow]Warning:[/] no --use-lora, so this is full fine-tuning: all {human_count(weights_count)} "
+                "weights are trained (memory for their gradients and optimizer state too) and the output is a "
+                "full copy of the model; add --use-lora to train a small LoRA adapter", soft_wrap=True)
         self.skeleton = skeleton
 
     def _build(self) -> None:
@@ -178,8 +165,47 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         self.deepspeed = cfg.deepspeed is not None
-        self.evaluator = self._make_evaluator(skeleton.tokenizer, config)
+        self.checkpoints = CheckpointClient(cfg, self.output_dir, acc, self.out.run_id, self.out.series,
+                                            self.out.tmp_name, rank=self.rank, is_main=self.is_main,
+                                            lora=self.selection is not None, deepspeed=self.deepspeed, fsdp=self.fsdp,
+                                            loaded=self.loaded)
+        self.evaluation = self._make_evaluation(skeleton.tokenizer, config)
         self._banner()
+
+    def _make_evaluation(self, tokenizer: Any, config: Any) -> EvaluationTracker:
+        cfg = self.cfg
+        sharded = self.fsdp is not None or bool(self.deepspeed and deepspeed_config(cfg, self.world)
+                                                 .get("zero_optimization", {}).get("stage", 0) == 3)
+        evaluator = build_evaluator(cfg, self.dataset.samples, self.eval_idx, tokenizer=tokenizer, config=config,
+                                    rank=self.rank, world=self.world, reduce=self._reduce, to_device=self._batch,
+                                    store=self.store, sharded=sharded, autocast=self.accelerator.autocast,
+                                    plan=self.plan)
+        return EvaluationTracker(evaluator, cfg, self.output_dir, say=self.reporter.print,
+                                 show_pairs=self.reporter.eval_pairs if self.is_main else None)
+
+    def _banner(self) -> None:
+        engine = f"DeepSpeed {self.cfg.deepspeed}" if self.cfg.deepspeed else "DDP" if self.world > 1 \
+            else "single process"
+        if self.fsdp is not None:
+            engine = "FSDP" + (", CPU offload" if self.fsdp.settings.cpu_offload else "")
+        from kimi_lora_cli.quantization import logical_numel
+
+        params = list(self._unwrapped().parameters())
+        rows = banner_rows(
+            self.cfg, world=self.world, engine=engine, device=self.device, steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps, trainable=sum(p.numel() for p in params if p.requires_grad),
+            total=sum(logical_numel(p) for p in params),
+            lora_modules=len(self.selection.names) if self.selection is not None else None,
+            packing=self.plan.packing_summary() if self.cfg.packing else None, eval_samples=len(self.eval_idx),
+            decoded=len(self.evaluation.evaluator.generate))
+        if self.cfg.quantization:
+            import torch
+
+            from kimi_lora_cli.quantization import quant_spec, summary
+
+            spec = quant_spec(self.cfg.quantization, self.cfg.double_quant)
+            rows.append(("Quantized", summary(self._unwrapped(), spec, getattr(torch, load_dtype(self.cfg)), True)))
+        self.reporter.banner(rows)
 
     def _make_accelerator(self) -> Any:
         import torch
@@ -226,7 +252,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             if cfg.lora_enabled:
                 from kimi_lora_cli.training.lora import wrap_lora
 
-                model, wrapped["selection"] = wrap_lora(inner, cfg, base_path=str(weights))
+                model, wrapped["selection"] = wrap_lora(inner, cfg, base_path=absolute(str(weights)))
                 if cfg.quantization:
                     from kimi_lora_cli.training.lora import prepare_quantized
 
@@ -300,11 +326,12 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self._release(together=True)
         return result
 
-    def _release(self, together: bool = False) -> None:
+    def _release(self, together: bool = False, before_start: bool = False) -> None:
         """Unlock the output folder; destroy the process group this run created (FSDP). `together`:
         the run ended normally, so every process first waits for the others (a process that tears its
-        connections down while another still uses them aborts)."""
-        self.out.release()
+        connections down while another still uses them aborts). `before_start`: set-up failed, so a
+        folder this run created and left empty is removed."""
+        self.out.release(before_start=before_start)
         if getattr(self, "owns_group", False):
             import torch.distributed as dist
 
@@ -324,20 +351,21 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                              skipped_too_long=self.data.skipped_too_long, truncated=self.data.truncated,
                              is_main=self.is_main)
         if self.is_main:
-            write_atomic(self.output_dir / CONFIG_FILE, cfg.to_yaml(), tag=self.out.run_id)
+            write_atomic(self.output_dir / CONFIG_FILE, with_absolute_paths(cfg).to_yaml(), tag=self.out.run_id)
         acc.wait_for_everyone()
 
         start_step, tokens_total = 0, 0
-        self.state = TrainerState(cfg.best_metric_name, cfg.best_greater_is_better)
+        best = TrainerState(cfg.best_metric_name, cfg.best_greater_is_better)
         if self.resume_dir is not None:
-            state = self.load_checkpoint(self.resume_dir)
+            state = self.checkpoints.load(self.resume_dir, self.model, self.optimizer, self.scheduler,
+                                          self.resume_state)
             start_step = int(state["global_step"])
             tokens_total = int(state.get("tokens", 0))
-            self.state = TrainerState.from_dict(state, cfg.best_metric_name, cfg.best_greater_is_better)
+            best = TrainerState.from_dict(state, cfg.best_metric_name, cfg.best_greater_is_better)
             self.reporter.print(f"[bold]Resuming[/] from {self.resume_dir} at step {start_step}")
+        self.evaluation.best = best
         metrics = MetricsLog(self.output_dir, self.is_main, cfg.report_to, resume_step=start_step,
                              config=cfg.to_dict(), run_name=cfg.run_name)
-        self.metrics = metrics
         result.global_step = start_step
         if start_step >= self.total_steps:
             self.reporter.print(f"Checkpoint step {start_step} already reaches the {self.total_steps} planned steps.")
@@ -346,7 +374,17 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         eval_every = cfg.eval_steps or cfg.save_steps
         do_eval = bool(self.eval_idx) and cfg.evaluation_strategy != "no"
-        track_best = self.state.metric_for_best_model is not None
+        track_best = best.metric_for_best_model is not None
+
+        def save(step: int, epoch: float) -> Path:
+            state = {**trainer_state(cfg, best, step, metrics.records, steps_per_epoch=self.steps_per_epoch,
+                                     total_steps=self.total_steps, world=self.world),
+                     "global_batch": self.world * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+                     "config": cfg.to_dict(), "paths": resolved_paths(cfg), "data_sha256": self.data_sha256,
+                     "epoch": epoch, "tokens": tokens_total}
+            return self.checkpoints.save(step, self.model, self.optimizer, self.scheduler, state,
+                                         best=best.best_model_checkpoint)
+
         window = {"total": 0.0, "text": 0.0, "audio": 0.0, "n": 0.0, "tokens": 0.0}
         window_start = time.perf_counter()
         run_start = time.perf_counter()
@@ -416,16 +454,16 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                     evaluated = do_eval and ((cfg.evaluation_strategy == "steps" and step % eval_every == 0)
                                              or (cfg.evaluation_strategy == "epoch" and at_epoch_end))
                     if evaluated:
-                        self._evaluate_and_track(step, epoch, metrics, result)
+                        self.evaluation.track(step, epoch, self.model, self._unwrapped(), metrics, result)
                     # With a watched metric every evaluation saves, so the best one can be restored.
                     if stop_now or step % cfg.save_steps == 0 or (evaluated and track_best):
-                        last_saved = self.save_checkpoint(step, {"epoch": epoch, "tokens": tokens_total})
+                        last_saved = save(step, epoch)
                         result.checkpoint = last_saved
                     if stop_now:
                         result.interrupted = True
                         result.signal = stop.signal
                         break
-                    if evaluated and self._should_stop_early():
+                    if evaluated and self.evaluation.should_stop():
                         result.stopped_early = True
                         break
         finally:
@@ -435,20 +473,48 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if not result.interrupted:
             already = result.stopped_early or (cfg.evaluation_strategy == "steps" and step % eval_every == 0)
             if do_eval and not already and step > start_step:
-                self._evaluate_and_track(step, step / self.steps_per_epoch, metrics, result)
+                self.evaluation.track(step, step / self.steps_per_epoch, self.model, self._unwrapped(), metrics, result)
                 if track_best:  # the end-of-training evaluation competes for best too
-                    result.checkpoint = self.save_checkpoint(step, {"epoch": step / self.steps_per_epoch,
-                                                                    "tokens": tokens_total})
+                    result.checkpoint = save(step, step / self.steps_per_epoch)
             if cfg.load_best_model_at_end:
-                self._load_best()
-            result.best_metric = self.state.best_metric
-            result.best_checkpoint = self.state.best_model_checkpoint
-            result.saved = self.save_final()
+                self._load_best(best)
+            result.best_metric = best.best_metric
+            result.best_checkpoint = best.best_model_checkpoint
+            try:
+                result.saved = self.checkpoints.save_final(self.model)
+            except OSError as e:
+                raise self._final_save_failed(e, step, saved=False) from e
             if self.is_main:
-                result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png")
-                self._write_run_files(result, metrics.records, step)
+                try:
+                    result.plot = plot_losses(metrics.records, self.output_dir / "loss_curve.png", tag=self.out.run_id,
+                                              note=lambda m: self.reporter.print(f"[yellow]Note:[/] {escape(m)}"))
+                    state = trainer_state(cfg, best, step, metrics.records, steps_per_epoch=self.steps_per_epoch,
+                                          total_steps=self.total_steps, world=self.world)
+                    result.card = write_run_files(self.output_dir, cfg, state, best, run_id=self.out.run_id,
+                                                  last_eval=result.last_eval, lora=self.selection is not None,
+                                                  samples=len(self.train_idx), eval_samples=len(self.eval_idx),
+                                                  command=self.command, plot=result.plot)
+                    if result.card is None:
+                        self.reporter.print(f"[yellow]Note:[/] {self.output_dir / 'README.md'} is not a kimi-lora "
+                                            "model card; left as it is (no card written)")
+                except OSError as e:
+                    raise self._final_save_failed(e, step, saved=True) from e
         metrics.close()
         return result
+
+    def _final_save_failed(self, e: OSError, step: int, saved: bool) -> Any:
+        return final_save_error(e, step, saved=saved, lora=self.selection is not None, output_dir=self.output_dir,
+                                series=self.out.series)
+
+    def _load_best(self, best: TrainerState) -> None:
+        """Put the best checkpoint's trainable weights back, so the final save is the best model."""
+        if best.best_model_checkpoint is None:
+            return
+        folder = Path(best.best_model_checkpoint)
+        self.checkpoints.restore_trainable(folder, self.model)
+        self.reporter.print(f"Loaded the best checkpoint {folder.name} ({best.metric_for_best_model} "
+                            f"{best.best_metric:.4f}) as the final {'adapter' if self.selection else 'model'}.")
+
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None, command: list[str] | None = None) -> TrainResult:
     """Run one training job (in this process; call it in every process of a distributed launch).

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 DETOKENIZER_DIR = "audio_detokenizer"
 VOCODER_DIR = "vocoder"
 DIT_PREFIX = "speech_model."
+PICKLE_FIX = "re-save it as a dict of tensors, or re-download the release file"
 FIX = "use the audio_detokenizer/ and vocoder/ folders of the Kimi-Audio release"
 
 
@@ -119,7 +120,7 @@ def load_dit(files: DetokenizerFiles, dtype: torch.dtype, device: torch.device):
     with torch.device("meta"):
         model = DiT(files.dit_config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    raw = _section(load_weights_only(path, mmap=True), "state_dict", path)
+    raw = _section(load_weights_only(path, mmap=True, fix=PICKLE_FIX), "state_dict", path)
     found = {k[len(DIT_PREFIX):]: k for k in raw if isinstance(k, str) and k.startswith(DIT_PREFIX)}
     for key in found.values():
         if not isinstance(raw[key], torch.Tensor):
@@ -141,7 +142,7 @@ def load_vocoder(files: DetokenizerFiles, dtype: torch.dtype, device: torch.devi
     with torch.device("meta"):
         model = BigVGAN(files.vocoder_config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    raw = _section(load_weights_only(path, mmap=True), "generator", path)
+    raw = _section(load_weights_only(path, mmap=True, fix=PICKLE_FIX), "generator", path)
     normed = set(model.weight_normed())
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()

@@ -147,3 +147,9 @@ def random_detokenizer(dit_cfg: DiTConfig | None = None, vocoder_cfg: VocoderCon
                 m.weight.normal_(0.0, 0.5, generator=generator)
         models.append(model)
     return Detokenizer(models[0], models[1], rules or StreamingRules())
+
+
+if __name__ == "__main__":  # python -m kimi_lora_cli.models.detokenizer.tiny FOLDER
+    import sys
+
+    print(build_tiny_detokenizer(sys.argv[1] if len(sys.argv) > 1 else "kimi-audio-detokenizer-tiny"))

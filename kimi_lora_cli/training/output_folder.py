@@ -10,6 +10,7 @@ series; start-up only removes temporary entries of dead runs of this tool.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.outputs import FolderLock, check_output, marker_info, user_entries, write_marker
-from kimi_lora_cli.training import checkpoint as ckpt
+from kimi_lora_cli.training.checkpoints import folder as ckpt
 from kimi_lora_cli.training.config import TrainConfig
 
 # Settings a resumed run may change on purpose (more steps, another learning rate, how often to
@@ -29,7 +30,8 @@ RESUMABLE_CHANGES = ("max_steps", "num_train_epochs", "learning_rate", "save_ste
 UNREPORTED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 # Compared through the global batch (processes x per-device batch x accumulation) instead.
 BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps")
-PATH_KEYS = ("model_name_or_path", "model_path", "data_path", "speech_tokenizer", "deepspeed")
+PATH_KEYS = ("model_name_or_path", "model_path", "data_path", "eval_data_path", "speech_tokenizer", "deepspeed",
+             "feature_cache_dir")
 
 # What `kimi-lora train` writes at the top of its output folder (--overwrite-output-dir removes these).
 RUN_FILES = {"train_config.yaml", "adapter_config.json", "adapter_model.safetensors", "loss_curve.png",
@@ -50,6 +52,28 @@ def resolved_paths(cfg: TrainConfig) -> dict[str, str | None]:
     return out
 
 
+# Paths train_config.yaml, the model card and adapter_config.json record absolute, so a run can be
+# repeated or resumed (`--config OUT/train_config.yaml`) and the card used from any folder; the
+# console keeps showing them as typed.
+ABSOLUTE_KEYS = ("model_name_or_path", "model_path", "data_path", "eval_data_path", "output_dir",
+                 "feature_cache_dir", "speech_tokenizer")
+RESUME_WORDS = ("latest", "last", "true", "True")
+
+
+def absolute(path: str) -> str:
+    """`path` made absolute against the current folder (symbolic links kept as typed)."""
+    return os.path.abspath(Path(path).expanduser())
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    changes = {key: absolute(getattr(cfg, key)) for key in ABSOLUTE_KEYS if getattr(cfg, key)}
+    if cfg.deepspeed and cfg.deepspeed.endswith(".json"):  # shipped names (zero2, zero3) stay names
+        changes["deepspeed"] = absolute(cfg.deepspeed)
+    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint not in RESUME_WORDS:
+        changes["resume_from_checkpoint"] = absolute(cfg.resume_from_checkpoint)
+    return cfg.with_(**changes)
+
+
 def data_digest(cfg: TrainConfig) -> str | None:
     from kimi_lora_cli.data.features import file_sha256
 
@@ -65,8 +89,9 @@ class OutputDir:
         self.path = Path(cfg.output_dir).expanduser()
         self.run_id = uuid.uuid4().hex[:12]
         self.series: str | None = None
-        self.lock = FolderLock(self.path, "train")
+        self.lock = FolderLock(self.path, "train", extra={"run_id": self.run_id})
         self.notes: list[str] = []
+        self.restart = False  # a fresh run in the folder of a run that stopped before its first checkpoint
 
     # -- before any weight is read ------------------------------------------------------------
     def check(self, resuming: bool) -> None:
@@ -86,6 +111,9 @@ class OutputDir:
                 raise ConfigError(f"--output-dir {self.path} holds files not written by kimi-lora train ({shown}); "
                                   "resume into the folder of the interrupted run or into a new folder")
             return
+        if not cfg.overwrite_output_dir and self.restartable():
+            self.restart = True
+            return
         if not cfg.overwrite_output_dir:
             raise ConfigError(f"--output-dir {self.path} already holds files ({shown}); pass "
                               "--resume-from-checkpoint latest to continue that run, --overwrite-output-dir "
@@ -97,33 +125,74 @@ class OutputDir:
                               "--overwrite-output-dir only replaces a folder `kimi-lora train` wrote - choose a "
                               "new folder (or empty this one yourself)")
 
+    def restartable(self) -> bool:
+        """True for the folder of a `train` run that stopped before its first checkpoint: it holds
+        nothing but that run's train_config.yaml and logs, so a fresh run may start there (the logs
+        are set aside, see `claim`)."""
+        info = marker_info(self.path)
+        if info is None or info.get("command") != "train":
+            return False
+        entries = [e for e in user_entries(self.path) if not _stale_tmp(e)]
+        return bool(entries) and set(entries) <= {"train_config.yaml", "logs"}
+
+    def no_checkpoint(self) -> ConfigError:
+        """The refusal of `--resume-from-checkpoint latest` in a folder without checkpoints, with
+        the advice that works there."""
+        if self.restartable():
+            return ConfigError(f"{self.path}: no checkpoint-N folder to resume from (the earlier run stopped before "
+                               "its first checkpoint); drop --resume-from-checkpoint to start over in this folder "
+                               "(its logs are kept aside)")
+        if self.path.is_dir() and [e for e in user_entries(self.path) if not _stale_tmp(e)]:
+            return ConfigError(f"{self.path}: no checkpoint-N folder to resume from, and the folder holds other "
+                               "files; resume into the folder of the interrupted run, or drop "
+                               "--resume-from-checkpoint and choose a new --output-dir")
+        return ConfigError(f"{self.path}: no checkpoint-N folder to resume from; drop --resume-from-checkpoint to "
+                           "start fresh")
+
     # -- rank 0, right before the weights load ------------------------------------------------
     def claim(self, resume_state: dict[str, Any] | None) -> None:
         """Create and lock the folder, remove dead runs' temporary entries, start or continue the
         series, and (with --overwrite-output-dir) remove the previous run's files."""
         from kimi_lora_cli.fileops import naming_errors
 
+        self.created = not self.path.exists()
         with naming_errors(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         if self.lock.note:
             self.notes.append(self.lock.note)
         try:
-            removed = ckpt.clean_stale_tmp(self.path, self.run_id)
+            info = marker_info(self.path)
+            over = tuple(str(x["run_id"]) for x in (info, self.lock.previous) if x and x.get("run_id"))
+            removed = ckpt.clean_stale_tmp(self.path, self.run_id, over)
             if removed:
                 self.notes.append(f"removed {len(removed)} unfinished entries of an interrupted run "
                                   f"({', '.join(p.name for p in removed[:3])})")
-            info = marker_info(self.path)
             if resume_state is not None:
                 self.series = resume_state.get("series") or (info or {}).get("series") or uuid.uuid4().hex[:12]
             else:
                 if self.cfg.overwrite_output_dir:
                     self._remove_previous_run((info or {}).get("series"))
+                elif self.restart:
+                    self._set_aside_logs((info or {}).get("series"))
                 self.series = uuid.uuid4().hex[:12]
             write_marker(self.path, "train", series=self.series, run_id=self.run_id)
         except BaseException:
             self.lock.release()
             raise
+
+    def _set_aside_logs(self, series: str | None) -> None:
+        """The earlier run stopped before its first checkpoint: keep its metrics under another name."""
+        from kimi_lora_cli.fileops import naming_errors
+
+        old = self.path / "logs" / "metrics.jsonl"
+        note = f"{self.path}: the earlier run stopped before its first checkpoint; starting over"
+        if old.is_file():
+            kept = old.with_name(f"metrics.{series or self.run_id}.jsonl")
+            with naming_errors(kept):
+                os.replace(old, kept)
+            note += f" (its metrics kept as {kept.relative_to(self.path)})"
+        self.notes.append(note)
 
     def _remove_previous_run(self, series: str | None) -> None:
         from kimi_lora_cli.fileops import remove_tree
@@ -145,8 +214,15 @@ class OutputDir:
         if kept:
             self.notes.append(f"kept {', '.join(kept[:6])} (not written by kimi-lora train)")
 
-    def release(self) -> None:
+    def release(self, before_start: bool = False) -> None:
+        """Unlock. `before_start`: the run failed before training began, so a folder it created and
+        that holds nothing but the marker is removed again."""
+        held = self.lock.held
         self.lock.release()
+        if before_start and held and getattr(self, "created", False) and not user_entries(self.path):
+            from kimi_lora_cli.fileops import remove_tree
+
+            remove_tree(self.path)
 
     def tmp_name(self, what: str) -> Path:
         return self.path / f".tmp-{what}-{self.run_id}"
@@ -191,7 +267,7 @@ def check_resume(cfg: TrainConfig, state: dict[str, Any], folder: Path, world: i
         shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
         raise ConfigError(
             f"{folder / ckpt.STATE_FILE}: the checkpoint comes from a run with other settings: {shown}. Resume "
-            f"with that run's settings (--config {Path(saved.get('output_dir') or cfg.output_dir) / 'train_config.yaml'}"
+            f"with that run's settings (--config {Path(cfg.output_dir) / 'train_config.yaml'}"
             ") or start over with --overwrite-output-dir; a resume may change only "
             f"{', '.join(k for k in RESUMABLE_CHANGES if k not in UNREPORTED)}")
     return allowed

@@ -24,6 +24,7 @@ from typing import Any
 from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.fileops import naming_errors, remove_tree
 
+LATEST = ("latest", "last", "true", "True")  # --resume-from-checkpoint values meaning "the newest"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 # Temporary entries of a run: `.tmp-checkpoint-N-<run>`, `.tmp-final-<run>`, `.<file>.<run>.tmp`.
@@ -45,11 +46,17 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 def find_checkpoint(spec: str, output_dir: Path) -> Path:
     """`latest` (newest complete checkpoint of output_dir) or a checkpoint folder path."""
-    if spec in ("latest", "last", "true", "True"):
+    if spec in LATEST:
+        if not output_dir.is_dir():
+            # Most often a relative --output-dir read from another folder than the run's.
+            where = "" if output_dir.is_absolute() else f" (read from the current folder {Path.cwd()})"
+            raise ConfigError(f"--resume-from-checkpoint {spec}: --output-dir {output_dir} does not exist{where}; "
+                              "pass the --output-dir of the run to resume (its train_config.yaml records it "
+                              "absolute: --config RUN/train_config.yaml)")
         found = list_checkpoints(output_dir)
         if not found:
-            raise ConfigError(f"{output_dir}: no checkpoint-N folder to resume from; drop "
-                              "--resume-from-checkpoint to start fresh")
+            raise ConfigError(f"{output_dir}: no checkpoint-N folder to resume from (a run saves one every "
+                              "--save-steps steps and when stopped); drop --resume-from-checkpoint to start fresh")
         return found[-1][1]
     path = Path(spec).expanduser()
     if not path.is_dir():
@@ -118,20 +125,22 @@ def rotate(output_dir: Path, limit: int | None, series: str | None, keep: list[P
     return removed
 
 
-def clean_stale_tmp(output_dir: Path, current_run: str) -> list[Path]:
-    """Remove temporary entries that earlier, killed runs of this tool left (their name carries a
-    run id, folders also hold our marker). Called under the folder's lock, so no other run is
-    writing them; entries of other tools never match."""
+def clean_stale_tmp(output_dir: Path, current_run: str, dead_runs: tuple[str, ...] = ()) -> list[Path]:
+    """Remove temporary entries that earlier, killed runs of this tool left. Their name carries a
+    run id; a folder is also known as ours by our marker inside it, or (killed before the marker was
+    written or after it was removed) by the run id being that of a run known to be over
+    (`dead_runs`: the folder marker's and the taken-over lock's). Called under the folder's lock, so
+    no other run is writing them; entries of other tools never match."""
     from kimi_lora_cli.outputs import marker_info
 
     removed = []
     if not output_dir.is_dir():
         return removed
-    for p in output_dir.iterdir():
+    for p in sorted(output_dir.iterdir()):
         m = TMP_RE.match(p.name) or TMP_FILE_RE.match(p.name)
         if not m or m.group("run") == current_run:
             continue
-        if p.is_dir():
+        if p.is_dir() and m.group("run") not in dead_runs:
             info = marker_info(p)
             if info is None or info.get("command") != "train":
                 continue
@@ -214,22 +223,10 @@ def _numpy_safe_globals() -> list[Any]:
 def load_torch_file(path: Path, extra_safe: list[Any] | None = None) -> Any:
     """torch.load(weights_only=True): tensors, numbers, strings and containers only - a file that
     holds anything else (which could run code when unpickled) is refused, not executed."""
-    import pickle
+    from kimi_lora_cli.fileops import load_torch
 
-    import torch
-
-    try:
-        with torch.serialization.safe_globals(extra_safe or []):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise ConfigError(f"{path}: refused - it holds Python objects{what}, which could run code when loaded; "
-                          "kimi-lora reads only tensors and numbers from .pt files: resume from a checkpoint "
-                          "kimi-lora wrote") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0][:160]}); resume from another "
-                          "checkpoint") from None
+    return load_torch(path, ConfigError, "resume from a checkpoint kimi-lora wrote, or another checkpoint",
+                      extra_safe=extra_safe)
 
 
 def save_tensors(tensors: dict[str, Any], path: Path) -> None:

@@ -45,7 +45,7 @@ def save_full_model(state: dict[str, Any], folder: Path, cfg: TrainConfig, loade
 
     import torch
 
-    from kimi_lora_cli.training.checkpoint import save_tensors
+    from kimi_lora_cli.training.checkpoints.folder import save_tensors
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
@@ -89,3 +89,26 @@ def save_full_model(state: dict[str, Any], folder: Path, cfg: TrainConfig, loade
         save_tensors({f"model.encoder.{k}": v for k, v in enc.state_dict().items()}, wdir / "model.safetensors")
         with naming_errors(wdir / "config.json"):
             enc.config.to_json_file(str(wdir / "config.json"))
+
+
+def final_save_error(e: OSError, step: int, *, saved: bool, lora: bool, output_dir: Path, series: str) -> Exception:
+    """The one message for a final save the OS refused: the file, the cause, what is on disk and how
+    to finish (`saved`: the adapter / model itself is in place, only the run files failed)."""
+    from kimi_lora_cli.errors import OutputError
+    from kimi_lora_cli.fileops import describe_os_error
+    from kimi_lora_cli.training.checkpoints import folder as ckpt
+
+    what = "adapter" if lora else "model"
+    text = describe_os_error(e).rstrip(".")
+    if saved:
+        return OutputError(f"{text}; the {what} in {output_dir} is complete and loads (step {step}): only "
+                           "the loss curve, trainer_state.json or the model card is missing, nothing to redo")
+    done = [(n, p) for n, p in ckpt.list_checkpoints(output_dir) if ckpt.owned_by(p, series)]
+    if done:
+        name, n = done[-1][1].name, done[-1][0]
+        redo = f"continues from {name}" + (f", redoing steps {n + 1}-{step}" if n < step else "")
+        return OutputError(f"{text}; the final {what} was not saved (nothing half-written is left): free some "
+                           f"space, then rerun the same command with --resume-from-checkpoint latest ({redo})")
+    return OutputError(f"{text}; the final {what} was not saved and the run saved no checkpoint (nothing "
+                       "half-written is left): free some space and rerun the same command (it starts over in "
+                       f"{output_dir}; a lower --save-steps keeps checkpoints to resume from)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,64 @@ def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:
         return CodeStore(tokenizer, config.kimia_token_offset, config.vocab_size, cache_dir=cfg.feature_cache_dir)
 
     return load
+
+
+@dataclass
+class CheckedRun:
+    skeleton: Any  # config + tokenizer on the meta device
+    data: Any  # LoadedData of --data-path
+    samples: list[Any]  # training samples, then the evaluation samples
+    train_idx: list[int]
+    eval_idx: list[int]
+
+
+def check_data_and_targets(cfg: TrainConfig, world: int, say: Callable[[str], None]) -> CheckedRun:
+    """Targets, data and evaluation set checked against the model's config and tokenizer, no tensor
+    read: every problem is reported before a 20 GB load."""
+    from rich.markup import escape
+
+    from kimi_lora_cli.training.plan import split_eval
+
+    skeleton = model_skeleton(cfg)
+    config = skeleton.config
+    mimo_targets = 0
+    if cfg.lora_enabled:
+        from kimi_lora_cli.targets import linear_entries, resolve_targets
+        from kimi_lora_cli.training.lora import check_modules_to_save, check_quantized_training
+
+        entries = linear_entries(skeleton.model)
+        resolve_targets(entries, cfg.lora_target)
+        mimo_targets = sum(1 for e in entries if e.targeted and e.component == "mimo")
+        check_modules_to_save(skeleton.model, cfg.modules_to_save)
+        check_quantized_training(skeleton.model, cfg, world)
+    max_len, _ = cfg.sample_limit(config.max_position_embeddings)
+    data = preflight(cfg, skeleton)
+    if data.audio_tokenized:
+        say(f"[bold]Speech tokenizer[/] {cfg.speech_tokenizer}: audio_tokens for {data.audio_tokenized} files")
+    msg = f"[bold]Data[/] {data.path}: {len(data.samples)} samples, {data.tokens} tokens"
+    if data.skipped_too_long:
+        msg += f"; skipped {data.skipped_too_long} longer than {max_len}"
+    if data.truncated:
+        msg += f"; truncated {data.truncated} to {max_len}"
+    say(msg)
+    samples = list(data.samples)
+    if cfg.eval_data_path:
+        eval_data = preflight(cfg.with_(data_path=cfg.eval_data_path), skeleton)
+        say(f"[bold]Eval data[/] {eval_data.path}: {len(eval_data.samples)} samples")
+        train_idx = list(range(len(samples)))
+        eval_idx = list(range(len(samples), len(samples) + len(eval_data.samples)))
+        samples += eval_data.samples
+    else:
+        train_idx, eval_idx = split_eval(len(samples), cfg.eval_ratio, cfg.seed)
+    if len(train_idx) < world:
+        raise ConfigError(f"{data.path}: {len(train_idx)} training samples for {world} processes; "
+                          "add data or use fewer processes")
+    if data.cwd_paths:
+        say(f"[yellow]Note:[/] {data.cwd_paths} audio paths are not next to {data.path} and were found "
+            f"relative to the current folder {Path.cwd()}; `kimi-lora prepare` writes them resolved")
+    if mimo_targets and not any(any(s.seq.audio_loss) for s in data.samples):
+        say(f"[yellow]Hint:[/] {mimo_targets} targeted modules are mimo (audio output) layers, but no answer in "
+            f"{escape(str(data.path))} is spoken (no assistant audio message), so they get no loss and their "
+            "update stays zero; leave them out of --lora-target (e.g. backbone,text,adaptor instead of all)",
+            soft_wrap=True)
+    return CheckedRun(skeleton, data, samples, train_idx, eval_idx)

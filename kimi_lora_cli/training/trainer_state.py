@@ -11,7 +11,6 @@ without one, training stops.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,10 +71,11 @@ class TrainerState:
         return asdict(self)
 
 
-def write_state(folder: Path, state: dict[str, Any]) -> Path:
-    """trainer_state.json in `folder`, written to a temporary name and renamed."""
+def write_state(folder: Path, state: dict[str, Any], tag: str | None = None) -> Path:
+    """trainer_state.json in `folder`, written to a temporary name and renamed (`tag`: the run id
+    the temporary name carries, so a killed run's is recognised and removed)."""
+    from kimi_lora_cli.fileops import write_atomic
+
     path = folder / STATE_FILE
-    tmp = folder / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(state, indent=1), tag=tag)
     return path
