@@ -89,7 +89,8 @@ def check_formula() -> None:
     """The storage formula against bitsandbytes on one real release-size layer (3584 x 3584)."""
     import torch
 
-    from kimi_lora_cli.quantization import QuantSpec, new_layer, quantize_into, quantized_bytes as held
+    from kimi_lora_cli.quantization import QuantSpec, new_layer, quantize_into
+    from kimi_lora_cli.quantization import quantized_bytes as held
 
     w = torch.randn(3584, 3584, dtype=torch.bfloat16) * 0.02
     for mode, spec in (("int8", QuantSpec("int8")), ("nf4", QuantSpec("nf4")), ("nf4+dq", QuantSpec("nf4", True))):
