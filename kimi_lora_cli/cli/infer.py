@@ -153,6 +153,12 @@ def infer(
                                            rich_help_panel=_SPEECH)] = 30,
     no_kv_cache: Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the whole sequence every "
                                               "step (slow; for checking).", rich_help_panel=_GEN)] = False,
+    quantization: Annotated[str | None, typer.Option(
+        "--quantization", help="nf4, fp4 or int8: load the linear layers of both decoder stacks quantized "
+        "(bitsandbytes: pip install 'kimi-lora[qlora]'), e.g. to run a QLoRA adapter as it was trained; the rest "
+        "stays in --dtype, the layers' compute dtype.", show_default=False)] = None,
+    double_quant: Annotated[bool, typer.Option("--double-quant", help="With --quantization nf4/fp4: quantize the "
+                                               "blocks' scales too.")] = False,
     device: DeviceOpt = "",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -183,6 +189,8 @@ def infer(
       $ kimi-lora infer -m ./merged -p 'Please transcribe the following audio:' --audio clip.wav --audio-tokens clip.codes
 
       $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct -a out/tts -d tts_test.jsonl -o preds.jsonl --output-type both --audio-dir wavs/
+
+      $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct --quantization nf4 -a out/qlora -d test.jsonl -o preds.jsonl
     """
     from kimi_lora_cli.data.sources import SourceOptions
     from kimi_lora_cli.errors import ConfigError
@@ -205,6 +213,7 @@ def infer(
         sources=SourceOptions(format=data_format, columns=columns, task=task, language=language,
                               instruction=instruction, max_audio_seconds=max_audio_seconds,
                               clip_dir=clip_dir(cache_features)),
+        quantization=quantization, double_quant=double_quant,
     )
     progress = _Progress(enabled=True)
     try:

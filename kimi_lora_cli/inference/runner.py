@@ -83,6 +83,8 @@ class InferSpec:
     detokenizer: str | Path | None = None  # folder holding audio_detokenizer/ + vocoder/ (default: model)
     ode_steps: int = 30  # detokenizer flow-matching time points (official: 30)
     sources: SourceOptions | None = None  # how --data is read (format, columns, task ...)
+    quantization: str | None = None  # nf4 / fp4 / int8: decoder linears quantized as they load (QLoRA adapters)
+    double_quant: bool = False
 
 
 class ProgressSink(Protocol):
@@ -198,6 +200,11 @@ def _check_spec(spec: InferSpec) -> None:
     if spec.audio_dir is not None and spec.output_type == "text":
         raise ConfigError("--audio-dir writes spoken answers, but --output-type text asks for none; use "
                           "--output-type both")
+    from kimi_lora_cli.quantization import quant_spec
+
+    quant_spec(spec.quantization, flag="--quantization")
+    if spec.double_quant and spec.quantization not in ("nf4", "fp4"):
+        raise ConfigError("--double-quant quantizes the scales of 4-bit weights; add --quantization nf4 (or fp4)")
     if spec.ode_steps < 2:
         raise ConfigError(f"--ode-steps must be >= 2 (time points from 0 to 1), not {spec.ode_steps}")
 
@@ -373,11 +380,17 @@ def _run(spec: InferSpec, progress: ProgressSink | None, loaded: Any, lock_note:
 
         loaded = load_model(spec.model, dtype=spec.dtype, device=resolve_device(spec.device),
                             adapters=[(n, str(p)) for n, p in spec.adapters] or None,
-                            allow_pickle=spec.allow_pickle)
+                            allow_pickle=spec.allow_pickle, quantization=spec.quantization,
+                            double_quant=spec.double_quant)
     if not loaded.info.is_kimi:
         raise ModelLoadError(f"{loaded.info.path}: `infer` runs Kimi-Audio models (config.json with kimia_* keys); "
                              "this folder holds another architecture")
     tokenizer, config = loaded.tokenizer, loaded.config
+    if spec.quantization:
+        from kimi_lora_cli.quantization import quant_spec, summary
+
+        base_model = unwrap_model(loaded.model)
+        notes.append(summary(base_model, quant_spec(spec.quantization, spec.double_quant), base_model.dtype))
     features = None
     if spec.cache_features is not None and loaded.feature_encoder is not None:
         from kimi_lora_cli.data.features import FeatureStore

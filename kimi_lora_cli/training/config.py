@@ -129,6 +129,13 @@ class TrainConfig:
                                               "lm_head,mimo_output).", panel=P_LORA, many=True)
     train_embeddings: bool = option(False, "Train the token embeddings in full (excluded by default).",
                                     panel=P_LORA)
+    quantization: str | None = option(
+        help="QLoRA: keep the linear layers of both decoder stacks in nf4, fp4 or int8 (bitsandbytes: pip install "
+        "'kimi-lora[qlora]') and train LoRA over them; Whisper, adaptor, embeddings and heads stay in the training "
+        "dtype (--bf16 / --fp16, else float32: the 4-bit layers' compute dtype; int8 layers multiply in float16), norms "
+        "in float32.", panel=P_LORA)
+    double_quant: bool = option(False, "With --quantization nf4/fp4: quantize the 4-bit blocks' scales too (about "
+                                "0.4 bit less per weight).", panel=P_LORA)
     # -- optimisation
     text_loss_weight: float = option(1.0, panel=P_OPT)
     audio_loss_weight: float = option(1.0, panel=P_OPT)
@@ -300,10 +307,26 @@ class TrainConfig:
         from kimi_lora_cli.devices import check_device
 
         check_device(self.device)
+        self._validate_quantization(need)
         if not self.lora_enabled:
             need(not self.modules_to_save and not self.train_embeddings,
                  "--modules-to-save / --train-embeddings are LoRA options; add --use-lora (full fine-tuning "
                  "trains every weight anyway)")
+
+    def _validate_quantization(self, need: Any) -> None:
+        """Combinations bitsandbytes cannot train, refused before anything is read."""
+        from kimi_lora_cli.quantization import MODES
+
+        q = self.quantization
+        need(q is None or q in MODES, f"--quantization must be one of {', '.join(MODES)} (got {q!r})")
+        need(not self.double_quant or q in ("nf4", "fp4"),
+             "--double-quant quantizes the scales of 4-bit weights; add --quantization nf4 (or fp4)")
+        if q is None:
+            return
+        need(self.lora_enabled, f"--quantization {q} trains LoRA over frozen {q} weights; add --use-lora (quantized "
+             "weights cannot be fine-tuned in full)")
+        need(not self.fsdp, f"--quantization {q} cannot be sharded with --fsdp (FSDP2 does not split bitsandbytes "
+             "layers); drop --fsdp: with --num-processes N each process holds its own quantized copy (DDP)")
 
     def _validate_evaluation(self, need: Any) -> None:
         gen = self.eval_generate

@@ -24,6 +24,8 @@ def model_locations(cfg: TrainConfig) -> tuple[Path, Path | None]:
 
 
 def load_dtype(cfg: TrainConfig) -> str:
+    if cfg.quantization and not (cfg.bf16 or cfg.fp16):
+        return "float32"  # what the 4-bit layers compute in, and the rest of the model is kept in
     if cfg.lora_enabled:
         return "bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else "auto"
     # Full fine-tuning keeps float32 master weights (autocast does bf16 compute) unless DeepSpeed,
@@ -99,12 +101,13 @@ def check_data_and_targets(cfg: TrainConfig, world: int, say: Callable[[str], No
     mimo_targets = 0
     if cfg.lora_enabled:
         from kimi_lora_cli.targets import linear_entries, resolve_targets
-        from kimi_lora_cli.training.lora import check_modules_to_save
+        from kimi_lora_cli.training.lora import check_modules_to_save, check_quantized_training
 
         entries = linear_entries(skeleton.model)
         resolve_targets(entries, cfg.lora_target)
         mimo_targets = sum(1 for e in entries if e.targeted and e.component == "mimo")
         check_modules_to_save(skeleton.model, cfg.modules_to_save)
+        check_quantized_training(skeleton.model, cfg, world)
     max_len, _ = cfg.sample_limit(config.max_position_embeddings)
     data = preflight(cfg, skeleton)
     if data.audio_tokenized:
