@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kimi_lora_cli.errors import ConfigError, ModelLoadError
 from kimi_lora_cli.fileops import naming_errors
-from kimi_lora_cli.inference.decode import plan_batches
+from kimi_lora_cli.inference.decode import DEFAULT_TEXT_STEPS, plan_batches, step_budget
 from kimi_lora_cli.inference.generation import GenerationConfig, StreamTokens, generate, unwrap_model
 from kimi_lora_cli.inference.metrics import ErrorCounts, score
 from kimi_lora_cli.inference.predictions import (
@@ -49,7 +49,6 @@ BASE = "base"
 # Text answers (ASR, chat) rarely pass a few hundred tokens; the official 7500 positions let a model
 # that never says text_eos (an untrained base, say) run for minutes per sample. Spoken answers keep
 # the official budget (1500 positions, 120 s of speech), which already bounds them.
-DEFAULT_TEXT_STEPS = 512
 DETOKENIZER_NOTE = (
     "audio_tokens are GLM-4-Voice semantic codes (offset removed); pass --audio-dir DIR to turn them into "
     "WAV files with the Kimi-Audio detokenizer (audio_detokenizer/ + vocoder/ of the release folder)"
@@ -139,13 +138,6 @@ def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
             raise ConfigError(f"--adapter {v!r}: two adapters named {name!r}; name them with NAME=DIR")
         out.append((name, Path(folder).expanduser()))
     return tuple(out)
-
-
-def step_budget(max_new_tokens: int | None, output_type: str) -> int:
-    """--max-new-tokens as GenerationConfig takes it (-1: the official budget)."""
-    if max_new_tokens is not None:
-        return max_new_tokens
-    return DEFAULT_TEXT_STEPS if output_type == "text" else -1
 
 
 def budget_note(records: list[dict[str, Any]], max_new_tokens: int | None) -> str | None:

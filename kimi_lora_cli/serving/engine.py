@@ -466,7 +466,7 @@ class Engine:
                 raise RequestError(400, f"max_tokens {asked} plus the prompt's {prompt_len} positions exceed the "
                                         f"model's context of {self.context}; ask for at most {room}", "max_tokens")
             return asked
-        from kimi_lora_cli.inference.runner import step_budget
+        from kimi_lora_cli.inference.decode import step_budget
 
         default = step_budget(self.spec.max_new_tokens, job.output_type)  # the budget `infer` defaults to
         budget = GenerationConfig(output_type=job.output_type, max_new_tokens=default).budget(prompt_len)
