@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kimi_lora_cli.serving.spec import BASE
+from kimi_lora_cli.adapter_names import BASE
 
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 

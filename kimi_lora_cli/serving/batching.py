@@ -8,9 +8,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from kimi_lora_cli.adapter_names import BASE
 from kimi_lora_cli.errors import KimiLoraError
 from kimi_lora_cli.serving.jobs import Job, JobResult, QueueFull, RequestError
-from kimi_lora_cli.serving.spec import BASE, ServeSpec
+from kimi_lora_cli.serving.spec import ServeSpec
 
 Finish = Callable[[Job, "JobResult | RequestError | None"], None]
 

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kimi_lora_cli.adapter_names import BASE
 from kimi_lora_cli.devices import resolve_device
 from kimi_lora_cli.errors import DataError, KimiLoraError, ModelLoadError
 from kimi_lora_cli.serving.adapter_pool import AdapterSlots, MixedAdapters, one_adapter
@@ -43,7 +44,7 @@ from kimi_lora_cli.serving.jobs import (
     QueueFull,
     RequestError,
 )
-from kimi_lora_cli.serving.spec import BASE, ServeSpec
+from kimi_lora_cli.serving.spec import ServeSpec
 from kimi_lora_cli.serving.streaming import Answer, BatchHooks
 
 __all__ = ["Engine", "Job", "JobListener", "JobResult", "QueueFull", "RequestError"]

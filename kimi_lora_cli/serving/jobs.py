@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from kimi_lora_cli.adapter_names import BASE
 from kimi_lora_cli.errors import KimiLoraError
 from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
-from kimi_lora_cli.serving.spec import BASE
 
 PROMPT_ID = "prompt"  # the sample id `infer --prompt` seeds its generators and detokenizer noise with
 

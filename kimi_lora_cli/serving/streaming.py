@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kimi_lora_cli.adapter_names import BASE
 from kimi_lora_cli.serving.adapter_pool import PEFT_BASE
 from kimi_lora_cli.serving.jobs import PROMPT_ID, Job
-from kimi_lora_cli.serving.spec import BASE
 
 
 class Answer:
