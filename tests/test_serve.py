@@ -44,26 +44,6 @@ def clips(tiny, tmp_path_factory):
     return [folder / f"clip{k}.wav" for k in range(4)]
 
 
-@pytest.fixture(scope="module")
-def adapter_dirs(tiny_dir, tmp_path_factory):
-    """Two LoRA adapters with random (non-zero) weights, saved by peft (as tests/test_infer_cli.py makes them)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from kimi_lora_cli.loading import load_model
-
-    root = tmp_path_factory.mktemp("adapters")
-    dirs = {}
-    for k, name in enumerate(("a", "b")):
-        torch.manual_seed(100 + k)
-        model = load_model(tiny_dir, dtype="float32", load_whisper=False, load_tokenizer_=False).model
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, init_lora_weights=False,
-                                                      target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
-        peft_model.save_pretrained(str(root / name))
-        dirs[name] = root / name
-    return dirs
-
-
 def _spec(tiny_dir, adapter_dirs, tiny_speech_tokenizer_dir, tiny_detok_dir, **kw):
     from kimi_lora_cli.serving.spec import ServeSpec
 

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
-from train_full_size import FULL, SMALL, random_init, synthetic_batch  # noqa: E402
+from train_full_size import FULL, SMALL, random_init, synthetic_batch, timed_steps  # noqa: E402
 
 
 def build(shape: dict, mode: str, double_quant: bool, device):
@@ -84,7 +84,6 @@ def build(shape: dict, mode: str, double_quant: bool, device):
 def one_run(args) -> dict:
     import torch
 
-    from kimi_lora_cli.training.loss import compute_loss
 
     device = torch.device(args.device)
     shape = FULL if args.preset == "full" else SMALL
@@ -96,23 +95,7 @@ def one_run(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     batch = synthetic_batch(cfg, 1, args.seq, args.text_tokens, device)
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            parts = compute_loss(model, batch)
-        parts.total.mean().backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-        print(f"  step {step + 1}: loss {parts.total.mean().item():.4f} {time.perf_counter() - start:.3f} s"
-              + (" (warm-up)" if step < args.warmup else ""), flush=True)
+    times = timed_steps(model, batch, params, opt, device, args.warmup, args.steps, indent="  ", flush=True)
     result = {"mode": args.mode + ("+dq" if args.double_quant and args.mode != "bf16" else ""), "seq": args.seq,
               "tokens_per_s": args.seq / (sum(times) / len(times))}
     if device.type == "cuda":

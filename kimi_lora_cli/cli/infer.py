@@ -192,9 +192,10 @@ def infer(
 
       $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct --quantization nf4 -a out/qlora -d test.jsonl -o preds.jsonl
     """
+    from kimi_lora_cli.adapter_names import parse_named_adapters
     from kimi_lora_cli.data.sources import SourceOptions
     from kimi_lora_cli.errors import ConfigError
-    from kimi_lora_cli.inference.runner import InferSpec, parse_adapter_args, run_inference
+    from kimi_lora_cli.inference.runner import InferSpec, run_inference
     from kimi_lora_cli.inference.sampler import SamplingParams
 
     try:
@@ -204,7 +205,7 @@ def infer(
     except ValueError as e:
         raise ConfigError(f"sampling option: {e}") from None
     spec = InferSpec(
-        model=model, adapters=parse_adapter_args(adapter or []), compare_base=compare_base, data=data,
+        model=model, adapters=parse_named_adapters(adapter or []), compare_base=compare_base, data=data,
         prompt=prompt, audio=audio, audio_tokens=audio_tokens, output=output, resume=resume,
         batch_size=batch_size, max_new_tokens=max_new_tokens, output_type=output_type,
         text_sampling=text_sampling, audio_sampling=audio_sampling, seed=seed, device=device or None,

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kimi_lora_cli.adapter_names import BASE
+from kimi_lora_cli.devices import resolve_device
 from kimi_lora_cli.errors import ConfigError, ModelLoadError
 from kimi_lora_cli.fileops import naming_errors
 from kimi_lora_cli.inference.decode import DEFAULT_TEXT_STEPS, plan_batches, step_budget
@@ -45,7 +47,6 @@ from kimi_lora_cli.inference.samples import InferSample, prompt_sample, read_aud
 if TYPE_CHECKING:
     from kimi_lora_cli.data.sources import SourceOptions
 
-BASE = "base"
 # Text answers (ASR, chat) rarely pass a few hundred tokens; the official 7500 positions let a model
 # that never says text_eos (an untrained base, say) run for minutes per sample. Spoken answers keep
 # the official budget (1500 positions, 120 s of speech), which already bounds them.
@@ -122,24 +123,6 @@ class InferReport:
     spoken: int = 0  # predictions with a WAV
 
 
-def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
-    """`DIR` (named after the folder) or `NAME=DIR`; names unique and not 'base'."""
-    out: list[tuple[str, Path]] = []
-    for v in values:
-        name, sep, folder = v.partition("=")
-        if not sep:
-            folder, name = v, Path(v).expanduser().resolve().name
-        if not name or not folder:
-            raise ConfigError(f"--adapter {v!r}: use DIR or NAME=DIR")
-        if name == BASE:
-            raise ConfigError(f"--adapter {v!r}: the name 'base' is reserved for the model without adapter; "
-                              "pick another NAME=DIR")
-        if any(n == name for n, _ in out):
-            raise ConfigError(f"--adapter {v!r}: two adapters named {name!r}; name them with NAME=DIR")
-        out.append((name, Path(folder).expanduser()))
-    return tuple(out)
-
-
 def budget_note(records: list[dict[str, Any]], max_new_tokens: int | None) -> str | None:
     """How many of this run's answers were cut by the step budget (finish "length")."""
     cut = [r for r in records if r.get("finish") == "length"]
@@ -154,16 +137,6 @@ def budget_note(records: list[dict[str, Any]], max_new_tokens: int | None) -> st
         which = f"--max-new-tokens {max_new_tokens}"
     return (f"{len(cut)} of {len(records)} answers reached {which} before ending (finish \"length\" in the "
             "predictions); raise --max-new-tokens if they were cut short (-1: the official 7500 positions)")
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device and device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check_spec(spec: InferSpec) -> None:

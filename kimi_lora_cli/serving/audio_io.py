@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from kimi_lora_cli.serving.engine import RequestError
+from kimi_lora_cli.serving.jobs import RequestError
 
 FORMATS = ("wav", "mp3", "flac", "ogg")
 ACCEPTED = "wav, mp3, flac or ogg"

@@ -17,233 +17,37 @@ budget ran out) leaves the batch at once. Requests that arrive during a decode w
 one (batching per decode, not per step).
 
 Jobs talk back through a `JobListener` (called from the worker threads), so this module has no
-web or asyncio code.
+web or asyncio code. Beside it: the job types (jobs.py), the queue and its worker thread
+(batching.py), the adapter pool (adapter_pool.py) and what each row of a running batch has
+produced (streaming.py).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import zlib
-from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from kimi_lora_cli.errors import ConfigError, DataError, KimiLoraError, ModelLoadError
-from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
-from kimi_lora_cli.serving.spec import BASE, ServeSpec
+from kimi_lora_cli.adapter_names import BASE
+from kimi_lora_cli.devices import resolve_device
+from kimi_lora_cli.errors import DataError, KimiLoraError, ModelLoadError
+from kimi_lora_cli.serving.adapter_pool import AdapterSlots, MixedAdapters, one_adapter
+from kimi_lora_cli.serving.batching import JobQueue
+from kimi_lora_cli.serving.jobs import (
+    PROMPT_ID,
+    Job,
+    JobListener,
+    JobResult,
+    NullListener,
+    QueueFull,
+    RequestError,
+)
+from kimi_lora_cli.serving.spec import ServeSpec
+from kimi_lora_cli.serving.streaming import Answer, BatchHooks
 
-PROMPT_ID = "prompt"  # the sample id `infer --prompt` seeds its generators and detokenizer noise with
-PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-
-
-class RequestError(KimiLoraError):
-    """A request the server refuses; `status` is the HTTP status, the message says what and how to fix."""
-
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-
-
-class QueueFull(RequestError):
-    def __init__(self, waiting: int) -> None:
-        super().__init__(429, f"the server is busy ({waiting} requests waiting, --max-queue reached); retry "
-                              "after the Retry-After seconds")
-
-
-class JobListener(Protocol):
-    def prepared(self, job: Job, error: RequestError | None) -> None: ...
-
-    def text(self, job: Job, delta: str) -> None: ...
-
-    def audio(self, job: Job, wave: Any) -> None: ...
-
-    def done(self, job: Job, outcome: JobResult | RequestError) -> None: ...
-
-
-@dataclass
-class JobResult:
-    text: str
-    text_tokens: list[int]
-    audio_codes: list[int]
-    finish: str  # "stop" | "length" | "cancelled"
-    steps: int
-    prompt_tokens: int
-    wave: Any = None  # float32 tensor of the spoken answer (jobs with speak=True and audio codes)
-    sampling_rate: int = 0
-    batch_rows: int = 1
-    seconds: float = 0.0  # from submit to done
-
-
-@dataclass(eq=False)
-class Job:
-    messages: list[dict[str, Any]]
-    adapter: str = BASE
-    output_type: str = "text"
-    max_new_tokens: int | None = None  # None: the server's --max-new-tokens
-    text_sampling: SamplingParams = TEXT_DEFAULTS
-    audio_sampling: SamplingParams = AUDIO_DEFAULTS
-    seed: int = 0
-    speak: bool = False  # turn the audio codes into a waveform
-    stream: bool = False  # report text deltas and audio pieces as they come
-    waves: dict[Path, Any] = field(default_factory=dict)  # decoded uploads (their codes are computed from them)
-    listener: JobListener | None = None
-    cancelled: bool = False  # set by the web layer when the client goes away
-    prompt_tokens: int = 0
-    budget: int = 0
-    submitted: float = field(default_factory=time.perf_counter)
-    _finished: bool = False
-
-    @property
-    def key(self) -> tuple:
-        """Jobs with equal keys can share one decode."""
-        return (self.output_type, self.text_sampling, self.audio_sampling)
-
-    @property
-    def stochastic(self) -> bool:
-        return not (self.text_sampling.greedy and self.audio_sampling.greedy)
-
-
-class _Listener:
-    """A listener that ignores everything (jobs submitted without one)."""
-
-    def prepared(self, job, error):
-        pass
-
-    def text(self, job, delta):
-        pass
-
-    def audio(self, job, wave):
-        pass
-
-    def done(self, job, outcome):
-        pass
-
-
-def _resolve_device(device: str | None) -> str:
-    import torch
-
-    if device and device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class AdapterSlots:
-    """The adapters given at start; at most `capacity` attached to the model at once (least recently
-    used leave first). Only the worker thread calls `ensure`."""
-
-    def __init__(self, loaded: Any, folders: dict[str, Path], capacity: int, allow_pickle: bool) -> None:
-        self.loaded = loaded
-        self.folders = folders
-        self.capacity = capacity
-        self.allow_pickle = allow_pickle
-        self.present: OrderedDict[str, None] = OrderedDict((n, None) for n in loaded.adapter_names)
-        self.loads = 0
-        self.evictions = 0
-
-    def ensure(self, names: set[str]) -> None:
-        from kimi_lora_cli.loading import attach_adapters
-
-        for n in names:
-            if n in self.present:
-                self.present.move_to_end(n)
-        missing = [n for n in names if n not in self.present]
-        for n in missing:
-            while len(self.present) >= self.capacity:
-                victim = next(k for k in self.present if k not in names)
-                self.loaded.model.delete_adapter(victim)
-                self.loaded.adapter_names.remove(victim)
-                del self.present[victim]
-                self.evictions += 1
-            attach_adapters(self.loaded, [(n, self.folders[n])], allow_pickle=self.allow_pickle)
-            self.loaded.model.eval()
-            self.present[n] = None
-            self.loads += 1
-
-
-class _MixedAdapters:
-    """Forward pre-hooks on every LoRA layer that hand it the adapter of each batch row."""
-
-    def __init__(self, model: Any) -> None:
-        from peft.tuners.lora import LoraLayer
-
-        self.names: list[str] = []
-        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True)
-                        for m in model.modules() if isinstance(m, LoraLayer)]
-
-    def _hook(self, module, args, kwargs):
-        kwargs["adapter_names"] = self.names
-        return args, kwargs
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-class _Answer:
-    """What one job's row has produced so far, by the rules `generate` keeps its result by."""
-
-    def __init__(self, engine: Engine, job: Job) -> None:
-        self.engine, self.job = engine, job
-        self.text_ids: list[int] = []
-        self.text_done = False
-        self.sent = ""
-        self.codes: list[int] = []
-        self.pushed = 0
-        self.chunk_end = engine.chunk_rules.first_chunk_tokens if engine.chunk_rules else 0
-        self.detok = None
-        self.noise = None
-
-    def observe(self, step: int, text_id: int, audio_id: int) -> None:
-        tokens = self.engine.tokens
-        if not self.text_done:
-            if text_id == tokens.text_eos:
-                self.text_done = True
-            elif text_id < tokens.token_offset:
-                self.text_ids.append(text_id)
-                if self.job.stream:
-                    self._send_text(final=False)
-        if self.job.output_type == "both" and step >= tokens.delay and audio_id >= tokens.token_offset:
-            self.codes.append(audio_id - tokens.token_offset)
-            if self.job.stream and self.job.speak:
-                while len(self.codes) > self.chunk_end:  # more follow, so this chunk is not the last
-                    self._push(self.chunk_end, is_final=False)
-                    self.chunk_end += self.engine.chunk_rules.chunk_tokens
-
-    def _send_text(self, final: bool, text: str | None = None) -> None:
-        text = self.engine.tokenizer.decode(self.text_ids) if text is None else text
-        if not final and text.endswith("\ufffd"):  # a character cut between tokens: wait for the rest
-            return
-        if text.startswith(self.sent) and len(text) > len(self.sent):
-            self.job.listener.text(self.job, text[len(self.sent):])
-            self.sent = text
-
-    def _push(self, end: int, is_final: bool) -> None:
-        import torch
-
-        from kimi_lora_cli.inference.speech import noise_generator
-
-        if self.detok is None:
-            self.detok = self.engine.new_detokenizer()
-            self.noise = noise_generator(self.job.seed, PROMPT_ID)
-        codes = torch.tensor(self.codes[self.pushed:end], dtype=torch.long)
-        self.pushed = end
-        job, detok, noise = self.job, self.detok, self.noise
-
-        def work() -> None:
-            if job.cancelled:
-                return
-            wave = detok.push(codes, is_final, generator=noise).cpu()
-            job.listener.audio(job, wave)
-
-        self.engine.speech_pool.submit(work)
+__all__ = ["Engine", "Job", "JobListener", "JobResult", "QueueFull", "RequestError"]
 
 
 class Engine:
@@ -256,7 +60,7 @@ class Engine:
         from kimi_lora_cli.loading import check_adapter_folder, check_detokenizer, load_model
 
         self.spec = spec
-        self.device = _resolve_device(spec.device)
+        self.device = resolve_device(spec.device)
         for name, folder in spec.adapters:
             try:
                 check_adapter_folder(Path(folder), spec.allow_pickle)
@@ -311,12 +115,9 @@ class Engine:
         self.speech_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-serve-speech")
         self.torch_threads = torch.get_num_threads()
 
-        self._cond = threading.Condition()
-        self._waiting: deque[Job] = deque()
-        self._worker: threading.Thread | None = None
-        self._stopping = False
         self.stats = {"requests": 0, "batches": 0, "batched_rows": 0, "largest_batch": 0, "cancelled": 0,
                       "running": 0}
+        self.queue = JobQueue(spec, self.adapters.capacity, self.run_batch, self._finish, self.stats)
 
     # -- what clients may ask for ------------------------------------------------------------
 
@@ -342,96 +143,24 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.queue)
 
     def submit(self, job: Job) -> None:
         """Queue `job` (thread-safe); QueueFull when --max-queue jobs are waiting already."""
         if job.listener is None:
-            job.listener = _Listener()
-        with self._cond:
-            if len(self._waiting) >= self.spec.max_queue:
-                raise QueueFull(len(self._waiting))
-            self._waiting.append(job)
-            self.stats["requests"] += 1
-            self._cond.notify()
+            job.listener = NullListener()
+        self.queue.submit(job)
 
     def start(self) -> None:
-        if self._worker is None:
-            self._stopping = False
-            self._worker = threading.Thread(target=self._loop, name="kimi-serve-decode", daemon=True)
-            self._worker.start()
+        self.queue.start()
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            left = list(self._waiting)
-            self._waiting.clear()
-            self._cond.notify_all()
-        for job in left:
-            self._finish(job, RequestError(503, "the server is shutting down; retry on another instance"))
-        if self._worker is not None:
-            self._worker.join()
-            self._worker = None
+        self.queue.stop()
         self.speech_pool.shutdown(wait=True)
 
     def run_pending(self) -> int:
         """Decode every waiting job in the calling thread (no worker needed); returns how many batches ran."""
-        batches = 0
-        while True:
-            with self._cond:
-                batch = self._take_batch()
-            if not batch:
-                return batches
-            self.run_batch(batch)
-            batches += 1
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._waiting and not self._stopping:
-                    self._cond.wait()
-                # Requests of a burst arrive a few ms apart: give the rest a moment to join this decode.
-                until = time.monotonic() + self.spec.batch_wait_ms / 1000
-                while (not self._stopping and len(self._waiting) < self.spec.max_batch_size
-                       and (left := until - time.monotonic()) > 0):
-                    self._cond.wait(left)
-                if self._stopping:
-                    return
-                batch = self._take_batch()
-            if not batch:
-                continue
-            try:
-                self.run_batch(batch)
-            except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
-                message = f"{type(e).__name__}: {e}".splitlines()[0] if not isinstance(e, KimiLoraError) else str(e)
-                for job in batch:
-                    self._finish(job, RequestError(500, f"generation failed ({message}); the server keeps running"))
-
-    def _take_batch(self) -> list[Job]:
-        """The oldest job and the waiting jobs that can share its decode (caller holds the lock)."""
-        while self._waiting and self._waiting[0].cancelled:
-            self._finish(self._waiting.popleft(), None)
-        if not self._waiting:
-            return []
-        first = self._waiting.popleft()
-        batch = [first]
-        adapters = {first.adapter} - {BASE}
-        rest: deque[Job] = deque()
-        while self._waiting:
-            job = self._waiting.popleft()
-            if job.cancelled:
-                self._finish(job, None)
-                continue
-            fits = (len(batch) < self.spec.max_batch_size and job.key == first.key
-                    and (job.adapter == BASE or job.adapter in adapters or len(adapters) < self.adapters.capacity))
-            if fits:
-                batch.append(job)
-                if job.adapter != BASE:
-                    adapters.add(job.adapter)
-            else:
-                rest.append(job)
-        self._waiting = rest
-        return batch
+        return self.queue.run_pending()
 
     def _finish(self, job: Job, outcome: JobResult | RequestError | None) -> None:
         if job._finished:
@@ -540,7 +269,7 @@ class Engine:
 
         for j in jobs:
             if j.listener is None:
-                j.listener = _Listener()
+                j.listener = NullListener()
         live = []
         for j in jobs:
             if j.cancelled:
@@ -568,19 +297,19 @@ class Engine:
                 g = torch.Generator(device=self.device)
                 g.manual_seed(zlib.crc32(f"{j.seed}:{PROMPT_ID}".encode()))
                 gens.append(g)
-        answers = [_Answer(self, j) for j in live]
-        hooks = _BatchHooks(live, answers)
+        answers = [Answer(self, j) for j in live]
+        hooks = BatchHooks(live, answers)
         wanted = {j.adapter for j in live}
         mixed = None
         if len(wanted) > 1:  # per-row adapters; one adapter runs as `infer` runs it (no per-row indexing)
-            mixed = _MixedAdapters(self.model)
+            mixed = MixedAdapters(self.model)
             hooks.names = mixed.names
         self.stats["running"] = len(live)
         self.stats["batches"] += 1
         self.stats["batched_rows"] += len(live)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
         try:
-            with self._only(wanted.pop() if mixed is None else None):
+            with one_adapter(self.model, self.loaded.adapter_names, wanted.pop() if mixed is None else None):
                 results = generate(self.model, prompts, gcfg, self.tokens, gens, hooks=hooks)
         finally:
             self.stats["running"] = 0
@@ -595,26 +324,14 @@ class Engine:
             result = JobResult(text=text, text_tokens=r.text_tokens, audio_codes=r.audio_tokens, finish=finish,
                                steps=r.steps, prompt_tokens=j.prompt_tokens, batch_rows=len(live))
             if j.stream:
-                a._send_text(final=True, text=text)
+                a.send_text(final=True, text=text)
             if j.speak and r.audio_tokens:
                 self._speak(j, a, result)
             else:
                 result.seconds = time.perf_counter() - j.submitted
                 self._finish(j, result)
 
-    @contextmanager
-    def _only(self, adapter: str | None):
-        """The model as one adapter (or the plain base) for a whole batch; None: rows choose (hooks)."""
-        if adapter is None or not self.loaded.adapter_names:
-            yield
-        elif adapter == BASE:
-            with self.model.disable_adapter():
-                yield
-        else:
-            self.model.set_adapter(adapter)
-            yield
-
-    def _speak(self, job: Job, answer: _Answer, result: JobResult) -> None:
+    def _speak(self, job: Job, answer: Answer, result: JobResult) -> None:
         """The waveform of a spoken answer on the speech thread, then `done` (after any streamed pieces)."""
         from kimi_lora_cli.inference.speech import noise_generator
 
@@ -622,7 +339,7 @@ class Engine:
         if job.stream:
             if len(result.audio_codes) > answer.pushed:
                 answer.codes = list(result.audio_codes)
-                answer._push(len(answer.codes), is_final=True)
+                answer.push(len(answer.codes), is_final=True)
         codes = result.audio_codes
 
         def work() -> None:
@@ -640,23 +357,3 @@ class Engine:
                                                     "server keeps running"))
 
         self.speech_pool.submit(work)
-
-
-class _BatchHooks:
-    """`generate`'s hooks for one batch: per-row adapters, streamed output, per-job stops."""
-
-    def __init__(self, jobs: list[Job], answers: list[_Answer]) -> None:
-        self.jobs, self.answers = jobs, answers
-        self.names: list[str] = []
-
-    def before_forward(self, rows: list[int]) -> None:
-        self.names[:] = [PEFT_BASE if self.jobs[r].adapter == BASE else self.jobs[r].adapter for r in rows]
-
-    def after_step(self, step: int, rows: list[int], text: list[int], audio: list[int]) -> set[int]:
-        gone = set()
-        for r, t, a in zip(rows, text, audio):
-            job = self.jobs[r]
-            self.answers[r].observe(step, t, a)
-            if job.cancelled or step + 1 >= job.budget:
-                gone.add(r)
-        return gone

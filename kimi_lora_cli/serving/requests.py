@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kimi_lora_cli.serving.engine import RequestError
+from kimi_lora_cli.serving.jobs import RequestError
 
 # The official ASR instructions (the fine-tuning demo's English one; infer.py's Chinese one).
 ASR_INSTRUCTION_EN = "Please transcribe the spoken content into written text."

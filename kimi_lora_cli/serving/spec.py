@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kimi_lora_cli.adapter_names import parse_named_adapters
 from kimi_lora_cli.errors import ConfigError
 
-BASE = "base"  # the model without adapter, as `infer` names it
 API_KEY_ENV = "KIMI_LORA_API_KEY"
 SERVE_EXTRA_HINT = "pip install 'kimi-lora[serve]' (FastAPI, uvicorn and python-multipart)"
 
@@ -52,23 +52,7 @@ class ServeSpec:
 
 def parse_adapters(values: list[str]) -> tuple[tuple[str, Path], ...]:
     """`NAME=DIR` or `DIR` (named after the folder); names unique, not 'base', usable as a `model` value."""
-    out: list[tuple[str, Path]] = []
-    for v in values:
-        name, sep, folder = v.partition("=")
-        if not sep:
-            folder, name = v, Path(v).expanduser().resolve().name
-        if not name or not folder:
-            raise ConfigError(f"--adapter {v!r}: use NAME=DIR or DIR")
-        if name == BASE:
-            raise ConfigError(f"--adapter {v!r}: the name 'base' is reserved for the model without adapter; "
-                              "pick another NAME=DIR")
-        if any(n == name for n, _ in out):
-            raise ConfigError(f"--adapter {v!r}: two adapters named {name!r}; name them with NAME=DIR")
-        if any(c.isspace() for c in name) or "/" in name:
-            raise ConfigError(f"--adapter {v!r}: the name {name!r} is what clients send as `model`; use one "
-                              "without spaces or slashes (NAME=DIR)")
-        out.append((name, Path(folder).expanduser()))
-    return tuple(out)
+    return parse_named_adapters(values, usage="NAME=DIR or DIR", model_ids=True)
 
 
 def api_key_from(value: str | None) -> str | None:

@@ -127,34 +127,40 @@ def walk_sorted(folder: Path) -> Iterator[tuple[Path, list[str]]]:
         yield Path(root), sorted(files)
 
 
+def walk_files(folder: Path) -> Iterator[tuple[Path, set[str], str]]:
+    """(folder, the names in that folder, one file name) for every file, in `walk_sorted` order."""
+    for root, files in walk_sorted(folder):
+        names = set(files)
+        for name in files:
+            yield root, names, name
+
+
 def folder_source(folder: Path, opts: SourceOptions) -> Source:
     folder = folder.resolve()
 
     def rows() -> Iterator[Record]:
         n = 0
-        for root, files in walk_sorted(folder):
-            names = set(files)
-            for name in files:
-                stem, suffix = os.path.splitext(name)
-                if suffix.lower() not in AUDIO_SUFFIXES:
-                    continue
-                n += 1
-                audio = root / name
-                transcript = next((root / f"{stem}{s}" for s in (".txt", ".lab") if f"{stem}{s}" in names), None)
-                if transcript is None:
-                    yield Record(n, str(audio), None, f"no transcript beside it; write the words spoken in {stem}.txt "
-                                 "(or .lab) next to the clip", str(audio))
-                    continue
-                try:
-                    text = clean_transcript(transcript.read_text(encoding="utf-8-sig"))
-                except UnicodeDecodeError:
-                    yield Record(n, str(transcript), None, "not UTF-8 text; save it as UTF-8", str(audio))
-                    continue
-                if text is None:
-                    yield Record(n, str(transcript), None, EMPTY_TRANSCRIPT, str(audio))
-                    continue
-                yield Record(n, str(audio), transcript_record(str(audio), " ".join(text.split()), opts), None,
-                             str(audio))
+        for root, names, name in walk_files(folder):
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() not in AUDIO_SUFFIXES:
+                continue
+            n += 1
+            audio = root / name
+            transcript = next((root / f"{stem}{s}" for s in (".txt", ".lab") if f"{stem}{s}" in names), None)
+            if transcript is None:
+                yield Record(n, str(audio), None, f"no transcript beside it; write the words spoken in {stem}.txt "
+                             "(or .lab) next to the clip", str(audio))
+                continue
+            try:
+                text = clean_transcript(transcript.read_text(encoding="utf-8-sig"))
+            except UnicodeDecodeError:
+                yield Record(n, str(transcript), None, "not UTF-8 text; save it as UTF-8", str(audio))
+                continue
+            if text is None:
+                yield Record(n, str(transcript), None, EMPTY_TRANSCRIPT, str(audio))
+                continue
+            yield Record(n, str(audio), transcript_record(str(audio), " ".join(text.split()), opts), None,
+                         str(audio))
 
     return Source("folder", str(folder), folder, rows)
 
@@ -164,25 +170,23 @@ def librispeech_source(folder: Path, opts: SourceOptions) -> Source:
 
     def rows() -> Iterator[Record]:
         n = 0
-        for root, files in walk_sorted(folder):
-            names = set(files)
-            for name in files:
-                if not name.endswith(".trans.txt"):
+        for root, names, name in walk_files(folder):
+            if not name.endswith(".trans.txt"):
+                continue
+            trans = root / name
+            for line_no, line in _text_lines(trans):
+                n += 1
+                utt, words = _split_key(line)
+                where = f"{trans}:{line_no}"
+                audio = next((f"{utt}{s}" for s in AUDIO_SUFFIXES if f"{utt}{s}" in names), None)
+                if audio is None:
+                    yield Record(n, where, None, f"no audio file {utt}.flac (or .wav ...) beside {name}", line)
                     continue
-                trans = root / name
-                for line_no, line in _text_lines(trans):
-                    n += 1
-                    utt, words = _split_key(line)
-                    where = f"{trans}:{line_no}"
-                    audio = next((f"{utt}{s}" for s in AUDIO_SUFFIXES if f"{utt}{s}" in names), None)
-                    if audio is None:
-                        yield Record(n, where, None, f"no audio file {utt}.flac (or .wav ...) beside {name}", line)
-                        continue
-                    text = clean_transcript(words)
-                    if text is None:
-                        yield Record(n, where, None, f"utterance {utt}: {EMPTY_TRANSCRIPT}", line)
-                        continue
-                    yield Record(n, where, transcript_record(str(root / audio), text, opts), None, line)
+                text = clean_transcript(words)
+                if text is None:
+                    yield Record(n, where, None, f"utterance {utt}: {EMPTY_TRANSCRIPT}", line)
+                    continue
+                yield Record(n, where, transcript_record(str(root / audio), text, opts), None, line)
 
     return Source("librispeech", str(folder), folder, rows)
 
