@@ -54,7 +54,7 @@ def asr_samples(n: int, config: Any, seed: int = 0, feature_dtype: Any = None, k
     import torch
 
     from kimi_lora_cli.data.conversation import MediaSpan, TokenizedConversation
-    from kimi_lora_cli.data.schema import Sample
+    from kimi_lora_cli.data.samples import Sample
 
     rng = random.Random(seed + 1)
     gen = torch.Generator().manual_seed(seed)

@@ -7,6 +7,8 @@
   * the export layout (`whisper-large-v3/` with `encoder.*` keys),
   * any other Hugging Face causal LM folder (transformers Auto classes, never remote code).
 `weights=False` builds the model on the meta device from config.json alone and reads no tensor.
+`quantization="nf4" | "fp4" | "int8"` (Kimi-Audio, bitsandbytes installed) quantizes the linear layers of both
+decoder stacks while the tensors are read; the rest keeps `dtype` (see quantization.py).
 `.bin` / `.pt` files are unpickled only with `allow_pickle=True`; code in the folder never runs.
 `load_detokenizer(path)` reads the release's `audio_detokenizer/` + `vocoder/` (their `model.pt`
 files with `torch.load(weights_only=True)`: plain tensors only).
@@ -34,6 +36,13 @@ from kimi_lora_cli.model_files import (  # noqa: F401 (re-exported: the core's p
     read_safetensors_header,
 )
 from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig
+from kimi_lora_cli.quantization import (
+    QuantSpec,
+    check_backend,
+    quant_spec,
+    quantize_skeleton,
+    quiet_bitsandbytes,
+)
 from kimi_lora_cli.tensor_files import iter_tensors, match_state
 
 if TYPE_CHECKING:
@@ -152,6 +161,8 @@ def load_model(
     attn_implementation: str = "sdpa",
     adapters_trainable: bool = False,
     prepare: Callable[[Any], Any] | None = None,
+    quantization: str | QuantSpec | None = None,
+    double_quant: bool = False,
 ) -> LoadedModel:
     """Load a model folder (see module docstring). `adapters` = [(name, folder), ...] are
     attached with peft, the first one active. `base_path` is where tokenizer and Whisper are
@@ -161,13 +172,25 @@ def load_model(
     before any tensor is read; it may wrap adapters and shard the model across processes (FSDP2)
     and returns the module to fill. Whatever is still on the meta device is then allocated on
     `device` and every parameter reads only the rows it holds, straight from the files, so no
-    process holds a full CPU copy first. Adapter weights are left to the caller."""
+    process holds a full CPU copy first. Adapter weights are left to the caller.
+
+    `quantization` (nf4, fp4 or int8; `double_quant` for the 4-bit ones): the decoder linears become
+    bitsandbytes layers, each quantized on `device` as its tensor is read (never a full-precision copy
+    of the decoder); Whisper, adaptor, embeddings, norms and heads keep `dtype`, the layers' compute dtype."""
     import torch
 
+    quant = quant_spec(quantization, double_quant)
     info = inspect_folder(path, allow_pickle=allow_pickle, need_weights=weights, base_path=base_path)
     torch_dtype = resolve_dtype(dtype, info)
     device = torch.device(device)
     encoder = None
+    if quant is not None:
+        if not info.is_kimi:
+            raise ModelLoadError(f"{info.path}: quantization ({quant.mode}) loads Kimi-Audio folders; this is a "
+                                 f"{info.kind} model - load it without quantization")
+        if weights:
+            check_backend(quant, device)  # bitsandbytes missing / without this device: one line, nothing read yet
+            prepare = prepare or (lambda m: m)
     if prepare is not None and not (info.is_kimi and weights):
         raise ModelLoadError(f"{info.path}: a prepared (meta-device) load needs a Kimi-Audio folder with weights")
     if info.is_kimi:
@@ -180,7 +203,7 @@ def load_model(
                 check_header_shapes(info, shapes)  # a wrong folder fails here, before any allocation
             cfg = kimi_config(info, attn_implementation)
             model, encoder = read_prepared(build_kimi_model(cfg), info, torch_dtype, device, base_path, load_whisper,
-                                           prepare)
+                                           prepare, quant)
         elif weights:
             from kimi_lora_cli.models.kimi_audio.checkpoint import read_weights
 
@@ -191,6 +214,8 @@ def load_model(
             cfg = kimi_config(info, attn_implementation)
             model = build_kimi_model(cfg)
             info.num_parameters = sum(p.numel() for p in model.parameters())
+            if quant is not None:
+                quantize_skeleton(model.to(torch_dtype), quant, torch_dtype)
     else:
         model, cfg = _load_hf(info, torch_dtype, device, weights, allow_pickle)
     if info.is_kimi and prepare is None:
@@ -228,6 +253,7 @@ def _load_hf(info: ModelInfo, dtype, device, weights: bool, allow_pickle: bool):
 
 def attach_adapters(loaded: LoadedModel, adapters, *, trainable: bool = False, allow_pickle: bool = False) -> None:
     """Wrap `loaded.model` with one or more peft adapters (names must be unique)."""
+    quiet_bitsandbytes()  # peft imports it to pick layer kinds: without its Hub-kernel warning
     from peft import PeftConfig, PeftModel
 
     model = loaded.model

@@ -3,7 +3,8 @@
     python tests/_pause_at.py READY CALL GLOB ARGS...
 
 CALL is the OS call to stop at (open-for-writing, mkdir, unlink, rmdir); GLOB matches the full path
-it is called with. At the first such call the process writes READY (the path, as JSON) and sleeps
+it is called with, one path segment per pattern segment (a `*` never crosses a `/`, so a pattern
+for a folder does not also stop at a file or folder inside it). At the first such call the process writes READY (the path, as JSON) and sleeps
 until the test kills it; everything before that moment ran for real.
 """
 
@@ -21,8 +22,14 @@ import time
 def main() -> None:
     ready, call, pattern, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 
+    wanted = pattern.split(os.sep)
+
+    def matches(path) -> bool:
+        parts = os.path.abspath(os.fspath(path)).split(os.sep)
+        return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, wanted))
+
     def stop(path) -> None:
-        if fnmatch.fnmatch(os.fspath(path), pattern):
+        if matches(path):
             with builtins.open(ready + ".tmp", "w") as f:
                 json.dump({"path": os.fspath(path), "pid": os.getpid()}, f)
             os.replace(ready + ".tmp", ready)

@@ -75,3 +75,60 @@ def tiny_detok(tiny_detok_dir):
     from kimi_lora_cli.loading import load_detokenizer
 
     return load_detokenizer(tiny_detok_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, tiny):
+    """Synthetic training jsonl files in the official format (audio_tokens included), made once per
+    (n, seed, task): `train_data(n=4, seed=1, task="understanding")`."""
+    from kimi_lora_cli.data.synthetic import write_synthetic_dataset
+
+    made: dict[tuple[int, int, str], Path] = {}
+
+    def make(n: int = 4, seed: int = 1, task: str = "understanding") -> Path:
+        key = (n, seed, task)
+        if key not in made:
+            made[key] = write_synthetic_dataset(tmp_path_factory.mktemp(f"data-{task}-{n}-{seed}"), tiny.config,
+                                                n=n, seed=seed, task=task)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def data(train_data) -> Path:
+    """Four understanding conversations (the default `train_data`)."""
+    return train_data()
+
+
+@pytest.fixture(scope="session")
+def train_args(tiny_dir):
+    """`kimi-lora train` arguments for a LoRA run of the tiny model (or `model=`) on the CPU:
+    `train_args(data, out, "--max-steps", "2", ...)`; `lora=False` leaves out --use-lora."""
+
+    def make(data: Path, out: Path, *extra: object, lora: bool = True, model: Path | None = None) -> list[str]:
+        return ["train", "--model-name-or-path", str(model or tiny_dir), "--data-path", str(data), "--output-dir", str(out),
+                *(["--use-lora"] if lora else []), "--device", "cpu", *(str(x) for x in extra)]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_dir, tmp_path_factory):
+    """Two LoRA adapters `a` and `b` with random (non-zero) weights, saved by peft from fresh loads of the
+    tiny model (seeds 100 and 101), for the infer and serve tests."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from kimi_lora_cli.loading import load_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {}
+    for k, name in enumerate(("a", "b")):
+        torch.manual_seed(100 + k)
+        model = load_model(tiny_dir, dtype="float32", load_whisper=False, load_tokenizer_=False).model
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, init_lora_weights=False,
+                                                      target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+        peft_model.save_pretrained(str(root / name))
+        dirs[name] = root / name
+    return dirs

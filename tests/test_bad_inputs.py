@@ -88,6 +88,7 @@ def world(tmp_path_factory, tiny_dir, tiny, tiny_speech_tokenizer_dir):
     asr = json.loads(lines[0])
     asr["task_type"] = "asr"  # the official loader would train this as text + speech
     (data.parent / "asr_task.jsonl").write_text(lines[1] + "\n" + json.dumps(asr) + "\n")
+    _byo(root / "byo")
     (root / "foreign").mkdir()
     (root / "foreign" / "mine.txt").write_text("a user's notes")
     (root / "notes.txt").write_text("a user's file")
@@ -127,6 +128,30 @@ def world(tmp_path_factory, tiny_dir, tiny, tiny_speech_tokenizer_dir):
                                  "--device", "cpu"], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     return root
+
+
+def _byo(folder: Path) -> None:
+    """Bring-your-own-data files with one thing wrong each (issue 18)."""
+    import numpy as np
+    import soundfile as sf
+
+    folder.mkdir()
+    sf.write(folder / "a.wav", np.zeros(16000, dtype=np.float32), 16000)
+    (folder / "cv.jsonl").write_text("path\tsentence\na.wav\thello\n")
+    (folder / "cols.csv").write_text("a,b\na.wav,hello\n")
+    (folder / "m.csv").write_text("audio,text\na.wav,hello\nmissing.wav,hi\na.wav,  \n")
+    (folder / "chat.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "<audio><audio>What is said?"}, {"role": "assistant", "content": "hi"}],
+        "audios": ["a.wav"]}) + "\n")
+    (folder / "role.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "<audio>What is said?"}, {"role": "bot", "content": "hi"}],
+        "audios": ["a.wav"]}) + "\n")
+    (folder / "keys.jsonl").write_text(json.dumps({"wav": "a.wav", "words": "hi"}) + "\n")
+    (folder / "kaldi").mkdir()
+    (folder / "kaldi" / "wav.scp").write_text("u1 sox ../a.wav -t wav - |\n")
+    (folder / "kaldi" / "text").write_text("u1 hello\n")
+    (folder / "nowav").mkdir()
+    (folder / "nowav" / "text").write_text("u1 hello\n")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -204,7 +229,7 @@ CASES = [
      ["invalid.jsonl:2: invalid JSON (Expecting value at column 15)"]),
     ("train-data-empty", train("-o", "{new}", data="{data_dir}/empty.jsonl"), 1, ["empty.jsonl: no usable samples"]),
     ("train-data-folder", train("-o", "{new}", data="{data_dir}"), 1,
-     ["data: is a folder", "--data-path takes one jsonl file", "asr_task.jsonl"]),
+     ["data: is a folder of", "a data folder is Kaldi", "asr_task.jsonl", "pass one of them as the data file"]),
     ("train-task-type", train("-o", "{new}", data="{data_dir}/asr_task.jsonl"), 1,
      ['asr_task.jsonl:2: unknown task_type "asr"', '"understanding"', '"speech_conversation"']),
     ("train-cfg-abc", train("-o", "{new}", model="{bad_cfg_abc}"), 1,
@@ -213,6 +238,23 @@ CASES = [
      ["config.json", "num_hidden_layers = -2"]),
     ("train-cfg-utf8", train("-o", "{new}", model="{bad_cfg_utf8}"), 1,
      ["config.json:1: not UTF-8"]),
+    # -- train --quantization (QLoRA): what bitsandbytes cannot train, refused before any weight is read
+    ("train-quant-full", train("--quantization", "nf4", "-o", "{new}", lora=False), 1,
+     ["--quantization nf4 trains LoRA", "add --use-lora"]),
+    ("train-quant-fsdp", train("--quantization", "nf4", "--fsdp", "-o", "{new}"), 1,
+     ["cannot be sharded with --fsdp", "--num-processes N"]),
+    ("train-quant-zero3", train("--quantization", "nf4", "--deepspeed", "zero3", "-o", "{new}"), 1,
+     ["ZeRO-3", "quant storage dtype", "--deepspeed zero2"]),
+    ("train-quant-unknown", train("--quantization", "nf3", "-o", "{new}"), 1,
+     ["--quantization must be one of nf4, fp4, int8"]),
+    ("train-double-quant-alone", train("--double-quant", "-o", "{new}"), 1,
+     ["--double-quant", "add --quantization nf4"]),
+    ("train-quant-modules-to-save", train("--quantization", "int8", "--modules-to-save", "mlp", "-o", "{new}"), 1,
+     ["--modules-to-save mlp would train", "in full", "--lora-target"]),
+    ("infer-quant-unknown", infer("--quantization", "q2"), 1, ["--quantization 'q2' is not a quantization"]),
+    ("infer-double-quant-alone", infer("--double-quant"), 1, ["--double-quant", "--quantization nf4"]),
+    ("infer-quant-cpu-blocks", infer("--quantization", "nf4", "--device", "cpu"), 1,
+     ["32 inputs", "multiple of 64"]),
     # -- prepare: outputs (item 2, 13), data (item 14)
     ("prepare-o-is-data", prep("-o", "{data}"), 1, ["--output must differ from --data"]),
     ("prepare-o-in-model", prep("-o", "{model}/config.json"), 1, ["is inside the model folder"]),
@@ -242,7 +284,7 @@ CASES = [
      ["invalid.jsonl:2: invalid JSON (Expecting value at column 15)"]),
     ("prepare-data-empty", prep("-o", "{new}", data="{data_dir}/empty.jsonl"), 1, ["no samples (the file is empty)"]),
     ("prepare-data-folder", prep("-o", "{new}", data="{foreign}"), 1,
-     ["foreign: is a folder", "--data takes one jsonl file"]),
+     ["foreign: is a folder of no known data layout", "a data folder is Kaldi"]),
     ("prepare-task-type", prep("-o", "{new}", data="{data_dir}/asr_task.jsonl"), 1,
      ["asr_task.jsonl", 'unknown task_type "asr"']),
     ("prepare-cfg-abc", ["prepare", "-m", "{bad_cfg_abc}", "-d", "{data}", "-o", "{new}"], 1, ["hidden_size = 'abc'"]),
@@ -261,7 +303,7 @@ CASES = [
     ("infer-data-invalid-json", infer(data="{data_dir}/invalid.jsonl"), 1,
      ["invalid.jsonl:2: invalid JSON (Expecting value at column 15)"]),
     ("infer-data-empty", infer(data="{data_dir}/empty.jsonl"), 1, ["no samples (the file is empty)"]),
-    ("infer-data-folder", infer(data="{data_dir}"), 1, ["data: is a folder", "--data takes one jsonl file"]),
+    ("infer-data-folder", infer(data="{data_dir}"), 1, ["data: is a folder of", "pass one of them as the data file"]),
     ("infer-task-type", infer(data="{data_dir}/asr_task.jsonl"), 1,
      ['asr_task.jsonl:2: unknown task_type "asr"', '"understanding"']),
     ("infer-cfg-negative", ["infer", "-m", "{bad_cfg_negative}", "-d", "{data}"], 1, ["num_hidden_layers = -2"]),
@@ -327,6 +369,40 @@ CASES = [
     ("inspect-base-index-escape", ["inspect-adapter", "{adapter}", "--base", "{bad_index_escape}"], 1,
      ["a path outside the model folder"]),
     ("inspect-top", ["inspect-adapter", "{adapter}", "--top", "-1"], 2, ["--top", "greater than or equal to 0"]),
+    # -- bring your own data (issue 18): each format's bad input, in one line
+    ("byo-tsv-as-jsonl", prep("-o", "{new}", data="{world}/byo/cv.jsonl"), 1,
+     ["cv.jsonl: looks like a TSV with columns path, sentence", "--format tsv --columns audio=path,text=sentence",
+      "clips/a.wav"]),
+    ("byo-csv-columns", train("-o", "{new}", data="{world}/byo/cols.csv"), 1,
+     ["cols.csv: looks like a CSV with columns a, b", "--format csv --columns"]),
+    ("byo-columns-missing", prep("-o", "{new}", "--columns", "audio=nope", data="{world}/byo/m.csv"), 1,
+     ["--columns audio=nope: no such column (columns: audio, text)"]),
+    ("byo-columns-spelling", infer("--columns", "audio", data="{world}/byo/m.csv"), 1,
+     ["--columns 'audio'", "expected audio=COLUMN,text=COLUMN"]),
+    ("byo-csv-rows", prep("-o", "{new}", data="{world}/byo/m.csv"), 1,
+     ["m.csv:3: message 1: audio file 'missing.wav' not found", "m.csv:4: empty transcript", "--skip-bad"]),
+    ("byo-train-csv-rows", train("-o", "{new}", data="{world}/byo/m.csv"), 1,
+     ["m.csv:3: message 1: audio file 'missing.wav' not found", "m.csv:4: empty transcript"]),
+    ("byo-max-seconds", prep("-o", "{new}", "--max-audio-seconds", "0.5", data="{world}/byo/m.csv"), 1,
+     ["m.csv:2: audio a.wav is 1.0 s, longer than --max-audio-seconds 0.5"]),
+    ("byo-placeholders", infer(data="{world}/byo/chat.jsonl"), 1,
+     ["chat.jsonl:1: 2 <audio> placeholders in the messages but 1 entry in audios"]),
+    ("byo-unknown-role", prep("-o", "{new}", data="{world}/byo/role.jsonl"), 1,
+     ["role.jsonl:1: message 1: unknown role 'bot'", "user/human, assistant/gpt or system"]),
+    ("byo-unknown-keys", train("-o", "{new}", data="{world}/byo/keys.jsonl"), 1,
+     ["keys.jsonl: looks like JSON with keys wav, words", "--format nemo --columns audio=wav,text=words"]),
+    ("byo-kaldi-pipeline", prep("-o", "{new}", data="{world}/byo/kaldi"), 1,
+     ["wav.scp:1: is a shell pipeline", "never runs a command from a data file"]),
+    ("byo-kaldi-no-wav-scp", train("-o", "{new}", "--format", "kaldi", data="{world}/byo/nowav"), 1,
+     ["nowav: a Kaldi data folder needs wav.scp", "present: text"]),
+    ("byo-format-unknown", prep("-o", "{new}", "--format", "xml"), 1, ["--format 'xml' is unknown"]),
+    ("byo-format-folder-on-file", infer("--format", "kaldi", data="{world}/byo/m.csv"), 1,
+     ["m.csv: is a file; --format kaldi reads a folder"]),
+    ("byo-task-unknown", train("-o", "{new}", "--task", "asr2", data="{world}/byo/m.csv"), 1,
+     ["--task 'asr2' is unknown"]),
+    ("byo-language-unknown", prep("-o", "{new}", "--language", "fr", data="{world}/byo/m.csv"), 1,
+     ["--language 'fr' is unknown"]),
+    ("byo-no-such-data", infer(data="{world}/byo/nothing.tsv"), 1, ["nothing.tsv: no such file or folder"]),
     # -- list-modules: configs (item 12)
     ("list-cfg-abc", ["list-modules", "{bad_cfg_abc}"], 1, ["hidden_size = 'abc'"]),
     ("list-cfg-negative", ["list-modules", "{bad_cfg_negative}"], 1, ["num_hidden_layers = -2"]),

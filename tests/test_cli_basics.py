@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-HEAVY = ("torch", "transformers", "peft", "accelerate")
+HEAVY = ("torch", "transformers", "peft", "accelerate", "datasets", "soundfile", "pyarrow")
 
 
 def _modules_after(code: str, env_extra: dict | None = None) -> tuple[set[str], str]:

@@ -10,7 +10,7 @@ import torch
 
 from kimi_lora_cli.data.dataset import KimiDataset
 from kimi_lora_cli.data.features import FeatureStore
-from kimi_lora_cli.data.schema import load_samples
+from kimi_lora_cli.data.samples import load_samples
 from kimi_lora_cli.data.synthetic import ASR_INSTRUCTION, write_synthetic_dataset
 from kimi_lora_cli.errors import DataError
 from kimi_lora_cli.training.loss import compute_loss

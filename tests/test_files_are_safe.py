@@ -19,8 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kimi_lora_cli.data.synthetic import write_synthetic_dataset
-
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
@@ -28,26 +26,20 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny):
-    return write_synthetic_dataset(tmp_path_factory.mktemp("safe-data"), tiny.config, n=4, seed=2)
-
-
-def train_args(tiny_dir, data, out, *extra):
-    return ["train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out, "--use-lora",
-            "--lora-rank", "2", "--lora-target", "q_proj", "--logging-steps", "1", "--device", "cpu",
-            "--max-steps", "2", "--save-steps", "1", *extra]
+# A two-step run that saves a checkpoint after each step.
+SMALL_RUN = ("--lora-rank", "2", "--lora-target", "q_proj", "--logging-steps", "1", "--max-steps", "2",
+             "--save-steps", "1")
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_dir, data):
+def finished_run(train_args, tmp_path_factory, tiny_dir, data):
     """A train output folder with checkpoint-1, checkpoint-2 and the adapter (copy it before use)."""
     from typer.testing import CliRunner
 
     from kimi_lora_cli.cli.app import app
 
     out = tmp_path_factory.mktemp("finished") / "run"
-    result = CliRunner().invoke(app, [str(a) for a in train_args(tiny_dir, data, out)], catch_exceptions=False)
+    result = CliRunner().invoke(app, [str(a) for a in train_args(data, out, *SMALL_RUN)], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     return out
 
@@ -67,7 +59,7 @@ def _dead_pid() -> int:
 # -------------------------------------------------------------------------------------------
 
 
-def test_overwrite_output_dir_removes_only_the_previous_runs_files(cli, tiny_dir, data, finished_run, tmp_path):
+def test_overwrite_output_dir_removes_only_the_previous_runs_files(train_args, cli, tiny_dir, data, finished_run, tmp_path):
     out = shutil.copytree(finished_run, tmp_path / "run")
     (out / "mine.txt").write_text("a user's notes")
     foreign = shutil.copytree(out / "checkpoint-1", out / "checkpoint-9")  # another run's checkpoint
@@ -76,7 +68,7 @@ def test_overwrite_output_dir_removes_only_the_previous_runs_files(cli, tiny_dir
     old_adapter = load_file(str(out / "adapter_model.safetensors"))
     old_series = _series(out)
 
-    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--overwrite-output-dir", "--max-steps", "1",
+    code, _, stderr = cli(*train_args(data, out, *SMALL_RUN, "--overwrite-output-dir", "--max-steps", "1",
                                       "--save-steps", "5"))
     assert code == 0, stderr
     assert not (out / "checkpoint-1").exists() and not (out / "checkpoint-2").exists()
@@ -89,9 +81,9 @@ def test_overwrite_output_dir_removes_only_the_previous_runs_files(cli, tiny_dir
     assert steps == [1]
 
 
-def test_a_resume_may_change_steps_and_learning_rate_and_says_so(cli, tiny_dir, data, finished_run, tmp_path):
+def test_a_resume_may_change_steps_and_learning_rate_and_says_so(train_args, cli, tiny_dir, data, finished_run, tmp_path):
     out = shutil.copytree(finished_run, tmp_path / "run")
-    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--resume-from-checkpoint", "latest", "--max-steps", "3",
+    code, _, stderr = cli(*train_args(data, out, *SMALL_RUN, "--resume-from-checkpoint", "latest", "--max-steps", "3",
                                       "--learning-rate", "5e-4"))
     assert code == 0, stderr
     text = " ".join(stderr.split())
@@ -101,7 +93,7 @@ def test_a_resume_may_change_steps_and_learning_rate_and_says_so(cli, tiny_dir, 
     assert records[-1]["learning_rate"] != records[-2]["learning_rate"]
 
 
-def test_rotation_and_start_up_remove_only_this_runs_entries(cli, tiny_dir, data, finished_run, tmp_path):
+def test_rotation_and_start_up_remove_only_this_runs_entries(train_args, cli, tiny_dir, data, finished_run, tmp_path):
     out = shutil.copytree(finished_run, tmp_path / "run")
     foreign = shutil.copytree(out / "checkpoint-1", out / "checkpoint-7")
     state = json.loads((foreign / "trainer_state.json").read_text())
@@ -116,7 +108,7 @@ def test_rotation_and_start_up_remove_only_this_runs_entries(cli, tiny_dir, data
     unmarked.mkdir()
     (out / ".tmp-notes").write_text("a user's file")
 
-    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--resume-from-checkpoint", out / "checkpoint-2",
+    code, _, stderr = cli(*train_args(data, out, *SMALL_RUN, "--resume-from-checkpoint", out / "checkpoint-2",
                                       "--max-steps", "4", "--save-total-limit", "1"))
     assert code == 0, stderr
     names = sorted(p.name for p in out.iterdir())
@@ -127,10 +119,10 @@ def test_rotation_and_start_up_remove_only_this_runs_entries(cli, tiny_dir, data
     assert "removed 2 unfinished entries of an interrupted run" in " ".join(stderr.split())
 
 
-def test_a_lock_stops_a_second_run_and_a_dead_runs_lock_is_taken_over(cli, tiny_dir, data, finished_run, tmp_path):
+def test_a_lock_stops_a_second_run_and_a_dead_runs_lock_is_taken_over(train_args, cli, tiny_dir, data, finished_run, tmp_path):
     out = shutil.copytree(finished_run, tmp_path / "run")
     lock = out / ".kimi-lora.lock"
-    resume = train_args(tiny_dir, data, out, "--resume-from-checkpoint", "latest", "--max-steps", "3")
+    resume = train_args(data, out, *SMALL_RUN, "--resume-from-checkpoint", "latest", "--max-steps", "3")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         body = json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "command": "train", "started": "t"})
@@ -156,18 +148,18 @@ def test_a_lock_stops_a_second_run_and_a_dead_runs_lock_is_taken_over(cli, tiny_
 
 
 @pytest.mark.slow
-def test_two_runs_on_one_folder_and_sigterm(tmp_path, tiny_dir, data, cli):
+def test_two_runs_on_one_folder_and_sigterm(train_args, tmp_path, tiny_dir, data, cli):
     """A second train on a folder a live run writes is refused; SIGTERM stops the first at a step
     boundary with a checkpoint and exit 143."""
     out = tmp_path / "live"
-    cmd = [sys.executable, "-m", "kimi_lora_cli", *map(str, train_args(tiny_dir, data, out, "--max-steps", "100000",
+    cmd = [sys.executable, "-m", "kimi_lora_cli", *map(str, train_args(data, out, *SMALL_RUN, "--max-steps", "100000",
                                                                         "--save-steps", "100000"))]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         for line in proc.stderr:
             if line.startswith("step 2/"):
                 break
-        code, _, stderr = cli(*train_args(tiny_dir, data, out, "--overwrite-output-dir"))
+        code, _, stderr = cli(*train_args(data, out, *SMALL_RUN, "--overwrite-output-dir"))
         assert code == 1 and f"is in use by `kimi-lora train` (pid {proc.pid}" in " ".join(stderr.split())
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=120)
@@ -196,13 +188,13 @@ class RunsCode:
 
 
 @pytest.mark.parametrize("victim", ["optimizer.pt", "scheduler.pt", "rng_state_0.pt"])
-def test_a_crafted_pickle_in_a_checkpoint_never_runs(cli, tiny_dir, data, finished_run, tmp_path, victim):
+def test_a_crafted_pickle_in_a_checkpoint_never_runs(train_args, cli, tiny_dir, data, finished_run, tmp_path, victim):
     out = shutil.copytree(finished_run, tmp_path / "run")
     proof = tmp_path / "code-ran"
     if victim == "rng_state_0.pt":  # the file name of earlier versions, still read when there is no .json
         (out / "checkpoint-2" / "rng_state_0.json").unlink()
     torch.save({"state": RunsCode(str(proof))}, out / "checkpoint-2" / victim)
-    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--resume-from-checkpoint", "latest", "--max-steps", "3"))
+    code, _, stderr = cli(*train_args(data, out, *SMALL_RUN, "--resume-from-checkpoint", "latest", "--max-steps", "3"))
     text = " ".join(stderr.split())
     assert code == 1 and not proof.exists()
     assert f"{out / 'checkpoint-2' / victim}: refused" in text and "could run code" in text
@@ -218,7 +210,7 @@ def test_checkpoints_hold_no_pickled_objects(finished_run):
     assert not list(ck.glob("rng_state_*.pt"))
 
 
-def test_old_rng_pickles_still_resume_without_code(cli, tiny_dir, data, finished_run, tmp_path):
+def test_old_rng_pickles_still_resume_without_code(train_args, cli, tiny_dir, data, finished_run, tmp_path):
     """rng_state_N.pt of earlier versions (numpy arrays inside) load with weights_only=True."""
     import random
 
@@ -229,7 +221,7 @@ def test_old_rng_pickles_still_resume_without_code(cli, tiny_dir, data, finished
     (ck / "rng_state_0.json").unlink()
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                ck / "rng_state_0.pt")
-    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--resume-from-checkpoint", "latest", "--max-steps", "3"))
+    code, _, stderr = cli(*train_args(data, out, *SMALL_RUN, "--resume-from-checkpoint", "latest", "--max-steps", "3"))
     assert code == 0, stderr
 
 
@@ -257,7 +249,7 @@ def test_file_size_limit_during_merge_is_one_line_and_leaves_nothing(tiny_dir, t
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
-def test_no_space_while_saving_a_checkpoint(cli, tiny_dir, data, tmp_path, monkeypatch):
+def test_no_space_while_saving_a_checkpoint(train_args, cli, tiny_dir, data, tmp_path, monkeypatch):
     """ENOSPC as safetensors reports it (its own exception type, errno in the text)."""
     import safetensors.torch
 
@@ -266,7 +258,7 @@ def test_no_space_while_saving_a_checkpoint(cli, tiny_dir, data, tmp_path, monke
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     out = tmp_path / "run"
-    code, _, stderr = cli(*train_args(tiny_dir, data, out))
+    code, _, stderr = cli(*train_args(data, out, *SMALL_RUN))
     text = " ".join(stderr.split())
     assert code == 1 and "no space left on the device (ENOSPC)" in text and "trainable.safetensors" in text
     assert "unexpected" not in text and "Traceback" not in stderr
@@ -333,7 +325,7 @@ def test_sigterm_exits_143_and_a_merge_leaves_no_partial(cli, tiny_dir, tmp_path
 # -------------------------------------------------------------------------------------------
 
 
-def test_cwd_fallback_paths_are_said_once_and_written_resolved(cli, tiny_dir, data, tmp_path, monkeypatch):
+def test_cwd_fallback_paths_are_said_once_and_written_resolved(train_args, cli, tiny_dir, data, tmp_path, monkeypatch):
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     (tmp_path / "elsewhere").mkdir()
     moved = tmp_path / "elsewhere" / "lines.jsonl"  # its audio paths now resolve only from data's folder
@@ -348,7 +340,7 @@ def test_cwd_fallback_paths_are_said_once_and_written_resolved(cli, tiny_dir, da
         for m in json.loads(line)["conversation"]:
             if m["message_type"] == "audio":
                 assert Path(m["content"]).is_absolute() and Path(m["content"]).is_file()
-    code, _, stderr = cli(*train_args(tiny_dir, moved, tmp_path / "t", "--max-steps", "1"))
+    code, _, stderr = cli(*train_args(moved, tmp_path / "t", *SMALL_RUN, "--max-steps", "1"))
     assert code == 0, stderr
     assert " ".join(stderr.split()).count("were found relative to the current folder") == 1
 
@@ -495,14 +487,14 @@ def test_a_merge_killed_right_after_creating_its_partial_folder_is_cleaned(cli, 
     assert not left.exists() and f"removed{left}" in "".join(stderr.split()) and (out / "config.json").is_file()
 
 
-def test_a_train_killed_while_starting_a_checkpoint_is_cleaned_by_the_resume(cli, tiny_dir, data, tmp_path, spare):
+def test_a_train_killed_while_starting_a_checkpoint_is_cleaned_by_the_resume(train_args, cli, tiny_dir, data, tmp_path, spare):
     out = tmp_path / "run"
-    args = train_args(tiny_dir, data, out)
+    args = train_args(data, out, *SMALL_RUN)
     proc, _ = _paused(spare, "open", str(out / ".tmp-checkpoint-2-*" / "*kimi-lora.json*"), *args)
     _kill(proc)
     left = list(out.glob(".tmp-checkpoint-2-*"))
     assert len(left) == 1 and not (left[0] / ".kimi-lora.json").exists()
-    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--resume-from-checkpoint", "latest"))
+    code, _, stderr = cli(*train_args(data, out, *SMALL_RUN, "--resume-from-checkpoint", "latest"))
     assert code == 0, stderr
     assert not left[0].exists() and "removed 1 unfinished entries of an interrupted run" in " ".join(stderr.split())
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
@@ -544,11 +536,11 @@ def _disk_full_for(monkeypatch, name: str) -> None:
     monkeypatch.setattr(io, "open", opening)
 
 
-def test_full_disk_after_the_final_adapter_names_the_file_and_says_it_is_complete(cli, tiny_dir, data, tmp_path,
+def test_full_disk_after_the_final_adapter_names_the_file_and_says_it_is_complete(train_args, cli, tiny_dir, data, tmp_path,
                                                                                  monkeypatch):
     out = tmp_path / "run"
     _disk_full_for(monkeypatch, str(out / ".README.md"))  # the card, written aside first
-    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--save-steps", "1000"))
+    code, _, stderr = cli(*train_args(data, out, *SMALL_RUN, "--save-steps", "1000"))
     text = " ".join(stderr.split())
     assert code == 1 and "Traceback" not in stderr and text.count("Error") == 1, text
     assert f"{out / 'README.md'}: no space left on the device (ENOSPC)" in text
@@ -558,7 +550,7 @@ def test_full_disk_after_the_final_adapter_names_the_file_and_says_it_is_complet
 
 
 @pytest.mark.parametrize("save_steps", ["1", "1000"])
-def test_full_disk_in_the_final_save_says_how_to_finish_and_that_works(cli, tiny_dir, data, tmp_path, monkeypatch,
+def test_full_disk_in_the_final_save_says_how_to_finish_and_that_works(train_args, cli, tiny_dir, data, tmp_path, monkeypatch,
                                                                        save_steps):
     """With a checkpoint: resume from it. Without (the run died before its first checkpoint): the
     same command starts over in the folder - and a resume says so instead of sending the user
@@ -574,7 +566,7 @@ def test_full_disk_in_the_final_save_says_how_to_finish_and_that_works(cli, tiny
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", full_for_the_final)
-    args = train_args(tiny_dir, data, out, "--save-steps", save_steps)
+    args = train_args(data, out, *SMALL_RUN, "--save-steps", save_steps)
     code, _, stderr = cli(*args)
     text = " ".join(stderr.split())
     assert code == 1 and "(ENOSPC)" in text and "adapter_model.safetensors" in text and "Traceback" not in stderr
@@ -596,7 +588,7 @@ def test_full_disk_in_the_final_save_says_how_to_finish_and_that_works(cli, tiny
     assert load_file(str(out / "adapter_model.safetensors"))
 
 
-def test_a_real_full_disk_is_named(tiny_dir, data, tmp_path):
+def test_a_real_full_disk_is_named(train_args, tiny_dir, data, tmp_path):
     """A 16 KiB tmpfs (needs root and mount; skipped elsewhere)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -605,7 +597,7 @@ def test_a_real_full_disk_is_named(tiny_dir, data, tmp_path):
         pytest.skip("cannot mount a small tmpfs here")
     try:
         out = mnt / "run"
-        proc = subprocess.run([sys.executable, "-m", "kimi_lora_cli", *map(str, train_args(tiny_dir, data, out))],
+        proc = subprocess.run([sys.executable, "-m", "kimi_lora_cli", *map(str, train_args(data, out, *SMALL_RUN))],
                               env=ENV, capture_output=True, text=True, timeout=300)
         text = " ".join(proc.stderr.split())
         assert proc.returncode == 1 and "Traceback" not in proc.stderr and text.count("Error:") == 1, text
@@ -645,19 +637,19 @@ def test_a_crafted_pickle_gets_the_same_refusal_in_every_command(cli, tiny_dir, 
         assert "weights_only=False" not in text and "unexpected" not in text, (name, text)
 
 
-def test_a_resume_mismatch_points_at_the_folder_in_use(cli, tiny_dir, data, finished_run, tmp_path):
+def test_a_resume_mismatch_points_at_the_folder_in_use(train_args, cli, tiny_dir, data, finished_run, tmp_path):
     out = shutil.copytree(finished_run, tmp_path / "moved")
-    code, _, stderr = cli(*train_args(tiny_dir, data, out, "--resume-from-checkpoint", "latest", "--lora-rank", "4"))
+    code, _, stderr = cli(*train_args(data, out, *SMALL_RUN, "--resume-from-checkpoint", "latest", "--lora-rank", "4"))
     text = " ".join(stderr.split())
     assert code == 1 and f"--config {out / 'train_config.yaml'}" in text, text
 
 
-def test_a_train_failing_before_it_starts_leaves_no_folder(cli, tiny_dir, data, tmp_path):
+def test_a_train_failing_before_it_starts_leaves_no_folder(train_args, cli, tiny_dir, data, tmp_path):
     model = shutil.copytree(tiny_dir, tmp_path / "model")
     shard = sorted(model.glob("model-*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-64])  # the header reads, the tensors do not
     out = tmp_path / "run"
-    code, _, stderr = cli(*train_args(model, data, out))
+    code, _, stderr = cli(*train_args(data, out, *SMALL_RUN, model=model))
     assert code == 1 and "Traceback" not in stderr, stderr
     assert not out.exists()
 

@@ -16,25 +16,6 @@ def asr_data(tiny, tmp_path_factory):
     return write_asr_data(tmp_path_factory.mktemp("asr"), tiny.config, n=4)
 
 
-@pytest.fixture(scope="module")
-def adapter_dirs(tiny_dir, tmp_path_factory):
-    """Two LoRA adapters with random (non-zero) weights, saved by peft from fresh model loads."""
-    from peft import LoraConfig, get_peft_model
-
-    from kimi_lora_cli.loading import load_model
-
-    root = tmp_path_factory.mktemp("adapters")
-    dirs = {}
-    for k, name in enumerate(("a", "b")):
-        torch.manual_seed(100 + k)
-        model = load_model(tiny_dir, dtype="float32", load_whisper=False, load_tokenizer_=False).model
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, init_lora_weights=False,
-                                                      target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
-        peft_model.save_pretrained(str(root / name))
-        dirs[name] = root / name
-    return dirs
-
-
 def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -11,7 +11,7 @@ import torch
 from kimi_lora_cli.data.audio import load_audio
 from kimi_lora_cli.data.dataset import KimiDataset
 from kimi_lora_cli.data.features import FeatureStore
-from kimi_lora_cli.data.schema import load_samples
+from kimi_lora_cli.data.samples import load_samples
 from kimi_lora_cli.data.synthetic import ASR_INSTRUCTION, WORDS, codes_for_wave, synthetic_clip
 from kimi_lora_cli.models.kimi_audio.packing import packed_positions
 from kimi_lora_cli.training.loss import compute_loss

@@ -14,17 +14,11 @@ import yaml
 from safetensors.torch import load_file
 
 from kimi_lora_cli.cli.train import normalise_args
-from kimi_lora_cli.data.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny):
-    return write_synthetic_dataset(tmp_path_factory.mktemp("cli-data"), tiny.config, n=4, seed=1)
 
 
 def test_guide_spellings_are_normalised():
@@ -92,9 +86,8 @@ def test_yaml_config_with_flags_overriding(cli, tiny_dir, data, tmp_path):
     (["--use-lora", "--too-long", "maybe"], "--too-long must be error, skip or truncate"),
     (["--use-lora", "--resume-from-checkpoint", "latest"], "does not exist; pass the --output-dir of the run to resume"),
 ])
-def test_bad_options_give_one_line_errors(cli, tiny_dir, data, tmp_path, args, message):
-    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir",
-                          tmp_path / "o", "--device", "cpu", *args)
+def test_bad_options_give_one_line_errors(train_args, cli, tiny_dir, data, tmp_path, args, message):
+    code, _, stderr = cli(*train_args(data, tmp_path / "o", *args, lora=False))
     assert code == 1
     assert message in stderr and "Traceback" not in stderr
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
@@ -107,7 +100,7 @@ def test_unknown_yaml_key_is_named_with_a_suggestion(cli, tmp_path):
     assert code == 1 and "unknown setting 'lora_rnak'; did you mean lora_rank" in stderr
 
 
-def test_bad_data_is_reported_line_by_line_before_training(cli, tiny_dir, data, tmp_path):
+def test_bad_data_is_reported_line_by_line_before_training(train_args, cli, tiny_dir, data, tmp_path):
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     for r in rows:  # make the relative paths valid from the new folder
         for m in r["conversation"]:
@@ -118,8 +111,7 @@ def test_bad_data_is_reported_line_by_line_before_training(cli, tiny_dir, data, 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n{oops\n" + json.dumps(rows[2]) + "\n")
     out = tmp_path / "o"
-    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", bad, "--output-dir", out,
-                          "--use-lora", "--device", "cpu")
+    code, _, stderr = cli(*train_args(bad, out))
     assert code == 1
     text = " ".join(stderr.split())  # rich wraps long lines
     assert "3 problems in the training data" in text
@@ -171,14 +163,13 @@ def test_two_processes_give_the_same_adapter_as_one(tiny_dir, data, tmp_path):
     (["--use-lora", "--train-embeddings", "--modules-to-save", "lm_head", "--lora-target", "mimo:0"],
      "embed_tokens"),
 ])
-def test_adapter_variants_load_with_plain_peft(cli, tiny_dir, data, tmp_path, extra, expect):
+def test_adapter_variants_load_with_plain_peft(train_args, cli, tiny_dir, data, tmp_path, extra, expect):
     from peft import PeftModel
 
     from kimi_lora_cli.loading import load_model
 
     out = tmp_path / "v"
-    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
-                          "--max-steps", "1", "--device", "cpu", *extra)
+    code, _, stderr = cli(*train_args(data, out, "--max-steps", "1", *extra, lora=False))
     assert code == 0, stderr
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert any(expect in k for k in saved)
@@ -188,10 +179,9 @@ def test_adapter_variants_load_with_plain_peft(cli, tiny_dir, data, tmp_path, ex
     assert any(expect in k for k in state)
 
 
-def test_full_fine_tuning_from_the_command_line(cli, tiny_dir, data, tmp_path):
+def test_full_fine_tuning_from_the_command_line(train_args, cli, tiny_dir, data, tmp_path):
     out = tmp_path / "full"
-    code, stdout, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
-                               "--max-steps", "1", "--device", "cpu")
+    code, stdout, stderr = cli(*train_args(data, out, "--max-steps", "1", lora=False))
     assert code == 0, stderr
     assert "Full fine-tuning (Whisper frozen)" in stderr and "Saved the model to" in stdout
     assert (out / "config.json").is_file() and (out / "whisper-large-v3" / "model.safetensors").is_file()
@@ -312,32 +302,28 @@ def test_progress_bar_keeps_the_last_logged_values_between_log_steps():
     assert "(text 3.0000 audio 0.2500)" in fields["info"] and "123 tok/s" in fields["info"]
 
 
-def test_trainer_state_records_the_epochs_max_steps_plans(cli, tiny_dir, data, tmp_path):
+def test_trainer_state_records_the_epochs_max_steps_plans(train_args, cli, tiny_dir, data, tmp_path):
     """4 samples, batch 4: one step per epoch, so --max-steps 3 plans 3 epochs whatever --num-train-epochs says."""
     out = tmp_path / "out"
-    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
-                          "--use-lora", "--num-train-epochs", "1", "--max-steps", "3",
-                          "--per-device-train-batch-size", "4", "--device", "cpu")
+    code, _, stderr = cli(*train_args(data, out, "--num-train-epochs", "1", "--max-steps", "3", "--per-device-train-batch-size", "4"))
     assert code == 0, stderr
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["epoch"] == 3.0 and state["num_train_epochs"] == 3.0
 
 
-def test_a_line_says_why_there_is_no_loss_plot(cli, tiny_dir, data, tmp_path, monkeypatch):
+def test_a_line_says_why_there_is_no_loss_plot(train_args, cli, tiny_dir, data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on an install without the [plot] extra
     out = tmp_path / "out"
-    code, stdout, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
-                               "--use-lora", "--max-steps", "1", "--device", "cpu")
+    code, stdout, stderr = cli(*train_args(data, out, "--max-steps", "1"))
     assert code == 0, stderr
     assert not (out / "loss_curve.png").exists()
     said = " ".join(stderr.split())
     assert "no loss_curve.png" in said and "matplotlib" in said and "kimi-lora[plot]" in said
 
 
-def test_the_output_folder_and_full_fine_tuning_by_omission_are_said_before_loading(cli, tiny_dir, data, tmp_path):
+def test_the_output_folder_and_full_fine_tuning_by_omission_are_said_before_loading(train_args, cli, tiny_dir, data, tmp_path):
     out = tmp_path / "full"
-    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
-                          "--max-steps", "1", "--device", "cpu")
+    code, _, stderr = cli(*train_args(data, out, "--max-steps", "1", lora=False))
     assert code == 0, stderr
     said = " ".join(stderr.split())
     warning = said.index("Warning: no --use-lora, so this is full fine-tuning")
@@ -345,11 +331,10 @@ def test_the_output_folder_and_full_fine_tuning_by_omission_are_said_before_load
     assert said.index(f"Output {out}") < said.index("Loading")
 
 
-def test_mimo_targets_without_spoken_answers_are_explained(cli, tiny_dir, data, tmp_path):
+def test_mimo_targets_without_spoken_answers_are_explained(train_args, cli, tiny_dir, data, tmp_path):
     """ASR data (no assistant audio): the mimo layers get no loss, so their LoRA update stays zero."""
     out = tmp_path / "asr"
-    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", out,
-                          "--use-lora", "--max-steps", "2", "--learning-rate", "1e-2", "--device", "cpu")
+    code, _, stderr = cli(*train_args(data, out, "--max-steps", "2", "--learning-rate", "1e-2"))
     assert code == 0, stderr
     said = " ".join(stderr.split())
     assert "Hint:" in said and "mimo (audio output) layers" in said and "backbone,text,adaptor" in said
@@ -359,9 +344,7 @@ def test_mimo_targets_without_spoken_answers_are_explained(cli, tiny_dir, data, 
     assert "have a zero update (e.g. " in shown and "mimo_layers" in shown
     assert "all are mimo (audio output) layers, which get no loss" in shown
     # with the mimo layers left out, nothing is hinted and no update is zero
-    code, _, stderr = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir",
-                          tmp_path / "text", "--use-lora", "--lora-target", "backbone,text,adaptor", "--max-steps", "2",
-                          "--learning-rate", "1e-2", "--device", "cpu")
+    code, _, stderr = cli(*train_args(data, tmp_path / "text", "--lora-target", "backbone,text,adaptor", "--max-steps", "2", "--learning-rate", "1e-2"))
     assert code == 0 and "Hint:" not in stderr
     code, stdout, _ = cli("inspect-adapter", tmp_path / "text", "--stats")
     assert "zero update" not in stdout
@@ -420,7 +403,13 @@ def test_train_help_reads_at_80_columns():
     result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "80"}, catch_exceptions=False)
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert max(len(line) for line in lines) <= 80 and len(lines) < 220
+    assert max(len(line) for line in lines) <= 80
+    # a list, not a squeezed table: descriptions get the whole width under their flag (6 columns of
+    # indent), so an option takes its flag line and about two of description
+    options = [line for line in lines if line.startswith("  -")]
+    described = [line for line in lines if line.startswith("      ") and line.strip()]
+    assert all(not line.startswith("       ") for line in described)
+    assert len(described) < 2.5 * len(options)
     text = result.stdout
     for name in ("--per-device-train-batch-size", "--resume-from-checkpoint", "--load-best-model-at-end",
                  "--gradient-checkpointing", "--feature-cache-dir"):

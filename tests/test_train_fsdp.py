@@ -286,8 +286,7 @@ def test_accelerate_fsdp_launch_settings_map_onto_fsdp(monkeypatch, tiny_dir, da
     (["--fsdp-cpu-offload"], "--fsdp-cpu-offload needs --fsdp"),
     (["--fsdp", "--fp16"], "use --bf16 instead of --fp16"),
 ])
-def test_bad_fsdp_options_give_one_line_errors(cli, tiny_dir, data, tmp_path, extra, message):
-    code, _, err = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--output-dir", tmp_path / "o",
-                       *extra)
+def test_bad_fsdp_options_give_one_line_errors(train_args, cli, tiny_dir, data, tmp_path, extra, message):
+    code, _, err = cli(*train_args(data, tmp_path / "o", *extra, lora=False))
     assert code != 0 and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()

@@ -71,11 +71,8 @@ def test_every_switch_and_list_of_the_guide_is_understood():
         "--epochs", "2"]
 
 
-def test_yaml_aliases_and_flag_aliases_agree(cli, tiny_dir, tmp_path):
-    from kimi_lora_cli.data.synthetic import write_synthetic_dataset
-    from kimi_lora_cli.model_files import read_config
-
-    data = write_synthetic_dataset(tmp_path / "d", read_config(tiny_dir), n=2, seed=3)
+def test_yaml_aliases_and_flag_aliases_agree(cli, tiny_dir, train_data, tmp_path):
+    data = train_data(n=2, seed=3)
     conf = tmp_path / "t.yaml"
     conf.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_dir), "data_path": str(data), "use_lora": True,
                                     "epochs": 1, "batch_size": 2, "lr": 0.01, "lora_r": 2, "device": "cpu",
@@ -119,13 +116,9 @@ def test_schedules_are_transformers_own():
     assert _lrs("warmup_stable_decay", 6, 1, '{"num_decay_steps": 2}') == pytest.approx([0.0, 1.0, 1.0, 1.0, 1.0, 0.5])
 
 
-def test_schedule_errors_are_one_line_before_any_weight(cli, tiny_dir, tmp_path):
-    from kimi_lora_cli.data.synthetic import write_synthetic_dataset
-    from kimi_lora_cli.model_files import read_config
-
-    data = write_synthetic_dataset(tmp_path / "d", read_config(tiny_dir), n=2, seed=3)
-    base = ["train", "--model-name-or-path", tiny_dir, "--data-path", data, "--use-lora", "--device", "cpu",
-            "-o", tmp_path / "x"]
+def test_schedule_errors_are_one_line_before_any_weight(cli, train_args, train_data, tmp_path):
+    data = train_data(n=2, seed=3)
+    base = train_args(data, tmp_path / "x")
     cases = [(["--lr-scheduler-type", "exp"], "--lr-scheduler-type must be one of linear, cosine"),
              (["--lr-scheduler-type", "reduce_lr_on_plateau"], "follows an evaluation metric"),
              (["--lr-scheduler-type", "cosine_with_min_lr"], "--lr-scheduler-kwargs"),
@@ -137,15 +130,11 @@ def test_schedule_errors_are_one_line_before_any_weight(cli, tiny_dir, tmp_path)
         assert "Traceback" not in err and not (tmp_path / "x").exists()
 
 
-def test_a_run_follows_the_named_schedule(cli, tiny_dir, tmp_path):
-    from kimi_lora_cli.data.synthetic import write_synthetic_dataset
-    from kimi_lora_cli.model_files import read_config
-
-    data = write_synthetic_dataset(tmp_path / "d", read_config(tiny_dir), n=2, seed=3)
+def test_a_run_follows_the_named_schedule(cli, train_args, train_data, tmp_path):
+    data = train_data(n=2, seed=3)
     out = tmp_path / "o"
-    code, _, err = cli("train", "--model-name-or-path", tiny_dir, "--data-path", data, "--use-lora", "--device", "cpu",
-                       "-o", out, "--max-steps", "4", "--logging-steps", "1", "--learning-rate", "0.01",
-                       "--lr-scheduler-type", "polynomial", "--lr-scheduler-kwargs", '{"power": 2.0, "lr_end": 0.0}')
+    code, _, err = cli(*train_args(data, out, "--max-steps", "4", "--logging-steps", "1", "--learning-rate", "0.01",
+                       "--lr-scheduler-type", "polynomial", "--lr-scheduler-kwargs", '{"power": 2.0, "lr_end": 0.0}'))
     assert code == 0, err
     lrs = [json.loads(line)["learning_rate"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     # polynomial decay without warmup: 0.01 * (1 - step / 4) ** 2

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kimi_lora_cli.data.synthetic import write_synthetic_dataset
 from kimi_lora_cli.training.config import TrainConfig
 from kimi_lora_cli.training.reporting import Reporter
 from kimi_lora_cli.training.trainer import Trainer
@@ -26,8 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny):
-    return write_synthetic_dataset(tmp_path_factory.mktemp("train-data"), tiny.config, n=6, seed=0, task="mixed")
+def data(train_data):
+    """Text and spoken answers (both heads get a loss)."""
+    return train_data(n=6, seed=0, task="mixed")
 
 
 def make_trainer(tiny_dir, data, out, **overrides):

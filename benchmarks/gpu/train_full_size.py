@@ -107,6 +107,34 @@ def random_init(model) -> None:
                 p.normal_(0.0, 0.02)
 
 
+def timed_steps(model, batch, params, opt, device, warmup: int, steps: int, indent: str = "",
+                flush: bool = False) -> list[float]:
+    """`warmup + steps` bf16-autocast training steps (loss, backward, clip, AdamW); the seconds of the
+    steps after the warm-up, each step printed."""
+    import torch
+
+    from kimi_lora_cli.training.loss import compute_loss
+
+    times = []
+    for step in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            parts = compute_loss(model, batch)
+        parts.total.mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+        print(f"{indent}step {step + 1}: loss {parts.total.mean().item():.4f} {time.perf_counter() - start:.3f} s"
+              + (" (warm-up)" if step < warmup else ""), flush=flush)
+    return times
+
+
 def forward_flops_per_token(cfg, seq: int, text_rows_per_token: float) -> tuple[float, float]:
     """(linear FLOPs, attention FLOPs) of one forward pass per token (causal attention halved)."""
     h, inter, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
@@ -121,7 +149,6 @@ def part1(args) -> None:
     import torch
 
     from kimi_lora_cli.training.lora import parameter_rows
-    from kimi_lora_cli.training.loss import compute_loss
 
     device = torch.device(args.device)
     cfg, model, selection = build_lora_model(FULL if args.preset == "full" else SMALL, device, lora_dropout=0.05)
@@ -136,23 +163,7 @@ def part1(args) -> None:
     tokens_per_step = args.batch * args.seq
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            parts = compute_loss(model, batch)
-        parts.total.mean().backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-        print(f"step {step + 1}: loss {parts.total.mean().item():.4f} {time.perf_counter() - start:.3f} s"
-              + (" (warm-up)" if step < args.warmup else ""))
+    times = timed_steps(model, batch, params, opt, device, args.warmup, args.steps)
     step_s = sum(times) / len(times)
     tps = tokens_per_step / step_s
     linear, attention = forward_flops_per_token(cfg, args.seq, (args.text_tokens + 1) / args.seq)

@@ -12,6 +12,7 @@ from kimi_lora_cli.cli.inspect_adapter import inspect_adapter
 from kimi_lora_cli.cli.list_modules import list_modules
 from kimi_lora_cli.cli.merge import merge
 from kimi_lora_cli.cli.prepare import prepare
+from kimi_lora_cli.cli.serve import serve
 from kimi_lora_cli.cli.train import TrainCommand, train
 
 app = typer.Typer(
@@ -45,6 +46,7 @@ app.command("train", rich_help_panel="Train", cls=TrainCommand)(guarded(train))
 app.command("merge", rich_help_panel="Train")(guarded(merge))
 app.command("infer", rich_help_panel="Run")(guarded(infer))
 app.command("demo", rich_help_panel="Run")(guarded(demo))
+app.command("serve", rich_help_panel="Run")(guarded(serve))
 
 
 def main() -> None:

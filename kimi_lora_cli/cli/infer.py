@@ -9,7 +9,19 @@ from typing import Annotated, Any
 
 import typer
 
-from kimi_lora_cli.cli._options import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt
+from kimi_lora_cli.cli._options import (
+    AllowPickleOpt,
+    ColumnsOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    InstructionOpt,
+    JsonOpt,
+    LanguageOpt,
+    MaxAudioSecondsOpt,
+    TaskOpt,
+    clip_dir,
+)
 
 _GEN = "Generation"
 _SAMPLING = "Sampling (official sampler; temperature 0 = greedy)"
@@ -77,9 +89,10 @@ def infer(
     adapter: Annotated[list[str] | None, typer.Option(
         "--adapter", "-a", help="Adapter folder, as DIR or NAME=DIR; repeat to compare several (all are "
         "loaded once onto one base).", show_default=False)] = None,
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="jsonl file in the fine-tuning format; "
-                                              "the trailing assistant message is the reference.",
-                                              show_default=False)] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Data in any format `kimi-lora prepare` reads "
+                                             "(official jsonl, NeMo, CSV/TSV, Kaldi, audio folder, LibriSpeech, "
+                                             "HF dataset, chat JSON); the trailing assistant message is the "
+                                             "reference.", show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="One text prompt (user message).",
                                                show_default=False)] = None,
     audio: Annotated[Path | None, typer.Option("--audio", help="With --prompt: an audio file appended as a "
@@ -140,10 +153,22 @@ def infer(
                                            rich_help_panel=_SPEECH)] = 30,
     no_kv_cache: Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the whole sequence every "
                                               "step (slow; for checking).", rich_help_panel=_GEN)] = False,
+    quantization: Annotated[str | None, typer.Option(
+        "--quantization", help="nf4, fp4 or int8: load the linear layers of both decoder stacks quantized "
+        "(bitsandbytes: pip install 'kimi-lora[qlora]'), e.g. to run a QLoRA adapter as it was trained; the rest "
+        "stays in --dtype, the layers' compute dtype.", show_default=False)] = None,
+    double_quant: Annotated[bool, typer.Option("--double-quant", help="With --quantization nf4/fp4: quantize the "
+                                               "blocks' scales too.")] = False,
     device: DeviceOpt = "",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    data_format: FormatOpt = "auto",
+    columns: ColumnsOpt = None,
+    task: TaskOpt = "asr",
+    language: LanguageOpt = "en",
+    instruction: InstructionOpt = None,
+    max_audio_seconds: MaxAudioSecondsOpt = None,
 ) -> None:
     """Generate answers with the base model and/or LoRA adapters; score them (WER/CER) when the data
     has references.
@@ -164,9 +189,13 @@ def infer(
       $ kimi-lora infer -m ./merged -p 'Please transcribe the following audio:' --audio clip.wav --audio-tokens clip.codes
 
       $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct -a out/tts -d tts_test.jsonl -o preds.jsonl --output-type both --audio-dir wavs/
+
+      $ kimi-lora infer -m ./Kimi-Audio-7B-Instruct --quantization nf4 -a out/qlora -d test.jsonl -o preds.jsonl
     """
+    from kimi_lora_cli.adapter_names import parse_named_adapters
+    from kimi_lora_cli.data.sources import SourceOptions
     from kimi_lora_cli.errors import ConfigError
-    from kimi_lora_cli.inference.runner import InferSpec, parse_adapter_args, run_inference
+    from kimi_lora_cli.inference.runner import InferSpec, run_inference
     from kimi_lora_cli.inference.sampler import SamplingParams
 
     try:
@@ -176,12 +205,16 @@ def infer(
     except ValueError as e:
         raise ConfigError(f"sampling option: {e}") from None
     spec = InferSpec(
-        model=model, adapters=parse_adapter_args(adapter or []), compare_base=compare_base, data=data,
+        model=model, adapters=parse_named_adapters(adapter or []), compare_base=compare_base, data=data,
         prompt=prompt, audio=audio, audio_tokens=audio_tokens, output=output, resume=resume,
         batch_size=batch_size, max_new_tokens=max_new_tokens, output_type=output_type,
         text_sampling=text_sampling, audio_sampling=audio_sampling, seed=seed, device=device or None,
         dtype=dtype, use_cache=not no_kv_cache, allow_pickle=allow_pickle, speech_tokenizer=speech_tokenizer,
         cache_features=cache_features, audio_dir=audio_dir, detokenizer=detokenizer, ode_steps=ode_steps,
+        sources=SourceOptions(format=data_format, columns=columns, task=task, language=language,
+                              instruction=instruction, max_audio_seconds=max_audio_seconds,
+                              clip_dir=clip_dir(cache_features)),
+        quantization=quantization, double_quant=double_quant,
     )
     progress = _Progress(enabled=True)
     try:

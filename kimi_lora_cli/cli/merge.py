@@ -48,6 +48,10 @@ def merge(
       $ kimi-lora merge -m ./Kimi-Audio-7B-Instruct -a ./runs/asr/adapter -o ./Kimi-Audio-asr
 
       $ kimi-lora merge -m ./Kimi-Audio-7B-Instruct -a ./a1 -a ./a2 --weights 0.7,0.3 -o ./mix --verify
+
+    A QLoRA adapter (`train --quantization nf4`) merges into the full-precision base like any other:
+    its update was learned against the dequantized nf4 weights, so the merged model is close to, not
+    equal to, base in nf4 + adapter; --verify compares it with the full-precision base + adapter.
     """
     from rich.markup import escape
 
@@ -78,6 +82,14 @@ def merge(
     spec = MergeSpec(model=model, adapters=tuple(adapter), output=output, weights=parsed_weights, dtype=dtype,
                      max_shard_size=shard_bytes, overwrite=overwrite, allow_pickle=allow_pickle, verify=verify,
                      device=device, link_files=link_files)
+    from kimi_lora_cli.quantization import trained_over
+
+    for a in adapter:
+        mode = trained_over(a)
+        if mode:
+            err.print(f"[yellow]Note:[/] {escape(str(a))} was trained over {mode} weights (QLoRA): its update is "
+                      f"added to the full-precision base, which differs slightly from the dequantized {mode} weights it "
+                      f"learned against; compare with `kimi-lora infer --quantization {mode} -a ...`", highlight=False)
     result = merge_adapters(spec, progress=lambda msg: err.print(escape(msg), highlight=False))
     n = len(adapter)
     out.print(f"Merged {n} adapter{'s' if n > 1 else ''} into [bold]{escape(str(result.output))}[/]: "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kimi_lora_cli.data.conversation import place_features
-from kimi_lora_cli.data.schema import Sample
+from kimi_lora_cli.data.samples import Sample
 
 if TYPE_CHECKING:
     import torch

@@ -7,7 +7,7 @@ from typing import Any
 
 from kimi_lora_cli.data.collate import collate, collate_packed
 from kimi_lora_cli.data.features import FeatureStore
-from kimi_lora_cli.data.schema import Sample
+from kimi_lora_cli.data.samples import Sample
 
 
 class KimiDataset:

@@ -16,6 +16,15 @@ renamed to OUT and the state file removed.
 Audio paths: absolute, else relative to the jsonl's folder, else to the working directory.
 When OUT lives in another folder, paths found relative to the jsonl's folder are rewritten
 relative to OUT's folder so the output reads the same files.
+
+Other formats (NeMo, CSV/TSV, Kaldi, audio folders, LibriSpeech, HF datasets, chat JSON; see
+`data/sources/`) are read as the official records they become, numbered by their line or row, and
+streamed twice (check, then write) like a jsonl. Clips that are not files of their own (segments,
+dataset rows) are written once into `OUT_STEM.clips/` beside the output. Every input gets a
+summary (`data/summary.py`); `dry_run` stops after it.
+
+Here: the spec, the option checks and the write pass; the check pass is in `prepare_check.py`,
+the partial, state and rejects files in `prepare_files.py`.
 """
 
 from __future__ import annotations
@@ -23,25 +32,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kimi_lora_cli.data.audio import RESAMPLER, AudioError, load_audio
 from kimi_lora_cli.data.features import CodeStore, FeatureStore
-from kimi_lora_cli.data.schema import AudioRef, LineCheck, check_line, decode_line, read_lines
-from kimi_lora_cli.errors import ConfigError, DataError, ModelLoadError
-from kimi_lora_cli.fileops import naming_errors, write_atomic
+from kimi_lora_cli.data.prepare_check import (
+    DataProblems,
+    Finding,
+    PrepareProgress,
+    has_work,
+    model_vocab,
+    read_records,
+    scan,
+    summary_tools,
+)
+from kimi_lora_cli.data.prepare_files import STATE_VERSION, PrepareFiles, finish_file, load_state, write_state
+from kimi_lora_cli.data.schema import LineCheck, check_line
+from kimi_lora_cli.data.sources import Source, SourceOptions, open_source
+from kimi_lora_cli.errors import ConfigError, DataError
+from kimi_lora_cli.fileops import naming_errors
 
-STATE_VERSION = 1
+__all__ = ["DataProblems", "Finding", "PrepareProgress", "PrepareResult", "PrepareSpec", "prepare", "result_json"]
 
 
 @dataclass(frozen=True)
 class PrepareSpec:
     model: Path
-    data: Path
-    output: Path
+    data: Path | str
+    output: Path | None  # None only with dry_run
     speech_tokenizer: Path | None = None
     recompute: bool = False
     cache_features: Path | None = None
@@ -50,37 +71,9 @@ class PrepareSpec:
     batch_size: int = 8
     device: str | None = None
     overwrite: bool = False
-
-
-@dataclass
-class Finding:
-    line: int
-    message: str
-
-    def render(self, data: Path | str) -> str:
-        return f"{data}:{self.line}: {self.message}"
-
-
-class DataProblems(DataError):
-    """Every problem found in a data file; `str()` is the one-line summary, `.findings` the list."""
-
-    def __init__(self, data: Path, findings: list[Finding], hint: str = "") -> None:
-        self.data = data
-        self.findings = findings
-        n_lines = len({f.line for f in findings})
-        super().__init__(f"{data}: {len(findings)} problem{'s' if len(findings) != 1 else ''} in {n_lines} "
-                         f"line{'s' if n_lines != 1 else ''}{hint}")
-
-
-@dataclass
-class PrepareProgress:
-    stage: str  # "check" | "prepare"
-    lines_done: int = 0
-    lines_total: int = 0
-    files_done: int = 0
-    files_total: int = 0
-    seconds_done: float = 0.0
-    seconds_total: float = 0.0
+    sources: SourceOptions = field(default_factory=SourceOptions)
+    dry_run: bool = False
+    model_max_length: int | None = None  # None: the model's max_position_embeddings
 
 
 @dataclass
@@ -97,6 +90,7 @@ class PrepareResult:
     resumed_at_line: int = 0
     paths_rewritten: int = 0
     notes: list[str] = field(default_factory=list)
+    summary: dict[str, Any] | None = None  # data/summary.py DataSummary.as_dict()
 
 
 # -------------------------------------------------------------------------------------------
@@ -104,142 +98,58 @@ class PrepareResult:
 # -------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Paths:
-    output: Path
-    partial: Path
-    state: Path
-    rejects: Path
-    rejects_partial: Path
+def open_data(spec: PrepareSpec, clips: Path | None = None) -> Source:
+    """The --data source (clips cut from recordings go to `clips`, beside the output)."""
+    from dataclasses import replace
 
-    @classmethod
-    def of(cls, spec: PrepareSpec) -> _Paths:
-        out = spec.output
-        rejects = spec.rejects or out.with_name(f"{out.stem}.rejects{out.suffix or '.jsonl'}")
-        return cls(out, out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json"),
-                   rejects, rejects.with_name(rejects.name + ".partial"))
-
-
-def _has_work(ref: AudioRef, features: bool) -> bool:
-    """Codes to compute, or Whisper features to cache (audio-text history has no features)."""
-    return ref.needs_tokens or (features and ref.continuous)
-
-
-def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    yield from read_lines(path)
-
-
-def _decode(raw: bytes, line: int) -> tuple[str | None, Finding | None]:
-    text, problem = decode_line(raw)
-    return text, Finding(line, problem) if problem else None
-
-
-def _model_vocab(model: Path) -> tuple[int, int]:
-    from kimi_lora_cli.loading import inspect_folder, kimi_config
-
-    info = inspect_folder(model, need_weights=False)
-    if not info.is_kimi:
-        raise ModelLoadError(f"{model / 'config.json'}: not a Kimi-Audio config (no kimia_* keys); pass the "
-                             "Kimi-Audio model folder as --model")
-    cfg = kimi_config(info)  # every value checked
-    return cfg.kimia_token_offset, cfg.vocab_size
+    return open_source(str(spec.data), replace(spec.sources, clip_dir=clips or spec.sources.clip_dir))
 
 
 def _options_key(spec: PrepareSpec, offset: int) -> dict[str, Any]:
     st = str(spec.speech_tokenizer.expanduser().resolve()) if spec.speech_tokenizer else None
+    data = Path(spec.data).expanduser()
     # the resampler too: lines an older version coded from other 16 kHz waveforms are not resumed
-    return {"data": str(spec.data.resolve()), "recompute": spec.recompute, "speech_tokenizer": st, "offset": offset,
-            "resampler": RESAMPLER}
+    return {"data": str(data.resolve()) if data.exists() else str(spec.data), "recompute": spec.recompute,
+            "speech_tokenizer": st, "offset": offset, "resampler": RESAMPLER, "source": spec.sources.key()}
 
 
-def _load_state(paths: _Paths, options: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    if overwrite or not (paths.state.is_file() and paths.partial.is_file()):
-        return None
-    try:
-        state = json.loads(paths.state.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if state.get("version") != STATE_VERSION or state.get("options") != options:
-        return None
-    if paths.partial.stat().st_size < state.get("output_bytes", -1):
-        return None
-    if state.get("rejects_bytes", 0) and (not paths.rejects_partial.is_file()
-                                          or paths.rejects_partial.stat().st_size < state["rejects_bytes"]):
-        return None
-    return state
+def _scan(spec: PrepareSpec, source: Source, offset: int, vocab: int, resume_line: int,
+          progress: Callable[[PrepareProgress], None] | None, summary: Any,
+          tokens_of: Callable[[LineCheck], int | None]) -> tuple[list[Finding], dict[int, list[str]], dict]:
+    """The check pass (prepare_check.scan) with this run's options."""
+    return scan(source, offset, vocab, resume_line, progress, summary, tokens_of, recompute=spec.recompute,
+                have_tokenizer=spec.speech_tokenizer is not None or spec.dry_run,  # a dry run computes no codes
+                features=spec.cache_features is not None)
 
 
-def _write_state(paths: _Paths, state: dict[str, Any]) -> None:
-    write_atomic(paths.state, json.dumps(state, indent=1))
-
-
-def _scan(spec: PrepareSpec, offset: int, vocab: int, resume_line: int,
-          progress: Callable[[PrepareProgress], None] | None) -> tuple[list[Finding], dict[int, list[str]], dict]:
-    """Check every line. Returns (findings, problems by line, totals of the work left after resume)."""
-    data_dir = spec.data.parent
-    findings: list[Finding] = []
-    bad: dict[int, list[str]] = {}
-    totals = {"lines": 0, "files": 0, "seconds": 0.0, "tokens": 0, "prefix_sha256": hashlib.sha256(),
-              "records": 0, "cwd_paths": set()}
-    have_tokenizer = spec.speech_tokenizer is not None
-    tick = PrepareProgress("check")
-    for number, raw in _read_lines(spec.data):
-        if number < resume_line:
-            totals["prefix_sha256"].update(raw)
-        tick.lines_done = number
-        if progress and number % 200 == 0:
-            progress(tick)
-        text, finding = _decode(raw, number)
-        if finding:
-            findings.append(finding)
-            bad[number] = [finding.message]
-            continue
-        if not text.strip():
-            continue
-        chk = check_line(text, number, data_dir, offset, vocab, recompute=spec.recompute,
-                         speech_tokenizer=have_tokenizer)
-        if chk.problems:
-            findings.extend(Finding(number, p) for p in chk.problems)
-            bad[number] = chk.problems
-            continue
-        totals["records"] += 1
-        totals["cwd_paths"].update(ref.path for ref in chk.audios if ref.via_cwd)
-        if number >= resume_line:
-            totals["lines"] += 1
-            for ref in chk.audios:
-                if _has_work(ref, spec.cache_features is not None):
-                    totals["files"] += 1
-                    totals["seconds"] += ref.seconds
-                totals["tokens"] += ref.needs_tokens
-    totals["prefix_sha256"] = totals["prefix_sha256"].hexdigest()
-    return findings, bad, totals
-
-
-def check_paths(spec: PrepareSpec) -> _Paths:
+def check_paths(spec: PrepareSpec) -> PrepareFiles | None:
     """Every check of the options and paths, before anything is read or written: the output and the
     rejects file are new files (or, with --overwrite, earlier results), never an input."""
     from kimi_lora_cli.devices import check_device
     from kimi_lora_cli.outputs import check_output
 
-    if not spec.data.exists():
+    spec.sources.check()
+    data = Path(spec.data).expanduser()
+    if not data.exists() and spec.sources.format in ("auto", "jsonl") and str(spec.data).endswith(".jsonl"):
         raise DataError(f"{spec.data}: no such data file; pass the jsonl with --data")
-    if not spec.data.is_file():
-        from kimi_lora_cli.data.schema import check_data_file
-
-        check_data_file(spec.data, "--data")
-        raise DataError(f"{spec.data}: not a file; pass the jsonl with --data")
+    open_data(spec)  # the format and its columns, checked before any model loads
+    if spec.output is None or spec.dry_run:
+        if not spec.dry_run:
+            raise ConfigError("--output is needed (or --dry-run for the summary alone)")
+        return None
     if spec.batch_size < 1:
         raise ConfigError(f"--batch-size {spec.batch_size}: must be at least 1")
     if spec.recompute and spec.speech_tokenizer is None:
         raise ConfigError("--recompute needs --speech-tokenizer DIR (the glm-4-voice-tokenizer folder)")
     check_device(spec.device)
-    paths = _Paths.of(spec)
-    inputs = [("--data file", spec.data), ("model folder", spec.model),
+    paths = PrepareFiles.of(spec.output, spec.rejects)
+    inputs = [(f"--data {'file' if data.is_file() else 'folder'}", data if data.exists() else None), ("model folder", spec.model),
               ("speech tokenizer folder", spec.speech_tokenizer)]
-    if spec.output.resolve() == spec.data.resolve():
+    if spec.output.resolve() == data.resolve():
         raise ConfigError(f"{spec.output}: --output must differ from --data (the input is never rewritten)")
     check_output(spec.output, inputs, flag="--output", kind="file")
     check_output(paths.rejects, [*inputs, ("--output file", spec.output)], flag="--rejects", kind="file")
+    check_output(paths.clips, [*inputs, ("--output file", spec.output)], flag="--output (its clips folder)")
     _check_replaceable(paths.output, "--output", spec.overwrite)
     _check_replaceable(paths.rejects, "--rejects", spec.overwrite)
     return paths
@@ -267,6 +177,8 @@ def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | Non
 
     log = log or (lambda _msg: None)
     paths = check_paths(spec)
+    if paths is None:  # --dry-run without --output
+        return _dry_run(spec, progress)
     with naming_errors(paths.output.parent):
         paths.output.parent.mkdir(parents=True, exist_ok=True)
     with FolderLock.beside(paths.output, "prepare") as lock:
@@ -276,33 +188,53 @@ def prepare(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | Non
         return _prepare_locked(spec, paths, progress, log)
 
 
-def _prepare_locked(spec: PrepareSpec, paths: _Paths, progress: Callable[[PrepareProgress], None] | None,
-                    log: Callable[[str], None]) -> PrepareResult:
-    offset, vocab = _model_vocab(spec.model)
-    options = _options_key(spec, offset)
-    state = _load_state(paths, options, spec.overwrite)
-    resume_line = state["next_line"] if state else 1
+def _dry_run(spec: PrepareSpec, progress: Callable[[PrepareProgress], None] | None) -> PrepareResult:
+    """Check every line and sum the input up; nothing is written, no audio is tokenized."""
+    offset, vocab = model_vocab(spec.model)
+    source = open_data(spec)
+    summary, tokens_of = summary_tools(spec.model, spec.model_max_length, source)
+    findings, _, totals = _scan(spec, source, offset, vocab, 1, progress, summary, tokens_of)
+    result = PrepareResult(output=Path(spec.output) if spec.output else Path(""), summary=summary.as_dict())
+    result.lines_rejected = len({f.line for f in findings})
+    result.lines_written = totals["records"]
+    if findings:
+        result.notes.extend(f.render(spec.data) for f in findings[:20])
+        if len(findings) > 20:
+            result.notes.append(f"... and {len(findings) - 20} more problems")
+    return result
 
-    findings, bad, totals = _scan(spec, offset, vocab, resume_line, progress)
+
+def _prepare_locked(spec: PrepareSpec, paths: PrepareFiles, progress: Callable[[PrepareProgress], None] | None,
+                    log: Callable[[str], None]) -> PrepareResult:
+    offset, vocab = model_vocab(spec.model)
+    options = _options_key(spec, offset)
+    state = load_state(paths, options, spec.overwrite)
+    resume_line = state["next_line"] if state else 1
+    source = open_data(spec, paths.clips)
+    summary, tokens_of = summary_tools(spec.model, spec.model_max_length, source)
+
+    findings, bad, totals = _scan(spec, source, offset, vocab, resume_line, progress, summary, tokens_of)
     if state and totals["prefix_sha256"] != state["prefix_sha256"]:
         log(f"{paths.partial}: the first {resume_line - 1} lines of {spec.data} changed since the interrupted run; "
             "starting over")
         state, resume_line = None, 1
-        findings, bad, totals = _scan(spec, offset, vocab, 1, progress)
+        summary, tokens_of = summary_tools(spec.model, spec.model_max_length, source)
+        findings, bad, totals = _scan(spec, source, offset, vocab, 1, progress, summary, tokens_of)
     if findings and not spec.skip_bad:
         raise DataProblems(spec.data, findings, "; fix them (or pass --skip-bad to write the bad lines to a "
                                                 "rejects file and go on)")
     if not totals["records"] and not findings:
         raise DataError(f"{spec.data}: no samples (the file is empty); pass a jsonl with one conversation per line")
 
-    result = PrepareResult(output=paths.output, resumed_at_line=resume_line if state else 0)
+    result = PrepareResult(output=paths.output, resumed_at_line=resume_line if state else 0,
+                           summary=summary.as_dict())
     if spec.speech_tokenizer is not None and totals["records"] and not totals["tokens"] and not state:
         result.notes.append("every audio message already has audio_tokens: --speech-tokenizer was not needed")
     if totals["cwd_paths"]:
         result.notes.append(f"{len(totals['cwd_paths'])} audio paths are not next to {spec.data} and were found "
                             f"relative to the current folder {Path.cwd()}; {paths.output} names them by absolute "
                             "path")
-    runner = _Runner(spec, paths, offset, vocab, totals, result, progress)
+    runner = _Runner(spec, source, paths, offset, vocab, totals, result, progress)
     runner.run(state, bad)
     if not result.lines_written:
         # --skip-bad promises "the good lines"; with none, an empty file would only move the error to
@@ -317,9 +249,9 @@ def _prepare_locked(spec: PrepareSpec, paths: _Paths, progress: Callable[[Prepar
 class _Runner:
     """The writing pass: batches of lines, tokenized and/or featurized together, committed in order."""
 
-    def __init__(self, spec: PrepareSpec, paths: _Paths, offset: int, vocab: int, totals: dict,
+    def __init__(self, spec: PrepareSpec, source: Source, paths: PrepareFiles, offset: int, vocab: int, totals: dict,
                  result: PrepareResult, progress: Callable[[PrepareProgress], None] | None) -> None:
-        self.spec, self.paths, self.offset, self.vocab = spec, paths, offset, vocab
+        self.spec, self.source, self.paths, self.offset, self.vocab = spec, source, paths, offset, vocab
         self.result, self.progress_cb = result, progress
         self.tick = PrepareProgress("prepare", lines_total=totals["lines"], files_total=totals["files"],
                                     seconds_total=totals["seconds"])
@@ -327,7 +259,7 @@ class _Runner:
         self.codes: CodeStore | None = None
         self.features: FeatureStore | None = None
         self.out_dir = paths.output.parent.resolve()
-        self.data_dir = spec.data.parent
+        self.data_dir = source.base_dir
 
     # -- models ------------------------------------------------------------------------------
 
@@ -378,10 +310,15 @@ class _Runner:
             start = state["next_line"] if state else 1
             pending: list[tuple[int, bytes, LineCheck | None]] = []
             work = 0
-            for number, raw in _read_lines(spec.data):
+            for number, raw, where, error in read_records(self.source):
                 if number < start:
                     prefix.update(raw)
                     continue
+                if error is not None and number not in bad:  # the data changed since the check pass
+                    if not spec.skip_bad:
+                        raise DataProblems(spec.data, [Finding(number, error, where)],
+                                           "; fix them and rerun to continue where it stopped")
+                    bad[number] = [error]
                 if number in bad:
                     pending.append((number, raw, None))
                 else:
@@ -392,10 +329,10 @@ class _Runner:
                                          recompute=spec.recompute, speech_tokenizer=spec.speech_tokenizer is not None)
                         if chk.problems:  # the files changed since the check pass
                             if not spec.skip_bad:
-                                raise DataProblems(spec.data, [Finding(number, p) for p in chk.problems],
+                                raise DataProblems(spec.data, [Finding(number, p, where) for p in chk.problems],
                                                    "; fix them and rerun to continue where it stopped")
                             bad[number] = chk.problems
-                        work += sum(1 for a in chk.audios if _has_work(a, self.features is not None))
+                        work += sum(1 for a in chk.audios if has_work(a, self.features is not None))
                     pending.append((number, raw, chk))
                 if work >= spec.batch_size or len(pending) >= 512:
                     self._commit(pending, bad, out, rej, prefix)
@@ -404,9 +341,9 @@ class _Runner:
         finally:
             out.close()
             rej.close()
-        _finish(paths.partial, paths.output)
+        finish_file(paths.partial, paths.output)
         if res.lines_rejected:
-            _finish(paths.rejects_partial, paths.rejects)
+            finish_file(paths.rejects_partial, paths.rejects)
             res.rejects = paths.rejects
         else:
             paths.rejects_partial.unlink(missing_ok=True)
@@ -443,7 +380,7 @@ class _Runner:
         counters = {k: getattr(res, k) for k in ("lines_written", "lines_rejected", "audio_tokenized", "audio_kept",
                                                  "seconds_tokenized", "features_written", "features_reused",
                                                  "paths_rewritten")}
-        _write_state(self.paths, {
+        write_state(self.paths, {
             "version": STATE_VERSION, "options": _options_key(self.spec, self.offset),
             "next_line": pending[-1][0] + 1, "prefix_sha256": prefix.copy().hexdigest(),
             "output_bytes": out.tell(), "rejects_bytes": rej.tell(), "counters": counters,
@@ -453,7 +390,7 @@ class _Runner:
         """Fill audio_tokens (and the feature cache) for these lines; returns failures by line."""
         failed: dict[int, list[str]] = {}
         res, spec = self.result, self.spec
-        jobs = [(chk, ref) for chk in checks for ref in chk.audios if _has_work(ref, self.features is not None)]
+        jobs = [(chk, ref) for chk in checks for ref in chk.audios if has_work(ref, self.features is not None)]
         waves: dict[Path, Any] = {}
         for chk, ref in jobs:
             if ref.path in waves:
@@ -509,15 +446,6 @@ class _Runner:
         if self.progress_cb:
             self.progress_cb(self.tick)
         return failed
-
-
-def _finish(partial: Path, final: Path) -> None:
-    """Record the finished file as prepare's, then rename it into place in one step."""
-    from kimi_lora_cli.outputs import record_file
-
-    with naming_errors(final):
-        record_file(final, partial, "prepare")
-        os.replace(partial, final)
 
 
 def result_json(result: PrepareResult) -> dict[str, Any]:

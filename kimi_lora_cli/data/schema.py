@@ -1,4 +1,4 @@
-"""Fine-tuning jsonl: the line checks `train`, `prepare` and `infer` share; reading; train's pre-flight.
+"""The record checks `train`, `prepare` and `infer` share: one official conversation at a time.
 
 `check_record` / `check_line` list every problem of one line, each as `what is wrong; how to fix it`
 (callers prefix `FILE:LINE: `):
@@ -13,11 +13,7 @@
     audio's duration (one code per 1280 samples at 16 kHz, per 30 s piece: `rows_for_samples`);
   * conversations with nothing to learn (no assistant message).
 
-`load_samples(path, tokenizer, config, max_length=..., too_long="error", speech_codes=None)` reads
-the official format (JSON lines, or one JSON array), checks every line, fills missing audio_tokens
-from `speech_codes()` (a CodeStore) when given, and either returns the tokenized samples or raises one DataError
-listing every problem as `FILE:LINE: ...`, sequences longer than `max_length` included (policy
-"error", "skip" with a count, or "truncate").
+Reading the data (every format) is `data/sources/`; train's reader (`load_samples`) is `data/samples.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kimi_lora_cli.data.audio import TARGET_SR as SAMPLE_RATE
 from kimi_lora_cli.data.audio import resampled_length
@@ -35,58 +31,13 @@ from kimi_lora_cli.data.conversation import (
     ROLES,
     TASK_TYPES,
     TASK_TYPES_HINT,
-    ConversationError,
-    TokenizedConversation,
-    output_type_for_task,
-    tokenize_conversation,
 )
-from kimi_lora_cli.errors import DataError
-
-if TYPE_CHECKING:
-    from kimi_lora_cli.data.features import CodeStore
 
 TOO_LONG_POLICIES = ("error", "skip", "truncate")
 MAX_LISTED_PROBLEMS = 50
 NOT_JSONL_AFTER = 5
 REGENERATE = "regenerate them with `kimi-lora prepare --recompute --speech-tokenizer DIR`"
 NEED_TOKENIZER = "pass --speech-tokenizer DIR (the glm-4-voice-tokenizer folder) to compute them"
-
-
-@dataclass
-class Sample:
-    """One training conversation, tokenized; `audio[k]` is the file of `seq.media[k]`."""
-
-    line: int
-    source: Path
-    task_type: str
-    output_type: str
-    seq: TokenizedConversation
-    audio: list[Path] = field(default_factory=list)
-    truncated: bool = False
-    # The checked messages, audio contents as resolved paths (evaluation decodes from these).
-    conversation: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.seq)
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
-
-
-@dataclass
-class LoadedData:
-    samples: list[Sample]
-    path: Path
-    lines: int
-    skipped_too_long: int = 0
-    truncated: int = 0
-    audio_tokenized: int = 0  # files given audio_tokens by the speech tokenizer
-    cwd_paths: int = 0  # audio paths found only relative to the current folder
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(s) for s in self.samples)
 
 
 # -------------------------------------------------------------------------------------------
@@ -193,16 +144,6 @@ def decode_line(raw: bytes) -> tuple[str | None, str | None]:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
         return None, (f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8")
-
-
-def read_lines(path: Path):
-    """(line number, raw bytes) of every line, split at \n only (as jsonl is defined; U+2028 and
-    form feeds inside a line are text) - the one line reader of train, prepare and infer."""
-    try:
-        with open(path, "rb") as f:
-            yield from enumerate(f, start=1)
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder; pass the jsonl file") from None
 
 
 def check_record(
@@ -327,163 +268,3 @@ def check_line(text: str, line: int, data_dir: Path, offset: int, vocab_size: in
     if problem:
         return LineCheck(line, None, problems=[problem])
     return check_record(obj, data_dir, offset, vocab_size, line=line, **options)
-
-
-def truncate(seq: TokenizedConversation, length: int) -> TokenizedConversation:
-    """The first `length` positions; audio spans cut at the end (their features follow)."""
-    from kimi_lora_cli.data.conversation import MediaSpan
-
-    out = TokenizedConversation(
-        audio_ids=seq.audio_ids[:length], text_ids=seq.text_ids[:length],
-        is_continuous=seq.is_continuous[:length], audio_loss=seq.audio_loss[:length],
-        text_loss=seq.text_loss[:length],
-    )
-    for m in seq.media:
-        if m.start < length:
-            out.media.append(MediaSpan(m.start, min(m.length, length - m.start), m.audio, m.message_index,
-                                       m.continuous))
-    return out
-
-
-def has_loss(seq: TokenizedConversation) -> bool:
-    """True when some position predicts a trained token (labels are shifted by one)."""
-    return any(seq.text_loss[1:]) or any(seq.audio_loss[1:])
-
-
-def iter_records(path: Path):
-    """(line, location, object, error) per record: one JSON object per line, or (as some guides write
-    it) one JSON array of objects, whose entries are then located as `FILE: entry N`. A line that is
-    not UTF-8 or not JSON is an error of that line (the same words in every command)."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n").startswith("["):
-        raw = path.read_bytes()
-        try:
-            items = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            items = None
-        if isinstance(items, list):
-            for i, obj in enumerate(items, 1):
-                yield i, f"{path}: entry {i}", obj, None
-            return
-    for lineno, raw in read_lines(path):
-        text, problem = decode_line(raw)
-        if problem is not None:
-            yield lineno, f"{path}:{lineno}", None, problem
-        elif text.strip():
-            yield lineno, f"{path}:{lineno}", *parse_line(text)
-
-
-def check_data_file(path: Path, flag: str) -> None:
-    """A data path names one existing jsonl file; a folder or a missing path gets its own message."""
-    if path.is_dir():
-        found = sorted(p.name for p in path.glob("*.jsonl"))[:3]
-        hint = f" (it holds {', '.join(found)}{', ...' if len(found) == 3 else ''})" if found else ""
-        raise DataError(f"{path}: is a folder; {flag} takes one jsonl file with a conversation per line{hint}")
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found; pass the jsonl written by `kimi-lora prepare` as {flag}")
-
-
-def load_samples(
-    path: str | Path,
-    tokenizer: Any,
-    config: Any,
-    *,
-    max_length: int | None = None,
-    too_long: str = "error",
-    cwd: str | Path | None = None,
-    speech_codes: Callable[[], CodeStore] | None = None,
-    limit_flag: str = "--model-max-length",
-) -> LoadedData:
-    """Read and check the whole jsonl; raise one DataError listing every problem (file:line).
-
-    With `speech_codes` (called only when some audio message lacks audio_tokens, so the speech
-    tokenizer loads only then), those messages get their codes from it (each file once, cached like
-    features) instead of being a problem."""
-    if too_long not in TOO_LONG_POLICIES:
-        raise DataError(f"too-long policy {too_long!r} is unknown; use error, skip or truncate")
-    path = Path(path).expanduser()
-    check_data_file(path, "--data-path")
-    jsonl_dir = path.parent.resolve()
-    cwd = Path(cwd) if cwd is not None else Path.cwd()
-    probe = AudioProbe()
-    problems: list[tuple[int, str]] = []  # (line, message): reported in line order
-    checked: list[tuple[str, dict[str, Any], LineCheck]] = []
-    lines = 0
-    for lineno, where, obj, error in iter_records(path):
-        lines += 1
-        if error is not None:
-            problems.append((lineno, f"{where}: {error}"))
-            if lines == NOT_JSONL_AFTER and len(problems) == lines and all(
-                    "invalid JSON" in p or "not UTF-8" in p for _, p in problems):
-                raise DataError(f"{path}: not a jsonl file (its first {lines} lines are not JSON objects); "
-                                "pass the jsonl with one conversation per line")
-            continue
-        chk = check_record(obj, jsonl_dir, config.kimia_token_offset, config.vocab_size, line=lineno,
-                           speech_tokenizer=speech_codes is not None, probe=probe, cwd=cwd)
-        if chk.problems:
-            problems.extend((lineno, f"{where}: {p}") for p in chk.problems)
-        else:
-            checked.append((where, obj, chk))
-    tokenized = 0
-    cwd_paths = len({ref.path for _, _, chk in checked for ref in chk.audios if ref.via_cwd})
-    needed = [ref for _, _, chk in checked for ref in chk.audios if ref.needs_tokens]
-    if needed and not problems:  # the speech tokenizer runs only on data that is otherwise sound
-        paths = list(dict.fromkeys(ref.path for ref in needed))
-        found = dict(zip(paths, speech_codes().codes(paths)))
-        for _, obj, chk in checked:
-            for ref in chk.audios:
-                if ref.needs_tokens:
-                    obj["conversation"][ref.index]["audio_tokens"] = found[ref.path]
-        tokenized = len(paths)
-    samples: list[Sample] = []
-    skipped = truncated = 0
-    for where, obj, chk in checked:
-        if problems and any(ref.needs_tokens for ref in chk.audios):
-            continue  # no codes yet: the length checks wait for a clean file
-        task = obj.get("task_type", "understanding")
-        output_type = output_type_for_task(task)
-        try:
-            seq = tokenize_conversation(obj["conversation"], tokenizer, config, output_type=output_type)
-        except ConversationError as e:
-            problems.append((chk.line, f"{where}: {e}"))
-            continue
-        if not has_loss(seq):
-            problems.append((chk.line, f"{where}: nothing to learn (no trained token in the assistant messages); "
-                                        "add the assistant's answer or drop the line"))
-            continue
-        cut = False
-        if max_length is not None and len(seq) > max_length:
-            if too_long == "error":
-                problems.append((chk.line,
-                                 f"{where}: {len(seq)} tokens, longer than {limit_flag} {max_length}; raise "
-                                 "it, or pass --too-long skip (drop such lines) or --too-long truncate"))
-                continue
-            if too_long == "skip":
-                skipped += 1
-                continue
-            seq = truncate(seq, max_length)
-            if not has_loss(seq):
-                skipped += 1
-                continue
-            truncated += 1
-            cut = True
-        audio = [ref.path for ref in chk.audios if ref.continuous]
-        conversation = [dict(m) for m in obj["conversation"]]
-        for ref in chk.audios:
-            if ref.continuous:
-                conversation[ref.index]["content"] = str(ref.path.resolve())
-        samples.append(Sample(line=chk.line, source=path, task_type=task, output_type=output_type, seq=seq,
-                              audio=audio[: len(seq.media)], truncated=cut, conversation=conversation))
-    if problems:
-        problems = [p for _, p in sorted(problems, key=lambda item: item[0])]
-        shown = problems[:MAX_LISTED_PROBLEMS]
-        more = len(problems) - len(shown)
-        head = (f"{path}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the training data "
-                "(fix them and rerun):")
-        raise DataError("\n".join([head, *("  " + p for p in shown)] + ([f"  ... and {more} more"] if more else [])))
-    if not samples:
-        reason = f" ({skipped} longer than {limit_flag} {max_length} were skipped)" if skipped else ""
-        raise DataError(f"{path}: no usable samples{reason}; the file needs at least one conversation")
-    return LoadedData(samples=samples, path=path, lines=lines, skipped_too_long=skipped, truncated=truncated,
-                      audio_tokenized=tokenized, cwd_paths=cwd_paths)

@@ -12,6 +12,15 @@ from kimi_lora_cli.inference.metrics import ErrorCounts, score
 from kimi_lora_cli.inference.samples import InferSample
 
 OUTPUT_ORDER = ("text", "both")
+# Steps a text answer gets unless --max-new-tokens says otherwise (spoken answers: the official budget).
+DEFAULT_TEXT_STEPS = 512
+
+
+def step_budget(max_new_tokens: int | None, output_type: str) -> int:
+    """--max-new-tokens as GenerationConfig takes it (-1: the official budget)."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    return DEFAULT_TEXT_STEPS if output_type == "text" else -1
 
 
 def plan_batches(samples: Sequence[InferSample], out_type: dict[str, str], lengths: dict[str, int],

@@ -25,6 +25,11 @@ Batching: prompts are LEFT padded and the attention mask is passed on every call
 come from the mask inside the model, so each sample is computed as if alone. A sample that
 stops leaves the batch (`KimiKVCache.reorder`), so the rest decode at the smaller width.
 `use_cache=False` recomputes the whole sequence every step (slow; a reference for tests).
+
+Hooks (a server's view of the loop, `GenerationHooks`): `before_forward(rows)` names the original
+prompt index of each row the next model call computes (so per-row LoRA adapters can be chosen),
+`after_step(step, rows, text, audio)` sees the ids every active row feeds back this step and may
+return rows to stop at once (finish "cancelled": a client left, or its own step budget ran out).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -110,6 +115,12 @@ class GenerationResult:
     seconds: float = 0.0  # from the batch's start until this sample stopped
 
 
+class GenerationHooks(Protocol):
+    def before_forward(self, rows: list[int]) -> None: ...
+
+    def after_step(self, step: int, rows: list[int], text: list[int], audio: list[int]) -> set[int] | None: ...
+
+
 def unwrap_model(model: Any) -> Any:
     """The Kimi model under a peft wrapper (its LoRA layers stay active as the wrapper set them)."""
     get_base = getattr(model, "get_base_model", None)
@@ -146,10 +157,12 @@ def generate(
     tokens: StreamTokens,
     generators: Sequence[torch.Generator | None] | None = None,
     on_step: Any = None,
+    hooks: GenerationHooks | None = None,
 ) -> list[GenerationResult]:
     """Generate for every prompt (one batch). `generators[i]` drives prompt i's random draws.
 
-    `on_step(active_rows)` is called after every decode step (progress reporting)."""
+    `on_step(active_rows)` is called after every decode step (progress reporting); `hooks`: see
+    the module docstring."""
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
@@ -184,6 +197,8 @@ def generate(
     live_gens = [gens[i] for i in live] if gens is not None else None
 
     cache = net.new_cache(width + min(max_steps, 1024)) if config.use_cache else None
+    if hooks is not None:
+        hooks.before_forward(list(live))
     out = net(input_ids=audio, text_input_ids=text, is_continuous_mask=cont, continuous_features=feats,
               attention_mask=mask, past_key_values=cache, use_cache=config.use_cache, logits_to_keep=1)
     full_mask = torch.ones((n, width + max_steps), dtype=torch.long, device=device)
@@ -208,6 +223,12 @@ def generate(
 
         stop = text_done.clone() if text_mode else torch.isin(next_audio, audio_end)
         stop |= budget_t <= step + 1
+        cancel = None
+        if hooks is not None:
+            gone = hooks.after_step(step, rows.tolist(), next_text.tolist(), next_audio.tolist())
+            if gone:
+                cancel = torch.tensor([r in gone for r in rows.tolist()], device=device)
+                stop |= cancel
         if on_step is not None:
             on_step(int(rows.numel()))
         if bool(stop.any()):
@@ -216,10 +237,12 @@ def generate(
             for r in stop.nonzero().flatten().tolist():
                 h = int(hist_row[r])
                 natural = bool(text_done[r]) if text_mode else bool(torch.isin(next_audio[r], audio_end))
+                finish = finish_text if natural else "length"
+                if cancel is not None and bool(cancel[r]) and not natural and budgets[int(rows[r])] > step + 1:
+                    finish = "cancelled"
                 results[int(rows[r])] = _result(
                     text_hist[h, : step + 1].tolist(), audio_hist[h, : step + 1].tolist(),
-                    int(text_valid[r]), int(audio_valid[r]), tokens, step + 1,
-                    finish_text if natural else "length", now,
+                    int(text_valid[r]), int(audio_valid[r]), tokens, step + 1, finish, now,
                 )
             keep = (~stop).nonzero().flatten()
             if keep.numel() == 0:
@@ -236,6 +259,8 @@ def generate(
                 audio, text, cont = audio[keep], text[keep], cont[keep]
                 feats = feats[keep] if feats is not None else None
         cur = width + step + 1
+        if hooks is not None:
+            hooks.before_forward(rows.tolist())
         if cache is not None:
             out = net(input_ids=next_audio[:, None], text_input_ids=next_text[:, None],
                       attention_mask=full_mask[:, :cur], past_key_values=cache, use_cache=True, logits_to_keep=1)

@@ -26,11 +26,13 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from kimi_lora_cli.adapter_names import BASE
+from kimi_lora_cli.devices import resolve_device
 from kimi_lora_cli.errors import ConfigError, ModelLoadError
 from kimi_lora_cli.fileops import naming_errors
-from kimi_lora_cli.inference.decode import plan_batches
+from kimi_lora_cli.inference.decode import DEFAULT_TEXT_STEPS, plan_batches, step_budget
 from kimi_lora_cli.inference.generation import GenerationConfig, StreamTokens, generate, unwrap_model
 from kimi_lora_cli.inference.metrics import ErrorCounts, score
 from kimi_lora_cli.inference.predictions import (
@@ -42,11 +44,12 @@ from kimi_lora_cli.inference.predictions import (
 from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, SamplingParams
 from kimi_lora_cli.inference.samples import InferSample, prompt_sample, read_audio_tokens_file, read_samples
 
-BASE = "base"
+if TYPE_CHECKING:
+    from kimi_lora_cli.data.sources import SourceOptions
+
 # Text answers (ASR, chat) rarely pass a few hundred tokens; the official 7500 positions let a model
 # that never says text_eos (an untrained base, say) run for minutes per sample. Spoken answers keep
 # the official budget (1500 positions, 120 s of speech), which already bounds them.
-DEFAULT_TEXT_STEPS = 512
 DETOKENIZER_NOTE = (
     "audio_tokens are GLM-4-Voice semantic codes (offset removed); pass --audio-dir DIR to turn them into "
     "WAV files with the Kimi-Audio detokenizer (audio_detokenizer/ + vocoder/ of the release folder)"
@@ -79,6 +82,9 @@ class InferSpec:
     audio_dir: str | Path | None = None  # one WAV per spoken answer (output type "both")
     detokenizer: str | Path | None = None  # folder holding audio_detokenizer/ + vocoder/ (default: model)
     ode_steps: int = 30  # detokenizer flow-matching time points (official: 30)
+    sources: SourceOptions | None = None  # how --data is read (format, columns, task ...)
+    quantization: str | None = None  # nf4 / fp4 / int8: decoder linears quantized as they load (QLoRA adapters)
+    double_quant: bool = False
 
 
 class ProgressSink(Protocol):
@@ -117,31 +123,6 @@ class InferReport:
     spoken: int = 0  # predictions with a WAV
 
 
-def parse_adapter_args(values: list[str]) -> tuple[tuple[str, Path], ...]:
-    """`DIR` (named after the folder) or `NAME=DIR`; names unique and not 'base'."""
-    out: list[tuple[str, Path]] = []
-    for v in values:
-        name, sep, folder = v.partition("=")
-        if not sep:
-            folder, name = v, Path(v).expanduser().resolve().name
-        if not name or not folder:
-            raise ConfigError(f"--adapter {v!r}: use DIR or NAME=DIR")
-        if name == BASE:
-            raise ConfigError(f"--adapter {v!r}: the name 'base' is reserved for the model without adapter; "
-                              "pick another NAME=DIR")
-        if any(n == name for n, _ in out):
-            raise ConfigError(f"--adapter {v!r}: two adapters named {name!r}; name them with NAME=DIR")
-        out.append((name, Path(folder).expanduser()))
-    return tuple(out)
-
-
-def step_budget(max_new_tokens: int | None, output_type: str) -> int:
-    """--max-new-tokens as GenerationConfig takes it (-1: the official budget)."""
-    if max_new_tokens is not None:
-        return max_new_tokens
-    return DEFAULT_TEXT_STEPS if output_type == "text" else -1
-
-
 def budget_note(records: list[dict[str, Any]], max_new_tokens: int | None) -> str | None:
     """How many of this run's answers were cut by the step budget (finish "length")."""
     cut = [r for r in records if r.get("finish") == "length"]
@@ -156,16 +137,6 @@ def budget_note(records: list[dict[str, Any]], max_new_tokens: int | None) -> st
         which = f"--max-new-tokens {max_new_tokens}"
     return (f"{len(cut)} of {len(records)} answers reached {which} before ending (finish \"length\" in the "
             "predictions); raise --max-new-tokens if they were cut short (-1: the official 7500 positions)")
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device and device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check_spec(spec: InferSpec) -> None:
@@ -194,6 +165,11 @@ def _check_spec(spec: InferSpec) -> None:
     if spec.audio_dir is not None and spec.output_type == "text":
         raise ConfigError("--audio-dir writes spoken answers, but --output-type text asks for none; use "
                           "--output-type both")
+    from kimi_lora_cli.quantization import quant_spec
+
+    quant_spec(spec.quantization, flag="--quantization")
+    if spec.double_quant and spec.quantization not in ("nf4", "fp4"):
+        raise ConfigError("--double-quant quantizes the scales of 4-bit weights; add --quantization nf4 (or fp4)")
     if spec.ode_steps < 2:
         raise ConfigError(f"--ode-steps must be >= 2 (time points from 0 to 1), not {spec.ode_steps}")
 
@@ -357,7 +333,7 @@ def _run(spec: InferSpec, progress: ProgressSink | None, loaded: Any, lock_note:
     speech_codes = speech_codes_loader(spec, config)
     notes: list[str] = [lock_note] if lock_note else []
     if spec.data is not None:
-        samples = read_samples(spec.data, config, speech_codes=speech_codes, notes=notes)
+        samples = read_samples(spec.data, config, speech_codes=speech_codes, notes=notes, options=spec.sources)
     else:
         codes = None
         if spec.audio_tokens is not None:
@@ -369,11 +345,17 @@ def _run(spec: InferSpec, progress: ProgressSink | None, loaded: Any, lock_note:
 
         loaded = load_model(spec.model, dtype=spec.dtype, device=resolve_device(spec.device),
                             adapters=[(n, str(p)) for n, p in spec.adapters] or None,
-                            allow_pickle=spec.allow_pickle)
+                            allow_pickle=spec.allow_pickle, quantization=spec.quantization,
+                            double_quant=spec.double_quant)
     if not loaded.info.is_kimi:
         raise ModelLoadError(f"{loaded.info.path}: `infer` runs Kimi-Audio models (config.json with kimia_* keys); "
                              "this folder holds another architecture")
     tokenizer, config = loaded.tokenizer, loaded.config
+    if spec.quantization:
+        from kimi_lora_cli.quantization import quant_spec, summary
+
+        base_model = unwrap_model(loaded.model)
+        notes.append(summary(base_model, quant_spec(spec.quantization, spec.double_quant), base_model.dtype))
     features = None
     if spec.cache_features is not None and loaded.feature_encoder is not None:
         from kimi_lora_cli.data.features import FeatureStore

@@ -26,14 +26,13 @@ from kimi_lora_cli.data.schema import (
     NEED_TOKENIZER,
     AudioProbe,
     LineCheck,
-    check_data_file,
     check_record,
-    iter_records,
 )
 from kimi_lora_cli.errors import DataError
 
 if TYPE_CHECKING:
     from kimi_lora_cli.data.features import CodeStore
+    from kimi_lora_cli.data.sources import SourceOptions
 
 PREPARE_HINT = "add audio_tokens with `kimi-lora prepare` (or the official extract_semantic_codes.py)"
 TOKENS_HINT = f"{NEED_TOKENIZER}, or {PREPARE_HINT}"
@@ -118,24 +117,25 @@ def _prompt_messages(obj: dict[str, Any], chk: LineCheck) -> list[dict[str, Any]
 
 
 def read_samples(path: str | Path, config: Any, *, speech_codes: SpeechCodes | None = None,
-                 cwd: str | Path | None = None, notes: list[str] | None = None) -> list[InferSample]:
-    """Read and check every line of a jsonl file (or JSON array); one DataError lists every problem
-    as `FILE:LINE: ...`. With `speech_codes`, audio messages without audio_tokens get theirs from it.
-    `notes` hears (once) about audio paths found only relative to the current folder."""
+                 cwd: str | Path | None = None, notes: list[str] | None = None,
+                 options: SourceOptions | None = None) -> list[InferSample]:
+    """Read and check every record of the data (any format `data.sources` reads, `options` saying
+    how); one DataError lists every problem as `FILE:LINE: ...`. With `speech_codes`, audio messages
+    without audio_tokens get theirs from it. `notes` hears (once) about audio paths found only
+    relative to the current folder."""
     from kimi_lora_cli.data.conversation import output_type_for_task
+    from kimi_lora_cli.data.sources import open_source
 
-    path = Path(path).expanduser()
-    if path.is_dir():
-        check_data_file(path, "--data")
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found; pass a jsonl file with one conversation per line")
-    data_dir = path.parent.resolve()
+    source = open_source(str(path), options)
+    path = Path(source.label)
+    data_dir = source.base_dir
     probe = AudioProbe()
     problems: list[str] = []
     checked: list[tuple[dict[str, Any], LineCheck]] = []
     meta: list[tuple[str, str]] = []  # (id, where) of each checked line
     seen: dict[str, str] = {}
-    for lineno, where, obj, error in iter_records(path):
+    for rec in source:
+        lineno, where, obj, error = rec.number, rec.where, rec.obj, rec.error
         if error is not None:
             problems.append(f"{where}: {error}")
             continue

@@ -49,8 +49,21 @@ def option(default: Any = None, help: str = "", *, panel: str, aliases: tuple[st
 class TrainConfig:
     # -- model and data
     data_path: str | None = option(
-        help="Training data: jsonl in the official format, audio messages with audio_tokens (see `kimi-lora "
-        "prepare`) or, with --speech-tokenizer, without.", panel=P_DATA)
+        help="Training data: the official jsonl (audio messages with audio_tokens, see `kimi-lora prepare`, or "
+        "without them given --speech-tokenizer), or any format `kimi-lora prepare` reads (NeMo, CSV/TSV, Kaldi, "
+        "audio folder, LibriSpeech, HF dataset, chat JSON).", panel=P_DATA)
+    data_format: str = option("auto", "Format of --data-path and --eval-data-path: auto, jsonl, nemo, csv, tsv, "
+                              "kaldi, folder, librispeech, hf, chat.", panel=P_DATA, aliases=("format",))
+    columns: str | None = option(help="Columns of a CSV/TSV, NeMo manifest or HF dataset: audio=COL,text=COL.",
+                                 panel=P_DATA)
+    task: str = option("asr", "What transcript-only data trains: asr (instruction + audio -> transcript) or tts "
+                       "(transcript -> audio, audio loss).", panel=P_DATA)
+    language: str = option("en", "en or zh: the official English or Chinese ASR instruction.", panel=P_DATA)
+    instruction: str | None = option(help="Your own ASR instruction instead of the official one.", panel=P_DATA)
+    max_audio_seconds: float | None = option(help="Clips longer than this are bad rows (refused, or left out with "
+                                             "--skip-bad).", panel=P_DATA)
+    skip_bad: bool = option(False, "Leave out rows the data source cannot read (unreadable audio, empty "
+                            "transcripts, ...) instead of stopping.", panel=P_DATA)
     model_name_or_path: str | None = option(
         help="Kimi-Audio release folder (tokenizer, whisper-large-v3/, and the weights unless --model-path is "
         "given).", panel=P_DATA)
@@ -116,6 +129,13 @@ class TrainConfig:
                                               "lm_head,mimo_output).", panel=P_LORA, many=True)
     train_embeddings: bool = option(False, "Train the token embeddings in full (excluded by default).",
                                     panel=P_LORA)
+    quantization: str | None = option(
+        help="QLoRA: keep the linear layers of both decoder stacks in nf4, fp4 or int8 (bitsandbytes: pip install "
+        "'kimi-lora[qlora]') and train LoRA over them; Whisper, adaptor, embeddings and heads stay in the training "
+        "dtype (--bf16 / --fp16, else float32: the 4-bit layers' compute dtype; int8 layers multiply in float16), norms "
+        "in float32.", panel=P_LORA)
+    double_quant: bool = option(False, "With --quantization nf4/fp4: quantize the 4-bit blocks' scales too (about "
+                                "0.4 bit less per weight).", panel=P_LORA)
     # -- optimisation
     text_loss_weight: float = option(1.0, panel=P_OPT)
     audio_loss_weight: float = option(1.0, panel=P_OPT)
@@ -266,6 +286,7 @@ class TrainConfig:
         check_schedule_name(self.lr_scheduler_type)
         need(0.0 <= self.warmup_ratio <= 1.0, "--warmup-ratio must be in [0, 1]")
         need(self.warmup_steps >= 0, "--warmup-steps must not be negative")
+        self.source_options().check()
         need(self.too_long in ("error", "skip", "truncate"), f"--too-long must be error, skip or truncate "
              f"(got {self.too_long!r})")
         need(self.model_max_length is None or self.model_max_length >= 8, "--model-max-length must be at least 8")
@@ -287,10 +308,29 @@ class TrainConfig:
         from kimi_lora_cli.devices import check_device
 
         check_device(self.device)
+        self._validate_quantization(need)
         if not self.lora_enabled:
             need(not self.modules_to_save and not self.train_embeddings,
                  "--modules-to-save / --train-embeddings are LoRA options; add --use-lora (full fine-tuning "
                  "trains every weight anyway)")
+
+    def _validate_quantization(self, need: Any) -> None:
+        """Combinations bitsandbytes cannot train, refused before anything is read."""
+        from kimi_lora_cli.quantization import MODES
+
+        q = self.quantization
+        need(q is None or q in MODES, f"--quantization must be one of {', '.join(MODES)} (got {q!r})")
+        need(not self.double_quant or q in ("nf4", "fp4"),
+             "--double-quant quantizes the scales of 4-bit weights; add --quantization nf4 (or fp4)")
+        if q is None:
+            return
+        need(self.lora_enabled, f"--quantization {q} trains LoRA over frozen {q} weights; add --use-lora (quantized "
+             "weights cannot be fine-tuned in full)")
+        need(not self.fsdp, f"--quantization {q} cannot be sharded with --fsdp (FSDP2 does not split bitsandbytes "
+             "layers); drop --fsdp: with --num-processes N each process holds its own quantized copy (DDP)")
+        need(not self.deepspeed, f"--quantization {q} cannot be partitioned by DeepSpeed ZeRO (its bitsandbytes "
+             "layers are not DeepSpeed parameters); drop --deepspeed: with --num-processes N each process holds its "
+             "own quantized copy (DDP)")
 
     def _validate_evaluation(self, need: Any) -> None:
         gen = self.eval_generate
@@ -313,6 +353,15 @@ class TrainConfig:
         need(self.eval_generate_count == 0 or self.has_eval_set,
              "--eval-generate decodes evaluation conversations: pass --eval-data-path FILE or --eval-ratio")
         need(not (self.eval_data_path and self.eval_ratio > 0), "pick one of --eval-data-path and --eval-ratio")
+
+    def source_options(self) -> Any:
+        """How --data-path / --eval-data-path are read (data.sources.SourceOptions); clips cut from
+        recordings go under --feature-cache-dir when one is given."""
+        from kimi_lora_cli.data.sources import SourceOptions
+
+        clips = Path(self.feature_cache_dir).expanduser() / "clips" if self.feature_cache_dir else None
+        return SourceOptions(format=self.data_format, columns=self.columns, task=self.task, language=self.language,
+                             instruction=self.instruction, max_audio_seconds=self.max_audio_seconds, clip_dir=clips)
 
     @property
     def has_eval_set(self) -> bool:

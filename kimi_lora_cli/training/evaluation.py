@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kimi_lora_cli.data.schema import Sample
+from kimi_lora_cli.data.samples import Sample
 from kimi_lora_cli.inference.samples import InferSample, split_conversation
 
 PAIRS_SHOWN = 4

@@ -48,8 +48,55 @@ def check_modules_to_save(model: Any, names: tuple[str, ...] | list[str]) -> Non
                               "(`kimi-lora list-modules` lists them)")
 
 
+def check_quantized_training(model: Any, cfg: TrainConfig, world: int) -> None:
+    """With --quantization, what bitsandbytes cannot train is refused on the meta skeleton, before
+    any weight is read: ZeRO-3 (needs a quant storage dtype) and modules trained in full that hold
+    quantized decoder layers."""
+    if not cfg.quantization:
+        return
+    from kimi_lora_cli.quantization import import_bitsandbytes, is_decoder_linear
+
+    q = cfg.quantization
+    import_bitsandbytes()  # not installed: one line naming the extra to install
+    if cfg.deepspeed:
+        from kimi_lora_cli.training.distributed import deepspeed_config
+
+        if deepspeed_config(cfg, world).get("zero_optimization", {}).get("stage") == 3:
+            raise ConfigError(f"--quantization {q} with DeepSpeed ZeRO-3 ({cfg.deepspeed}): ZeRO-3 shards 4-bit "
+                              "weights only with a quant storage dtype, which kimi-lora does not set; use --deepspeed "
+                              "zero2 or plain DDP (--num-processes N)")
+    linears = [n for n, m in model.named_modules() if is_decoder_linear(n) and type(m).__name__ == "Linear"]
+    for want in cfg.modules_to_save:
+        held = [n for n in linears if n == want or n.endswith("." + want) or f".{want}." in f".{n}"]
+        if held:
+            raise ConfigError(f"--modules-to-save {want} would train {held[0]} in full, but --quantization {q} stores "
+                              "it in 4/8 bits; target it with LoRA instead (--lora-target) or drop --quantization")
+
+
+def prepare_quantized(model: Any, gradient_checkpointing: bool) -> None:
+    """What peft's k-bit preparation does, for the Kimi model (on the meta device, before the fill):
+    RMSNorms in float32 (their statistics are taken in float32 anyway; Whisper, adaptor, embeddings
+    and heads keep the training dtype), and with gradient checkpointing the embedding output
+    requires grad, so recomputed layers see an input that carries gradients."""
+    import torch
+
+    from kimi_lora_cli.models.kimi_audio.modeling import KimiRMSNorm
+
+    for module in model.modules():
+        if isinstance(module, KimiRMSNorm):
+            module.to(torch.float32)
+    if gradient_checkpointing:
+        def make_inputs_require_grad(_module: Any, _inputs: Any, output: Any) -> None:
+            output.requires_grad_(True)
+
+        model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+
+
 def wrap_lora(model: Any, cfg: TrainConfig, base_path: str | None = None) -> tuple[Any, TargetSelection]:
     """Freeze the base model and add adapters on the modules `cfg.lora_target` selects."""
+    from kimi_lora_cli.quantization import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # peft imports it to pick its layer kinds: without its Hub-kernel warning
     from peft import get_peft_model
 
     entries = linear_entries(model)
@@ -75,6 +122,7 @@ def init_adapter_weights(model: Any, seed: int, within: Any = None) -> set[int]:
     import torch
     from peft.tuners.lora import LoraLayer
 
+    from kimi_lora_cli.quantization import dequantized_weight, is_quantized_weight
     from kimi_lora_cli.sharded import copy_full_, local, local_rows
 
     done: set[int] = set()
@@ -96,8 +144,11 @@ def init_adapter_weights(model: Any, seed: int, within: Any = None) -> set[int]:
             magnitudes = getattr(module, "lora_magnitude_vector", None)
             if magnitudes is not None and adapter in magnitudes:
                 m = magnitudes[adapter].weight
-                w = module.get_base_layer().weight
-                if local_rows(m) != local_rows(w):
+                base = module.get_base_layer()
+                w = base.weight
+                if is_quantized_weight(w):  # the weight the layer computes with
+                    w = dequantized_weight(base)
+                elif local_rows(m) != local_rows(w):
                     raise RuntimeError(f"{name}: DoRA magnitude and base weight are sharded differently")
                 with torch.no_grad():
                     local(m).copy_(torch.linalg.norm(local(w), dim=1).to(local(m).dtype))
@@ -139,13 +190,15 @@ class ParamRow:
 
 def parameter_rows(model: Any, mimo_from: int, whisper_params: int = 0) -> list[ParamRow]:
     """Trainable / total parameters per component (adapter weights counted with their module's)."""
+    from kimi_lora_cli.quantization import logical_numel
+
     rows: dict[str, ParamRow] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        n = p.ds_numel if hasattr(p, "ds_numel") else logical_numel(p)
         comp = component_of(name, mimo_from)
         row = rows.setdefault(comp, ParamRow(comp, 0, 0))
         row.total += n

@@ -24,6 +24,8 @@ def render_card(*, base_model: str, config: dict[str, Any], samples: int, eval_s
     import yaml
 
     tags = ["kimi-audio", "kimi-lora", "audio", "speech", "lora" if lora else "full-fine-tuning"]
+    if lora and config.get("quantization"):
+        tags.append("qlora")
     header = {"base_model": base_model, "library_name": "peft" if lora else "transformers", "tags": tags}
     lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", ""]
     lines += [f"# {Path(str(config.get('output_dir', 'adapter'))).name}", ""]
@@ -37,6 +39,13 @@ def render_card(*, base_model: str, config: dict[str, Any], samples: int, eval_s
     if lora:
         lines.append(f"- LoRA: r={config.get('lora_rank')} alpha={config.get('lora_alpha')} "
                      f"dropout={config.get('lora_dropout')} targets `{config.get('lora_target')}`")
+    quant = config.get("quantization")
+    if lora and quant:
+        dq = " with double quantization" if config.get("double_quant") else ""
+        lines.append(f"- QLoRA: trained over the decoder weights (both stacks) in {quant}{dq}; the adapter is an ordinary "
+                     f"peft adapter of the full-precision base above. Run it as trained with `kimi-lora infer "
+                     f"--quantization {quant}`; `kimi-lora merge` adds it to the full-precision weights, which "
+                     f"differ slightly from the dequantized {quant} ones it learned against (check with --verify).")
     lines.append(f"- learning rate {config.get('learning_rate')}, per-device batch "
                  f"{config.get('per_device_train_batch_size')} x accumulation "
                  f"{config.get('gradient_accumulation_steps')}, seed {config.get('seed')}")

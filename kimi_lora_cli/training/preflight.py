@@ -24,6 +24,8 @@ def model_locations(cfg: TrainConfig) -> tuple[Path, Path | None]:
 
 
 def load_dtype(cfg: TrainConfig) -> str:
+    if cfg.quantization and not (cfg.bf16 or cfg.fp16):
+        return "float32"  # what the 4-bit layers compute in, and the rest of the model is kept in
     if cfg.lora_enabled:
         return "bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else "auto"
     # Full fine-tuning keeps float32 master weights (autocast does bf16 compute) unless DeepSpeed,
@@ -48,12 +50,13 @@ def model_skeleton(cfg: TrainConfig) -> Any:
 def preflight(cfg: TrainConfig, skeleton: Any = None) -> Any:
     """Check the data against the model's tokenizer and config without loading weights (run before
     the weights load, and once by a launcher before starting N processes, so errors come early and once)."""
-    from kimi_lora_cli.data.schema import load_samples
+    from kimi_lora_cli.data.samples import load_samples
 
     skeleton = skeleton or model_skeleton(cfg)
     max_len, flag = cfg.sample_limit(skeleton.config.max_position_embeddings)
     return load_samples(cfg.data_path, skeleton.tokenizer, skeleton.config, max_length=max_len,
-                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config), limit_flag=flag)
+                        too_long=cfg.too_long, speech_codes=speech_codes(cfg, skeleton.config), limit_flag=flag,
+                        options=cfg.source_options(), skip_bad=cfg.skip_bad)
 
 
 def speech_codes(cfg: TrainConfig, config: Any) -> Callable[[], Any] | None:
@@ -98,12 +101,13 @@ def check_data_and_targets(cfg: TrainConfig, world: int, say: Callable[[str], No
     mimo_targets = 0
     if cfg.lora_enabled:
         from kimi_lora_cli.targets import linear_entries, resolve_targets
-        from kimi_lora_cli.training.lora import check_modules_to_save
+        from kimi_lora_cli.training.lora import check_modules_to_save, check_quantized_training
 
         entries = linear_entries(skeleton.model)
         resolve_targets(entries, cfg.lora_target)
         mimo_targets = sum(1 for e in entries if e.targeted and e.component == "mimo")
         check_modules_to_save(skeleton.model, cfg.modules_to_save)
+        check_quantized_training(skeleton.model, cfg, world)
     max_len, _ = cfg.sample_limit(config.max_position_embeddings)
     data = preflight(cfg, skeleton)
     if data.audio_tokenized:

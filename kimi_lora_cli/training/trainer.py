@@ -25,7 +25,7 @@ from kimi_lora_cli.training.checkpoints import folder as ckpt
 from kimi_lora_cli.training.checkpoints.client import CheckpointClient
 from kimi_lora_cli.training.checkpoints.final import final_save_error
 from kimi_lora_cli.training.config import TrainConfig
-from kimi_lora_cli.training.distributed import deepspeed_config, env_rank, env_world, full_numel
+from kimi_lora_cli.training.distributed import deepspeed_config, env_rank, env_world, full_numel, is_zero3
 from kimi_lora_cli.training.evaluation import EvaluationTracker, build_evaluator
 from kimi_lora_cli.training.optim import check_scheduler, make_optimizer, make_scheduler
 from kimi_lora_cli.training.output_folder import (
@@ -165,6 +165,11 @@ class Trainer:
         self.steps_per_epoch = max(1, self.plan.steps_per_epoch())
         optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
+        if cfg.quantization:  # each process quantized the same files: DDP need not broadcast them
+            from kimi_lora_cli.quantization import is_quantized_weight
+
+            model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters()
+                                                       if is_quantized_weight(p)]
         if self.fsdp is not None:  # sharded by kimi-lora; accelerate must not wrap it again
             self.model, self.optimizer = model, acc.prepare(optimizer)
         elif cfg.deepspeed:  # the engine steps this optimizer; the schedule above sets its learning rate
@@ -193,14 +198,25 @@ class Trainer:
                                  show_pairs=self.reporter.eval_pairs if self.is_main else None)
 
     def _banner(self) -> None:
-        self.reporter.banner(banner_rows(
+        from kimi_lora_cli.quantization import logical_numel
+
+        params = list(self._unwrapped().parameters())
+        rows = banner_rows(
             self.cfg, world=self.world, engine=self.engine_name(), device=self.device,
             steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-            trainable=sum(full_numel(p) for p in self._unwrapped().parameters() if p.requires_grad),
-            total=sum(full_numel(p) for p in self._unwrapped().parameters()),
+            trainable=sum(full_numel(p) for p in params if p.requires_grad),
+            total=sum(full_numel(p) if is_zero3(p) else logical_numel(p) for p in params),
             lora_modules=len(self.selection.names) if self.selection is not None else None,
             packing=self.plan.packing_summary() if self.cfg.packing else None, eval_samples=len(self.eval_idx),
-            decoded=len(self.evaluation.evaluator.generate)))
+            decoded=len(self.evaluation.evaluator.generate))
+        if self.cfg.quantization:
+            import torch
+
+            from kimi_lora_cli.quantization import quant_spec, summary
+
+            spec = quant_spec(self.cfg.quantization, self.cfg.double_quant)
+            rows.append(("Quantized", summary(self._unwrapped(), spec, getattr(torch, load_dtype(self.cfg)), True)))
+        self.reporter.banner(rows)
 
     def engine_name(self) -> str:
         """What really wraps the model (read from the wrapper, never from the flags)."""
@@ -272,6 +288,10 @@ class Trainer:
                 from kimi_lora_cli.training.lora import wrap_lora
 
                 model, wrapped["selection"] = wrap_lora(inner, cfg, base_path=absolute(str(weights)))
+                if cfg.quantization:
+                    from kimi_lora_cli.training.lora import prepare_quantized
+
+                    prepare_quantized(inner, cfg.gradient_checkpointing)
             else:
                 inner.requires_grad_(True)
             if settings is not None:
@@ -288,7 +308,8 @@ class Trainer:
                     cfg.seed)
             return model
 
-        self.loaded = load_model(weights, dtype=load_dtype(cfg), device=self.device, base_path=base, prepare=prepare)
+        self.loaded = load_model(weights, dtype=load_dtype(cfg), device=self.device, base_path=base, prepare=prepare,
+                                 quantization=cfg.quantization, double_quant=cfg.double_quant)
         self.selection = wrapped.get("selection")
         if self.selection is not None:
             from kimi_lora_cli.sharded import checkpoint_key

@@ -96,38 +96,80 @@ def read_whisper(info: ModelInfo, whisper_state: dict[str, Any], dtype: Any, dev
 
 
 def read_prepared(base: Any, info: ModelInfo, dtype: Any, device: Any, base_path: Any, load_whisper: bool,
-                  prepare: Callable[[Any], Any]) -> tuple[Any, Any]:
+                  prepare: Callable[[Any], Any], quantization: Any = None) -> tuple[Any, Any]:
     """`load_model(..., prepare=...)` for Kimi-Audio (headers already checked against config.json):
     `base` built on the meta device is cast to `dtype`, `prepare` wraps / shards it, allocate what is still on the meta
     device on `device`, then read every base parameter's own rows. Adapter weights are left to the
-    caller (see `training.lora.init_adapter_weights`)."""
+    caller (see `training.lora.init_adapter_weights`).
+
+    With `quantization` (a `quantization.QuantSpec`) the decoder linears become empty bitsandbytes
+    layers before `prepare`, and each is quantized onto `device` as its tensor is read."""
     base = base.to(dtype)
     base.name_or_path = str(info.path)  # peft saves it as the adapter's base_model_name_or_path
+    if quantization is not None:
+        from kimi_lora_cli.quantization import quantize_skeleton
+
+        quantize_skeleton(base, quantization, dtype, device)
     model = prepare(base)
-    if any(p.is_meta for p in model.parameters()):
+    quantized = _quantized_layers(model) if quantization is not None else {}
+    if quantized:
+        _allocate(model, device, skip={id(m.weight) for m in quantized.values()})
+    elif any(p.is_meta for p in model.parameters()):
         model.to_empty(device=device)
     params: dict[str, list[Any]] = {}
     numel: dict[str, int] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         key = checkpoint_key(name)
-        if key is not None:
+        if key is not None and key not in quantized:
             params.setdefault(key, []).append(p)
             numel[key] = p.numel()
     whisper_state: dict[str, Any] = {}
+    done: set[str] = set()
 
     def other(key: str, get: Callable[[], Any]) -> None:
-        if key.startswith(FINETUNE_WHISPER_PREFIX):
+        if key in quantized:
+            from kimi_lora_cli.quantization import quantize_into
+
+            layer = quantized[key]
+            numel[key] = layer.in_features * layer.out_features
+            quantize_into(layer, get(), quantization, dtype, device)
+            done.add(key)
+        elif key.startswith(FINETUNE_WHISPER_PREFIX):
             if load_whisper:
                 whisper_state[key[len(FINETUNE_WHISPER_PREFIX):]] = get()
         elif not key.endswith(INV_FREQ_SUFFIX):
             raise names_mismatch(info.path, [], [key])
 
-    done: set[str] = set()
     for f in info.weight_files:
         done |= fill_from_file(f, params, other)
-    missing = sorted(set(params) - done)
+    missing = sorted((set(params) | set(quantized)) - done)
     if missing:
         raise names_mismatch(info.path, missing)
     info.num_parameters = sum(numel.values())
     encoder = read_whisper(info, whisper_state, dtype, device, base_path) if load_whisper else None
     return model, encoder
+
+
+def _quantized_layers(model: Any) -> dict[str, Any]:
+    """Checkpoint key of each quantized layer's weight -> the bitsandbytes layer."""
+    from kimi_lora_cli.quantization import is_quantized_layer
+
+    return {checkpoint_key(f"{name}.weight"): m for name, m in model.named_modules() if is_quantized_layer(m)}
+
+
+def _allocate(model: Any, device: Any, skip: set[int]) -> None:
+    """`model.to_empty(device)` for every meta tensor except those in `skip` (the quantized weights,
+    which are made from the checkpoint one by one); a tensor shared by several modules stays shared."""
+    import torch
+
+    made: dict[int, Any] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or not p.is_meta or id(p) in skip:
+                continue
+            if id(p) not in made:
+                made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            module._parameters[name] = made[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty_like(b, device=device)

@@ -1,0 +1,89 @@
+"""What each row of a running batch has produced: text deltas and audio chunks of streaming jobs as
+soon as they are decided, and the per-step hooks `generate` calls (row adapters, early stops)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kimi_lora_cli.adapter_names import BASE
+from kimi_lora_cli.serving.adapter_pool import PEFT_BASE
+from kimi_lora_cli.serving.jobs import PROMPT_ID, Job
+
+
+class Answer:
+    """What one job's row has produced so far, by the rules `generate` keeps its result by."""
+
+    def __init__(self, engine: Any, job: Job) -> None:  # engine: the serving Engine
+        self.engine, self.job = engine, job
+        self.text_ids: list[int] = []
+        self.text_done = False
+        self.sent = ""
+        self.codes: list[int] = []
+        self.pushed = 0
+        self.chunk_end = engine.chunk_rules.first_chunk_tokens if engine.chunk_rules else 0
+        self.detok = None
+        self.noise = None
+
+    def observe(self, step: int, text_id: int, audio_id: int) -> None:
+        tokens = self.engine.tokens
+        if not self.text_done:
+            if text_id == tokens.text_eos:
+                self.text_done = True
+            elif text_id < tokens.token_offset:
+                self.text_ids.append(text_id)
+                if self.job.stream:
+                    self.send_text(final=False)
+        if self.job.output_type == "both" and step >= tokens.delay and audio_id >= tokens.token_offset:
+            self.codes.append(audio_id - tokens.token_offset)
+            if self.job.stream and self.job.speak:
+                while len(self.codes) > self.chunk_end:  # more follow, so this chunk is not the last
+                    self.push(self.chunk_end, is_final=False)
+                    self.chunk_end += self.engine.chunk_rules.chunk_tokens
+
+    def send_text(self, final: bool, text: str | None = None) -> None:
+        text = self.engine.tokenizer.decode(self.text_ids) if text is None else text
+        if not final and text.endswith("\ufffd"):  # a character cut between tokens: wait for the rest
+            return
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.job.listener.text(self.job, text[len(self.sent):])
+            self.sent = text
+
+    def push(self, end: int, is_final: bool) -> None:
+        import torch
+
+        from kimi_lora_cli.inference.speech import noise_generator
+
+        if self.detok is None:
+            self.detok = self.engine.new_detokenizer()
+            self.noise = noise_generator(self.job.seed, PROMPT_ID)
+        codes = torch.tensor(self.codes[self.pushed:end], dtype=torch.long)
+        self.pushed = end
+        job, detok, noise = self.job, self.detok, self.noise
+
+        def work() -> None:
+            if job.cancelled:
+                return
+            wave = detok.push(codes, is_final, generator=noise).cpu()
+            job.listener.audio(job, wave)
+
+        self.engine.speech_pool.submit(work)
+
+
+class BatchHooks:
+    """`generate`'s hooks for one batch: per-row adapters, streamed output, per-job stops."""
+
+    def __init__(self, jobs: list[Job], answers: list[Answer]) -> None:
+        self.jobs, self.answers = jobs, answers
+        self.names: list[str] = []
+
+    def before_forward(self, rows: list[int]) -> None:
+        self.names[:] = [PEFT_BASE if self.jobs[r].adapter == BASE else self.jobs[r].adapter for r in rows]
+
+    def after_step(self, step: int, rows: list[int], text: list[int], audio: list[int]) -> set[int]:
+        gone = set()
+        for r, t, a in zip(rows, text, audio):
+            job = self.jobs[r]
+            self.answers[r].observe(step, t, a)
+            if job.cancelled or step + 1 >= job.budget:
+                gone.add(r)
+        return gone
