@@ -64,11 +64,16 @@ def prepare_environment(device_type: str) -> None:
 def attach_process_group() -> None:
     """Hand DeepSpeed the process group kimi-lora created (its partitioning, before the engine
     exists, must see the real world size)."""
+    import contextlib
+    import sys
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               dist_init_required=False)
+    # (on the CPU it builds its shared-memory op and says so on stdout, which holds only results here)
+    with contextlib.redirect_stdout(sys.stderr):
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   dist_init_required=False)
 
 
 # -- the engine ----------------------------------------------------------------------------------
