@@ -70,10 +70,33 @@ def attach_process_group() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    _tolerate_missing_compiler()
     # (on the CPU it builds its shared-memory op and says so on stdout, which holds only results here)
     with contextlib.redirect_stdout(sys.stderr):
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    dist_init_required=False)
+
+
+def _tolerate_missing_compiler() -> None:
+    """DeepSpeed's cpu accelerator compiles a shared-memory all-reduce when its backend starts (an
+    optimisation for inference); on a machine without a C++ toolchain, train without it instead of
+    failing."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # (the package re-exports the name torch)
+
+    build = ds_torch.build_shm_op
+    if getattr(build, "kimi_lora_tolerant", False):
+        return
+
+    def tolerant() -> Any:
+        try:
+            return build()
+        except Exception:  # noqa: BLE001 - any build failure only loses the optimisation
+            return None
+
+    tolerant.kimi_lora_tolerant = True
+    ds_torch.build_shm_op = tolerant
 
 
 # -- the engine ----------------------------------------------------------------------------------
