@@ -336,3 +336,21 @@ def test_accelerate_deepspeed_launch_settings_map_onto_deepspeed(monkeypatch, tm
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="disagree"):
         from_launcher(cfg.with_(deepspeed="zero2"))
+
+
+def test_a_deepspeed_checkpoint_resumes_only_with_its_own_tag_and_process_count(tmp_path):
+    from kimi_lora_cli.training.zero import checkpoint_tag
+
+    folder = tmp_path / "checkpoint-2" / "deepspeed"
+    (folder / "global_step2").mkdir(parents=True)
+    for rank in (0, 1):
+        (folder / "global_step2" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no DeepSpeed state"):
+        checkpoint_tag(folder, 2)
+    (folder / "latest").write_text("global_step2")
+    assert checkpoint_tag(folder, 2) == "global_step2"
+    with pytest.raises(ConfigError, match=r"DeepSpeed state of 2 processes, this run has 1; resume with 2 processes"):
+        checkpoint_tag(folder, 1)
+    (folder / "latest").write_text("../../elsewhere")
+    with pytest.raises(ConfigError, match="not a global_stepN folder"):
+        checkpoint_tag(folder, 2)
