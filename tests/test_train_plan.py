@@ -208,3 +208,22 @@ def test_packed_eval_batches_cover_the_held_out_samples_on_every_rank():
     assert all(len(mb.rows) <= 2 for b in batches for mb in b if mb)
     padded = BatchPlan(list(range(40)), lengths, 0, 2, 1, 1, 1).eval_batches(held, 3)
     assert [len(mb) for mb in padded] == [3, 3, 0]  # 7 + 6 samples: rank 1 runs a third, empty pass
+
+
+@pytest.mark.parametrize("samples, packing_length, fixed, words", [
+    (3, 256, True, "the training data gives 2 packed rows, and one step needs at least 4 (DeepSpeed takes full "
+                   "steps only: 2 processes x --per-device-train-batch-size 2 x --gradient-accumulation-steps 1)"),
+    (1, None, False, "the training data gives 1 samples, and one step needs at least 2 (one per process)"),
+    (3, None, True, "the training data gives 3 samples, and one step needs at least 4 (DeepSpeed takes full steps "
+                    "only: 2 processes x --per-device-train-batch-size 2 x --gradient-accumulation-steps 1)"),
+])
+def test_data_too_small_for_one_step_is_one_line(samples, packing_length, fixed, words):
+    """Too little data for one optimizer step is a one-line error (was a ValueError, "unexpected")."""
+    from kimi_lora_cli.errors import ConfigError
+    from kimi_lora_cli.training.plan import BatchPlan
+
+    plan = BatchPlan(list(range(samples)), [20] * samples, 0, 2, 0, 2, 1, fixed_micro_count=fixed,
+                     packing_length=packing_length)
+    with pytest.raises(ConfigError) as e:
+        next(iter(plan.steps()))
+    assert str(e.value).startswith(f"no optimizer step fits in an epoch: {words}"), str(e.value)

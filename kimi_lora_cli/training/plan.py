@@ -99,6 +99,20 @@ def total_steps(n: int, epochs: float, max_steps: int, world: int, per_device: i
     return max(1, math.ceil(epochs * per_epoch))
 
 
+def too_few(count: int, what: str, world: int, per_device: int, accumulation: int, fixed_micro_count: bool) -> Exception:
+    """No optimizer step fits in an epoch: one line with the numbers and what to change. A step needs
+    one sample (row) per process, or the whole global batch where every step must be full (DeepSpeed)."""
+    from kimi_lora_cli.errors import ConfigError
+
+    if fixed_micro_count:
+        need = (f"{world * per_device * accumulation} (DeepSpeed takes full steps only: {world} processes x "
+                f"--per-device-train-batch-size {per_device} x --gradient-accumulation-steps {accumulation})")
+    else:
+        need = f"{world} (one per process)"
+    return ConfigError(f"no optimizer step fits in an epoch: the training data gives {count} {what}, and one step "
+                       f"needs at least {need}; use fewer processes or a smaller batch, or add data")
+
+
 def iterate_steps(indices: list[int], lengths: list[int], seed: int, world: int, rank: int, per_device: int,
                   accumulation: int, group_by_length: bool = False, fixed_micro_count: bool = False):
     """Endless stream of steps, epoch after epoch (the caller stops at the step budget)."""
@@ -108,7 +122,7 @@ def iterate_steps(indices: list[int], lengths: list[int], seed: int, world: int,
         order = epoch_order(indices, seed, epoch, lengths, group_by_length, global_batch)
         steps = steps_for_epoch(order, epoch, world, rank, per_device, accumulation, fixed_micro_count)
         if not steps:
-            raise ValueError("no step fits in an epoch")
+            raise too_few(len(order), "samples", world, per_device, accumulation, fixed_micro_count)
         yield from steps
         epoch += 1
 
@@ -254,7 +268,8 @@ class BatchPlan:
             steps = packed_steps_for_epoch(self._rows(epoch), epoch, self.world, self.rank, self.per_device,
                                            self.accumulation, self.fixed_micro_count, self.packing_length)
             if not steps:
-                raise ValueError("no step fits in an epoch")
+                raise too_few(len(self._rows(epoch)), "packed rows", self.world, self.per_device, self.accumulation,
+                              self.fixed_micro_count)
             yield from steps
             epoch += 1
 
