@@ -50,21 +50,14 @@ def check_modules_to_save(model: Any, names: tuple[str, ...] | list[str]) -> Non
 
 def check_quantized_training(model: Any, cfg: TrainConfig, world: int) -> None:
     """With --quantization, what bitsandbytes cannot train is refused on the meta skeleton, before
-    any weight is read: ZeRO-3 (needs a quant storage dtype) and modules trained in full that hold
-    quantized decoder layers."""
+    any weight is read: modules trained in full that hold quantized decoder layers (DeepSpeed is
+    refused with the other option combinations in TrainConfig.validate)."""
     if not cfg.quantization:
         return
     from kimi_lora_cli.quantization import import_bitsandbytes, is_decoder_linear
 
     q = cfg.quantization
     import_bitsandbytes()  # not installed: one line naming the extra to install
-    if cfg.deepspeed:
-        from kimi_lora_cli.training.distributed import deepspeed_config
-
-        if deepspeed_config(cfg, world).get("zero_optimization", {}).get("stage") == 3:
-            raise ConfigError(f"--quantization {q} with DeepSpeed ZeRO-3 ({cfg.deepspeed}): ZeRO-3 shards 4-bit "
-                              "weights only with a quant storage dtype, which kimi-lora does not set; use --deepspeed "
-                              "zero2 or plain DDP (--num-processes N)")
     linears = [n for n, m in model.named_modules() if is_decoder_linear(n) and type(m).__name__ == "Linear"]
     for want in cfg.modules_to_save:
         held = [n for n in linears if n == want or n.endswith("." + want) or f".{want}." in f".{n}"]
