@@ -20,6 +20,7 @@ def main(result_path: str, settings: str) -> None:
     from safetensors.torch import load_file
 
     from kimi_lora_cli.training.config import TrainConfig
+    from kimi_lora_cli.training.engines import engine_name
     from kimi_lora_cli.training.trainer import Trainer
 
     cfg = TrainConfig.build({}, json.loads(settings))
@@ -32,7 +33,7 @@ def main(result_path: str, settings: str) -> None:
         params = dict(model.named_parameters())
         mine = {"engine": type(trainer.model).__module__ + "." + type(trainer.model).__name__,
                 "is_engine": isinstance(trainer.model, deepspeed.DeepSpeedEngine),
-                "banner": trainer.engine_name(),
+                "banner": engine_name(trainer.model, trainer.engine, trainer.fsdp),
                 "stage": trainer.engine.zero_optimization_stage(),
                 "local": sum(p.ds_tensor.numel() for p in params.values()),
                 "total": sum(p.ds_numel for p in params.values()),

@@ -18,7 +18,6 @@ from typing import Any
 
 from rich.markup import escape
 
-from kimi_lora_cli.errors import ConfigError
 from kimi_lora_cli.fileops import write_atomic
 from kimi_lora_cli.sharded import as_plain
 from kimi_lora_cli.training.checkpoints import folder as ckpt
@@ -26,6 +25,7 @@ from kimi_lora_cli.training.checkpoints.client import CheckpointClient
 from kimi_lora_cli.training.checkpoints.final import final_save_error
 from kimi_lora_cli.training.config import TrainConfig
 from kimi_lora_cli.training.distributed import deepspeed_config, env_rank, env_world, full_numel, is_zero3
+from kimi_lora_cli.training.engines import engine_name, load_for_training, make_accelerator
 from kimi_lora_cli.training.evaluation import EvaluationTracker, build_evaluator
 from kimi_lora_cli.training.optim import check_scheduler, make_optimizer, make_scheduler
 from kimi_lora_cli.training.output_folder import (
@@ -137,7 +137,9 @@ class Trainer:
 
         cfg, skeleton, say = self.cfg, self.skeleton, self.reporter.print
         config = skeleton.config
-        acc = self._make_accelerator()
+        has_audio_free = any(not s.seq.media for s in self.data.samples)
+        acc, self.owns_group = make_accelerator(cfg, self.world, has_audio_free)
+        self.accelerator = acc
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         if self.world > 1:
             from accelerate.utils import broadcast_object_list
@@ -147,7 +149,9 @@ class Trainer:
         self.device = acc.device
         weights, base = model_locations(cfg)
         say(f"[bold]Loading[/] {weights}" + (f" (tokenizer and Whisper from {base})" if base else ""))
-        model = self._load_model(weights, base)
+        built = load_for_training(cfg, weights, base, self.device, self.ds_config)
+        self.loaded, self.selection, self.fsdp = built.loaded, built.selection, built.fsdp
+        self.model = model = built.loaded.model
         self._report_parameters()
         encoder = self.loaded.feature_encoder
         encoder.encoder.to(self.device)
@@ -202,7 +206,7 @@ class Trainer:
 
         params = list(self._unwrapped().parameters())
         rows = banner_rows(
-            self.cfg, world=self.world, engine=self.engine_name(), device=self.device,
+            self.cfg, world=self.world, engine=engine_name(self.model, self.engine, self.fsdp), device=self.device,
             steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
             trainable=sum(full_numel(p) for p in params if p.requires_grad),
             total=sum(full_numel(p) if is_zero3(p) else logical_numel(p) for p in params),
@@ -217,112 +221,6 @@ class Trainer:
             spec = quant_spec(self.cfg.quantization, self.cfg.double_quant)
             rows.append(("Quantized", summary(self._unwrapped(), spec, getattr(torch, load_dtype(self.cfg)), True)))
         self.reporter.banner(rows)
-
-    def engine_name(self) -> str:
-        """What really wraps the model (read from the wrapper, never from the flags)."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        if self.engine is not None:
-            from kimi_lora_cli.training.zero import describe
-
-            return describe(self.engine)
-        if self.fsdp is not None:
-            return "FSDP" + (", CPU offload" if self.fsdp.settings.cpu_offload else "")
-        return "DDP" if isinstance(self.model, DistributedDataParallel) else "single process"
-
-    def _make_accelerator(self) -> Any:
-        import torch
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        cfg = self.cfg
-        has_audio_free = any(not s.seq.media for s in self.data.samples)
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=has_audio_free)]
-        # Several processes without a GPU are CPU processes (accelerate would take each for a lone one).
-        cpu = (cfg.device or "").startswith("cpu") or (self.world > 1 and not torch.cuda.is_available())
-        self.owns_group = False
-        if cfg.fsdp or cfg.deepspeed:  # kimi-lora wraps the model itself (see fsdp.py, zero.py)
-            from kimi_lora_cli.training.distributed import init_process_group
-
-            device_type = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
-            if cfg.deepspeed:
-                from kimi_lora_cli.training.zero import prepare_environment
-
-                prepare_environment(device_type)
-                if device_type == "cpu" or "offload" in cfg.deepspeed:
-                    from kimi_lora_cli.training.fsdp import return_freed_memory
-
-                    return_freed_memory()  # ZeRO-3 gathers and frees every layer's weights in host memory too
-            self.owns_group = init_process_group(device_type)
-            if cfg.deepspeed:
-                from kimi_lora_cli.training.zero import attach_process_group
-
-                attach_process_group()
-        precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=handlers)
-        kind = str(self.accelerator.distributed_type)
-        if kind.endswith("FSDP"):
-            raise ConfigError("accelerate is set up for FSDP but kimi-lora was not: run `kimi-lora train --fsdp` "
-                              "or `accelerate launch --use_fsdp --fsdp_version 2`")
-        if kind.endswith("DEEPSPEED"):
-            raise ConfigError("accelerate is set up for DeepSpeed but kimi-lora was not: run `kimi-lora train "
-                              "--deepspeed zero3` or `accelerate launch --use_deepspeed`")
-        return self.accelerator
-
-    def _load_model(self, weights: Path, base: Path | None) -> Any:
-        """Build on the meta device, wrap LoRA (or unfreeze everything), shard with --fsdp, then read
-        each parameter's own rows straight onto the device; adapters get their seeded start."""
-        from kimi_lora_cli.loading import load_model
-        from kimi_lora_cli.training import fsdp
-
-        cfg, wrapped = self.cfg, {}
-        settings = fsdp.settings(cfg) if cfg.fsdp else None
-        zero3 = self.ds_config is not None and self.ds_config["zero_optimization"]["stage"] == 3
-
-        def prepare(inner: Any) -> Any:
-            if cfg.gradient_checkpointing:
-                inner.gradient_checkpointing_enable()
-            inner.run_every_module = bool(cfg.deepspeed)  # same collectives on every rank (modeling.py)
-            model = inner
-            if cfg.lora_enabled:
-                from kimi_lora_cli.training.lora import wrap_lora
-
-                model, wrapped["selection"] = wrap_lora(inner, cfg, base_path=absolute(str(weights)))
-                if cfg.quantization:
-                    from kimi_lora_cli.training.lora import prepare_quantized
-
-                    prepare_quantized(inner, cfg.gradient_checkpointing)
-            else:
-                inner.requires_grad_(True)
-            if settings is not None:
-                fsdp.shard_model(inner, settings, self.device)
-                self.fsdp = fsdp.FsdpRun(inner, settings)
-            if zero3:  # each layer read, started and partitioned in turn (the later reads skip them)
-                from kimi_lora_cli.loading import inspect_folder
-                from kimi_lora_cli.sharded import fill_from_file
-                from kimi_lora_cli.training.zero import partition_in_units
-
-                files = inspect_folder(weights, base_path=base).weight_files
-                wrapped["started"] = partition_in_units(
-                    inner, model, self.ds_config, self.device, lambda wanted: [fill_from_file(f, wanted) for f in files],
-                    cfg.seed)
-            return model
-
-        self.loaded = load_model(weights, dtype=load_dtype(cfg), device=self.device, base_path=base, prepare=prepare,
-                                 quantization=cfg.quantization, double_quant=cfg.double_quant)
-        self.selection = wrapped.get("selection")
-        if self.selection is not None:
-            from kimi_lora_cli.sharded import checkpoint_key
-            from kimi_lora_cli.training.lora import init_adapter_weights
-
-            done = wrapped.get("started") if zero3 else init_adapter_weights(self.loaded.model, cfg.seed)
-            unset = [n for n, p in self.loaded.model.named_parameters() if checkpoint_key(n) is None
-                     and id(p) not in done]
-            if unset:  # a peft adapter kind this trainer does not know how to start
-                raise ConfigError(f"no starting values for adapter weights {', '.join(unset[:3])}; "
-                                  "train plain LoRA / DoRA targets")
-        self.model = self.loaded.model
-        return self.model
 
     def _report_parameters(self) -> None:
         from kimi_lora_cli.training.lora import parameter_rows
