@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _adapter_bench import measure, warm_page_cache  # noqa: E402
-from train_fsdp_memory import build_base, steps_per_second  # noqa: E402
+from train_fsdp_memory import setup_runs, steps_per_second  # noqa: E402
 
 ENGINES = {"ddp": ("2 x DDP", []), "fsdp": ("2 x FSDP", ["--fsdp"]), "zero2": ("2 x ZeRO-2", ["--deepspeed", "zero2"]),
            "zero3": ("2 x ZeRO-3", ["--deepspeed", "zero3"])}
@@ -39,27 +39,12 @@ def main() -> None:
     ap.add_argument("--runs", default="ddp,fsdp,zero2,zero3", help="comma list of " + ", ".join(ENGINES))
     args = ap.parse_args()
 
-    from kimi_lora_cli.data.synthetic import write_synthetic_dataset
-    from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig
-
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     work = Path(tempfile.mkdtemp(prefix="deepspeed-bench-", dir=args.workdir))
     results = {}
     try:
-        print(f"building a {args.size_gb:g} GB synthetic checkpoint in {work} ...", flush=True)
-        base = build_base(work / "base", args.size_gb)
-        cfg = KimiAudioConfig.from_json_file(base / "config.json")
-        data = write_synthetic_dataset(work / "data", cfg.to_dict(), n=8, seed=0, task="mixed")
+        base, train, torchrun = setup_runs(work, args.size_gb, args.steps, not args.no_gradient_checkpointing)
         size = sum(f.stat().st_size for f in base.glob("model-*.safetensors"))
-        print(f"base: {size / 2**30:.2f} GiB float32, {cfg.num_hidden_layers}+{cfg.kimia_mimo_layers} layers, "
-              f"hidden {cfg.hidden_size}", flush=True)
-        train = ["train", "--model-name-or-path", str(base), "--data-path", str(data), "--use-lora",
-                 "--lora-dropout", "0", "--max-steps", str(args.steps), "--logging-steps", "1", "--save-steps",
-                 "100000", "--device", "cpu", "--per-device-train-batch-size", "2"]
-        if not args.no_gradient_checkpointing:
-            train.append("--gradient-checkpointing")
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "kimi_lora_cli"]
         for key in args.runs.split(","):
             name, extra = ENGINES[key.strip()]
             out = work / key

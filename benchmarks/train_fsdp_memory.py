@@ -47,6 +47,30 @@ def steps_per_second(folder: Path) -> float:
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else float("nan")
 
 
+def setup_runs(work: Path, size_gb: float, steps: int, checkpointing: bool) -> tuple[Path, list[str], list[str]]:
+    """The ~size_gb checkpoint and data in `work`, the `train` arguments every compared run shares (LoRA,
+    CPU, micro-batch 2; gradient checkpointing, what one uses when memory is short) and the 2-process
+    torchrun prefix. Shared with train_deepspeed_memory.py."""
+    from kimi_lora_cli.data.synthetic import write_synthetic_dataset
+    from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig
+
+    print(f"building a {size_gb:g} GB synthetic checkpoint in {work} ...", flush=True)
+    base = build_base(work / "base", size_gb)
+    cfg = KimiAudioConfig.from_json_file(base / "config.json")
+    data = write_synthetic_dataset(work / "data", cfg.to_dict(), n=8, seed=0, task="mixed")
+    size = sum(f.stat().st_size for f in base.glob("model-*.safetensors"))
+    print(f"base: {size / 2**30:.2f} GiB float32, {cfg.num_hidden_layers}+{cfg.kimia_mimo_layers} layers, "
+          f"hidden {cfg.hidden_size}", flush=True)
+    train = ["train", "--model-name-or-path", str(base), "--data-path", str(data), "--use-lora",
+             "--lora-dropout", "0", "--max-steps", str(steps), "--logging-steps", "1", "--save-steps",
+             "100000", "--device", "cpu", "--per-device-train-batch-size", "2"]
+    if checkpointing:
+        train.append("--gradient-checkpointing")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "kimi_lora_cli"]
+    return base, train, torchrun
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=1.0)
@@ -56,25 +80,10 @@ def main() -> None:
                     help="keep every layer's activations (all three runs)")
     args = ap.parse_args()
 
-    from kimi_lora_cli.data.synthetic import write_synthetic_dataset
-    from kimi_lora_cli.models.kimi_audio.configuration import KimiAudioConfig
-
     work = Path(tempfile.mkdtemp(prefix="fsdp-bench-", dir=args.workdir))
     try:
-        print(f"building a {args.size_gb:g} GB synthetic checkpoint in {work} ...", flush=True)
-        base = build_base(work / "base", args.size_gb)
-        cfg = KimiAudioConfig.from_json_file(base / "config.json")
-        data = write_synthetic_dataset(work / "data", cfg.to_dict(), n=8, seed=0, task="mixed")
+        base, train, torchrun = setup_runs(work, args.size_gb, args.steps, not args.no_gradient_checkpointing)
         size = sum(f.stat().st_size for f in base.glob("model-*.safetensors"))
-        print(f"base: {size / 2**30:.2f} GiB float32, {cfg.num_hidden_layers}+{cfg.kimia_mimo_layers} layers, "
-              f"hidden {cfg.hidden_size}", flush=True)
-        train = ["train", "--model-name-or-path", str(base), "--data-path", str(data), "--use-lora",
-                 "--lora-dropout", "0", "--max-steps", str(args.steps), "--logging-steps", "1", "--save-steps",
-                 "100000", "--device", "cpu", "--per-device-train-batch-size", "2"]
-        if not args.no_gradient_checkpointing:
-            train.append("--gradient-checkpointing")  # all three runs: what one uses when memory is short
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "kimi_lora_cli"]
         runs = {
             "one process": [sys.executable, "-m", "kimi_lora_cli", *train, "--gradient-accumulation-steps", "2"],
             "2 x DDP": [*torchrun, *train],

@@ -132,3 +132,24 @@ def adapter_dirs(tiny_dir, tmp_path_factory):
         peft_model.save_pretrained(str(root / name))
         dirs[name] = root / name
     return dirs
+
+
+@pytest.fixture(scope="session")
+def mixed_data(train_data) -> Path:
+    """Two conversations with spoken answers (the mimo stack trains) and two text-only ones (no audio:
+    a rank whose micro-batch has none must still take part in every collective) - for the sharded
+    engines' multi-process tests (FSDP, DeepSpeed)."""
+    import json
+    import shutil
+
+    source = train_data(n=2, seed=3, task="mixed")
+    path = source.with_name("mixed_with_text_only.jsonl")  # beside it: the clip paths are relative
+    shutil.copy(source, path)
+    text_only = [{"task_type": "understanding", "conversation": [
+        {"role": "user", "message_type": "text", "content": question},
+        {"role": "assistant", "message_type": "text", "content": answer}]}
+        for question, answer in (("name a fox", "test fox"), ("say it again", "fox test"))]
+    with path.open("a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in text_only)
+    return path
+

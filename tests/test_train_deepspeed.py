@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import launcher_env
 from safetensors.torch import load_file
 
 from kimi_lora_cli.errors import ConfigError
@@ -24,26 +25,14 @@ from kimi_lora_cli.training.config import TrainConfig
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'kimi-lora[deepspeed]'")
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-for _key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(_key, None)
+ENV = launcher_env(DS_ACCELERATOR="cpu")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny):
-    """Audio and text-only conversations: a rank whose batch has no audio must still run the adaptor."""
-    from kimi_lora_cli.data.synthetic import write_synthetic_dataset
-
-    path = write_synthetic_dataset(tmp_path_factory.mktemp("ds-data"), tiny.config, n=2, seed=3, task="mixed")
-    text_only = [{"task_type": "understanding", "conversation": [
-        {"role": "user", "message_type": "text", "content": question},
-        {"role": "assistant", "message_type": "text", "content": answer}]}
-        for question, answer in (("name a fox", "test fox"), ("say it again", "fox test"))]
-    with path.open("a", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in text_only)
-    return path
+def data(mixed_data):
+    return mixed_data
 
 
 def common(tiny_dir, data) -> list[str]:

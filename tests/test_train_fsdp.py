@@ -12,32 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import launcher_env
 from safetensors.torch import load_file
 
-from kimi_lora_cli.data.synthetic import write_synthetic_dataset
 from kimi_lora_cli.errors import ConfigError, ModelLoadError
 from kimi_lora_cli.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-ENV.pop("WORLD_SIZE", None)
+ENV = launcher_env()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny):
-    # Audio answers train the mimo stack; text-only conversations leave the adaptor unused on some ranks
-    # in some micro-batches (FSDP must still reduce the same tensors everywhere).
-    path = write_synthetic_dataset(tmp_path_factory.mktemp("fsdp-data"), tiny.config, n=2, seed=3, task="mixed")
-    text_only = [{"task_type": "understanding", "conversation": [
-        {"role": "user", "message_type": "text", "content": question},
-        {"role": "assistant", "message_type": "text", "content": answer}]}
-        for question, answer in (("name a fox", "test fox"), ("say it again", "fox test"))]
-    with path.open("a", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in text_only)
-    return path
+def data(mixed_data):
+    return mixed_data
 
 
 def common(tiny_dir, data):
