@@ -19,9 +19,6 @@ from typer.core import TyperCommand
 
 from kimi_lora_cli.training.config import FALSE_WORDS, IGNORED, P_DATA, P_RUN, TRUE_WORDS, TrainConfig
 
-# Options of the command itself, not settings of a run.
-COMMAND_OPTIONS = ("config", "num_processes")
-
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -79,6 +76,7 @@ def list_flags() -> tuple[str, ...]:
 
 def normalise_args(args: list[str]) -> list[str]:
     """Accept the LoRA guide's spellings: `--data_path x`, `--bf16 True`, `--lora_target_modules a b c`."""
+    switches, lists = switch_flags(), list_flags()
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -93,7 +91,6 @@ def normalise_args(args: list[str]) -> list[str]:
         name, eq, value = tok.partition("=")
         name = name.replace("_", "-")
         bare = name[2:]
-        switches = switch_flags()
         if bare in switches or (bare.startswith("no-") and bare[3:] in switches):
             if eq:
                 word = value
@@ -110,7 +107,7 @@ def normalise_args(args: list[str]) -> list[str]:
                 bare, on = bare[3:], not on
             out.append(f"--{bare}" if on else f"--no-{bare}")
             continue
-        if name in list_flags() and not eq:
+        if name in lists and not eq:
             values = []
             while i < len(args) and not args[i].startswith("-"):
                 values.append(args[i])

@@ -36,14 +36,6 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise DataError(f"{path}: is a folder; pass the jsonl file") from None
 
 
-def iter_records(path: Path) -> Iterator[tuple[int, str, object, str | None]]:
-    """(line, location, object, error) per record: one JSON object per line, or (as some guides write
-    it) one JSON array of objects, whose entries are then located as `FILE: entry N`. A line that is
-    not UTF-8 or not JSON is an error of that line (the same words in every command)."""
-    for rec in official_records(path):
-        yield rec.number, rec.where, rec.obj, rec.error
-
-
 def _starts_with_array(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4096)

@@ -247,13 +247,3 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
         raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0][:160]}); resume from another "
                           "checkpoint") from None
-
-
-def load_tensors(path: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
-        raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0][:160]}); resume from another "
-                          "checkpoint") from None
