@@ -1,5 +1,5 @@
 """Adapters on the served model: which of them are attached (least recently used leave first) and how
-one batch runs them (one adapter for all rows, the plain base, or one adapter per row)."""
+one batch runs them (one adapter for all rows or the plain base; one adapter per row: row_adapters.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from kimi_lora_cli.adapter_names import BASE
-
-PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 class AdapterSlots:
@@ -46,28 +44,9 @@ class AdapterSlots:
             self.loads += 1
 
 
-class MixedAdapters:
-    """Forward pre-hooks on every LoRA layer that hand it the adapter of each batch row."""
-
-    def __init__(self, model: Any) -> None:
-        from peft.tuners.lora import LoraLayer
-
-        self.names: list[str] = []
-        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True)
-                        for m in model.modules() if isinstance(m, LoraLayer)]
-
-    def _hook(self, module, args, kwargs):
-        kwargs["adapter_names"] = self.names
-        return args, kwargs
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 @contextmanager
 def one_adapter(model: Any, attached: list[str], adapter: str | None):
-    """`model` as one adapter (or the plain base) for a whole batch; None: rows choose (MixedAdapters)."""
+    """`model` as one adapter (or the plain base) for a whole batch; None: as the model is."""
     if adapter is None or not attached:
         yield
     elif adapter == BASE:

@@ -33,7 +33,7 @@ from typing import Any
 from kimi_lora_cli.adapter_names import BASE
 from kimi_lora_cli.devices import resolve_device
 from kimi_lora_cli.errors import DataError, KimiLoraError, ModelLoadError
-from kimi_lora_cli.serving.adapter_pool import AdapterSlots, MixedAdapters, one_adapter
+from kimi_lora_cli.serving.adapter_pool import AdapterSlots, one_adapter
 from kimi_lora_cli.serving.batching import JobQueue
 from kimi_lora_cli.serving.jobs import (
     PROMPT_ID,
@@ -44,6 +44,7 @@ from kimi_lora_cli.serving.jobs import (
     QueueFull,
     RequestError,
 )
+from kimi_lora_cli.serving.row_adapters import StackedRows, stackable
 from kimi_lora_cli.serving.spec import ServeSpec
 from kimi_lora_cli.serving.streaming import Answer, BatchHooks
 
@@ -263,10 +264,6 @@ class Engine:
 
     def run_batch(self, jobs: list[Job]) -> None:
         """Decode `jobs` together (they share a key); every job ends with exactly one `done`."""
-        import torch
-
-        from kimi_lora_cli.inference.generation import GenerationConfig, generate
-
         for j in jobs:
             if j.listener is None:
                 j.listener = NullListener()
@@ -285,7 +282,20 @@ class Engine:
             return
         for j in live:
             j.listener.prepared(j, None)
-        self.adapters.ensure({j.adapter for j in live} - {BASE})
+        wanted = {j.adapter for j in live}
+        self.adapters.ensure(wanted - {BASE})
+        if len(wanted) > 1 and not stackable(self.model, wanted - {BASE}):
+            for name in wanted:  # DoRA & co.: one adapter at a time (peft has no per-row DoRA)
+                self._decode([j for j in live if j.adapter == name],
+                             [p for j, p in zip(live, prompts) if j.adapter == name], output_type)
+        else:
+            self._decode(live, prompts, output_type)
+
+    def _decode(self, live: list[Job], prompts: list[Any], output_type: str) -> None:
+        """One `generate` over prepared jobs; each row runs its job's adapter (StackedRows when they differ)."""
+        import torch
+
+        from kimi_lora_cli.inference.generation import GenerationConfig, generate
 
         first = live[0]
         gcfg = GenerationConfig(output_type=output_type, max_new_tokens=max(j.budget for j in live),
@@ -299,22 +309,22 @@ class Engine:
                 gens.append(g)
         answers = [Answer(self, j) for j in live]
         hooks = BatchHooks(live, answers)
-        wanted = {j.adapter for j in live}
-        mixed = None
-        if len(wanted) > 1:  # per-row adapters; one adapter runs as `infer` runs it (no per-row indexing)
-            mixed = MixedAdapters(self.model)
-            hooks.names = mixed.names
+        row_adapters = [j.adapter for j in live]
+        adapter = row_adapters[0]
+        if len(set(row_adapters)) > 1:  # the base in peft, plus each row's own adapter from the hooks
+            adapter = BASE
+            hooks.router = StackedRows(self.model, row_adapters)
         self.stats["running"] = len(live)
         self.stats["batches"] += 1
         self.stats["batched_rows"] += len(live)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
         try:
-            with one_adapter(self.model, self.loaded.adapter_names, wanted.pop() if mixed is None else None):
+            with one_adapter(self.model, self.loaded.adapter_names, adapter):
                 results = generate(self.model, prompts, gcfg, self.tokens, gens, hooks=hooks)
         finally:
             self.stats["running"] = 0
-            if mixed is not None:
-                mixed.close()
+            if hooks.router is not None:
+                hooks.router.close()
         for j, a, r in zip(live, answers, results):
             if j.cancelled:
                 self._finish(j, None)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kimi_lora_cli.adapter_names import BASE
-from kimi_lora_cli.serving.adapter_pool import PEFT_BASE
 from kimi_lora_cli.serving.jobs import PROMPT_ID, Job
 
 
@@ -74,10 +72,11 @@ class BatchHooks:
 
     def __init__(self, jobs: list[Job], answers: list[Answer]) -> None:
         self.jobs, self.answers = jobs, answers
-        self.names: list[str] = []
+        self.router: Any = None  # row_adapters.StackedRows when the rows' adapters differ
 
     def before_forward(self, rows: list[int]) -> None:
-        self.names[:] = [PEFT_BASE if self.jobs[r].adapter == BASE else self.jobs[r].adapter for r in rows]
+        if self.router is not None:
+            self.router.route(rows)
 
     def after_step(self, step: int, rows: list[int], text: list[int], audio: list[int]) -> set[int]:
         gone = set()
