@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package
@@ -101,23 +100,35 @@ class Server:
 
 
 def burst(url: str, clips: list[bytes], n: int, clients: int, models: list[str]) -> dict:
+    """`n` requests from `clients` client threads, each with its own connection opened beforehand (a GET
+    /health), all starting together; client i sends requests i, i + clients, ... one after another."""
     import httpx
 
-    local = threading.local()
+    latencies: list[float] = []
+    start = threading.Barrier(clients + 1)
 
-    def one(k: int) -> float:
-        if not hasattr(local, "http"):
-            local.http = httpx.Client(timeout=600)
-        t0 = time.perf_counter()
-        r = local.http.post(f"{url}/v1/audio/transcriptions", data={"model": models[k % len(models)]},
-                            files={"file": ("clip.wav", clips[k % len(clips)], "audio/wav")})
-        r.raise_for_status()
-        return time.perf_counter() - t0
+    def client(i: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            http.get(f"{url}/health").raise_for_status()
+            start.wait()
+            for k in range(i, n, clients):
+                t0 = time.perf_counter()
+                r = http.post(f"{url}/v1/audio/transcriptions", data={"model": models[k % len(models)]},
+                              files={"file": ("clip.wav", clips[k % len(clips)], "audio/wav")})
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - t0)
 
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        latencies = sorted(pool.map(one, range(n)))
+    for t in threads:
+        t.join()
     wall = time.perf_counter() - t0
+    latencies.sort()
+    if len(latencies) != n:
+        raise SystemExit(f"{n - len(latencies)} of {n} requests failed")
     return {"rps": n / wall, "p50": statistics.median(latencies),
             "p95": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]}
 

@@ -336,6 +336,41 @@ def test_bad_uploads_and_bodies(server, clips):
         assert message in r.json()["error"]["message"], r.text
     ok = post(files={"file": ("x.wav", wav)}, data={"model": "a"})
     assert ok.status_code == 200 and "text" in ok.json()
+    assert server[1].queue.arriving_now == 0  # refused requests no longer count as arriving
+
+
+def test_a_request_still_arriving_joins_the_decode_instead_of_waiting_behind_it():
+    """The batcher waits --batch-wait-ms for company, and longer (up to 25x) while the web layer is still
+    receiving requests: a burst of uploads becomes one decode. Without a request arriving it does not wait."""
+    import threading
+
+    from kimi_lora_cli.serving.batching import JobQueue
+    from kimi_lora_cli.serving.jobs import Job
+    from kimi_lora_cli.serving.spec import ServeSpec
+
+    def run(counted: bool) -> list[int]:
+        sizes = []
+        done = threading.Event()
+
+        def run_batch(batch):
+            sizes.append(len(batch))
+            if sum(sizes) == 2:
+                done.set()
+
+        spec = ServeSpec(model=Path("unused"), batch_wait_ms=200.0, max_batch_size=8)
+        queue = JobQueue(spec, 1, run_batch, lambda job, outcome: None, {"requests": 0})
+        queue.start()
+        if counted:
+            queue.arriving(+1)  # the second request's body is being received
+        queue.submit(Job(messages=[]))
+        time.sleep(1.5)  # far past --batch-wait-ms (0.2 s), well inside 25x it (5 s)
+        queue.submit(Job(messages=[]), arrived=counted)
+        assert done.wait(60)
+        queue.stop()
+        return sizes
+
+    assert run(counted=True) == [2]
+    assert run(counted=False) == [1, 1]
 
 
 def test_models_and_health(client, server):

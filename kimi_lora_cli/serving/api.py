@@ -27,7 +27,7 @@ from kimi_lora_cli.inference.sampler import AUDIO_DEFAULTS, TEXT_DEFAULTS, Sampl
 from kimi_lora_cli.serving.audio_io import Uploads, decode_upload
 from kimi_lora_cli.serving.bridge import Bridge, ClientGone, wait_for
 from kimi_lora_cli.serving.engine import Engine, Job, JobResult, QueueFull, RequestError
-from kimi_lora_cli.serving.middleware import AccessLog, BodyLimit, error_response, log
+from kimi_lora_cli.serving.middleware import ARRIVING, AccessLog, Arrivals, BodyLimit, error_response, log
 from kimi_lora_cli.serving.replies import completion, event_stream, result_note
 from kimi_lora_cli.serving.requests import (
     ChatRequest,
@@ -94,7 +94,7 @@ class ServerState:
         bridge = Bridge(asyncio.get_running_loop())
         job.listener = bridge
         try:
-            self.engine.submit(job)
+            self.engine.submit(job, arrived=request.scope["state"].pop(ARRIVING, False))
         except QueueFull as e:
             raise e from None
         request.state.note = f"model={job.adapter}"
@@ -335,4 +335,4 @@ def create_app(engine: Engine) -> Any:
     app.get("/v1/models/{name}")(one_model)
     app.post("/v1/audio/transcriptions")(transcriptions)
     app.post("/v1/chat/completions")(chat)
-    return BodyLimit(AccessLog(app), engine.spec.max_upload_bytes)
+    return BodyLimit(AccessLog(Arrivals(app, engine.queue)), engine.spec.max_upload_bytes)

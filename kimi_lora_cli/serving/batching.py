@@ -1,5 +1,11 @@
 """The engine's queue: waiting jobs, and the worker thread that takes the oldest one plus every waiting
-job that can share its decode (same key, adapters within the pool's capacity) and runs them as one batch."""
+job that can share its decode (same key, adapters within the pool's capacity) and runs them as one batch.
+
+When to start a decode: an idle worker that sees a job waits --batch-wait-ms for others to join.
+Requests the web layer is still receiving (their bodies arriving, their audio being decoded: it
+counts them with `arriving`) are certain to come within moments, so while there are any the worker
+waits for them too, up to JOIN_WAIT_FACTOR x --batch-wait-ms: a burst of uploads becomes one decode
+instead of a small first batch that the rest must wait behind. `--batch-wait-ms 0` waits for nothing."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from kimi_lora_cli.serving.jobs import Job, JobResult, QueueFull, RequestError
 from kimi_lora_cli.serving.spec import ServeSpec
 
 Finish = Callable[[Job, "JobResult | RequestError | None"], None]
+JOIN_WAIT_FACTOR = 25  # longest wait for requests still arriving, in units of --batch-wait-ms
 
 
 class JobQueue:
@@ -28,15 +35,29 @@ class JobQueue:
         self.stats = stats
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
+        self._arriving = 0  # requests received by the web layer whose jobs are not submitted yet
         self._worker: threading.Thread | None = None
         self._stopping = False
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def submit(self, job: Job) -> None:
-        """Queue `job`; QueueFull when --max-queue jobs are waiting already."""
+    @property
+    def arriving_now(self) -> int:
+        return self._arriving
+
+    def arriving(self, change: int) -> None:
+        """+1 when the web layer starts receiving a request that will submit a job, -1 when it will not."""
         with self._cond:
+            self._arriving += change
+            self._cond.notify_all()
+
+    def submit(self, job: Job, arrived: bool = False) -> None:
+        """Queue `job` (`arrived`: it was counted by `arriving`); QueueFull when --max-queue jobs wait already."""
+        with self._cond:
+            if arrived:
+                self._arriving -= 1
+                self._cond.notify_all()
             if len(self._waiting) >= self.spec.max_queue:
                 raise QueueFull(len(self._waiting))
             self._waiting.append(job)
@@ -79,9 +100,12 @@ class JobQueue:
                 while not self._waiting and not self._stopping:
                     self._cond.wait()
                 # Requests of a burst arrive a few ms apart: give the rest a moment to join this decode.
-                until = time.monotonic() + self.spec.batch_wait_ms / 1000
-                while (not self._stopping and len(self._waiting) < self.spec.max_batch_size
-                       and (left := until - time.monotonic()) > 0):
+                start = time.monotonic()
+                wait = self.spec.batch_wait_ms / 1000
+                while not self._stopping and len(self._waiting) < self.spec.max_batch_size:
+                    until = start + (wait * JOIN_WAIT_FACTOR if self._arriving > 0 else wait)
+                    if (left := until - time.monotonic()) <= 0:
+                        break
                     self._cond.wait(left)
                 if self._stopping:
                     return

@@ -146,11 +146,12 @@ class Engine:
     def waiting(self) -> int:
         return len(self.queue)
 
-    def submit(self, job: Job) -> None:
-        """Queue `job` (thread-safe); QueueFull when --max-queue jobs are waiting already."""
+    def submit(self, job: Job, arrived: bool = False) -> None:
+        """Queue `job` (thread-safe); QueueFull when --max-queue jobs are waiting already. `arrived`: the
+        request was counted by `self.queue.arriving(+1)` (see batching.py)."""
         if job.listener is None:
             job.listener = NullListener()
-        self.queue.submit(job)
+        self.queue.submit(job, arrived)
 
     def start(self) -> None:
         self.queue.start()

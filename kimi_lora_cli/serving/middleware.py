@@ -1,5 +1,5 @@
-"""The app's outer layers: OpenAI's error body for every refusal, one access-log line per request, and
-the request-size limit (--max-upload-mb)."""
+"""The app's outer layers: OpenAI's error body for every refusal, one access-log line per request, the
+request-size limit (--max-upload-mb), and the count of requests still arriving (for the batcher)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from kimi_lora_cli.serving.jobs import RequestError
 
 log = logging.getLogger("kimi_lora.serve")
 RETRY_AFTER_S = 1
+DECODING_PATHS = ("/v1/audio/transcriptions", "/v1/chat/completions")  # requests that submit a job
+ARRIVING = "kimi_arriving"  # scope state key: this request is counted as arriving
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -83,3 +85,23 @@ class BodyLimit:
 
         await self.app(scope, counted, send)
 
+
+
+class Arrivals:
+    """Counts the requests that will submit a job from the moment they come in until they do (or end
+    without one), so the batcher waits for a burst still being received (batching.py)."""
+
+    def __init__(self, app: Any, queue: Any) -> None:  # queue: batching.JobQueue
+        self.app, self.queue = app, queue
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in DECODING_PATHS:
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        self.queue.arriving(+1)
+        state[ARRIVING] = True
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if state.pop(ARRIVING, False):  # refused or gone before its job was submitted
+                self.queue.arriving(-1)
