@@ -212,3 +212,72 @@ def test_short_clip_log_mel_is_bit_exact(length):
     pieces = torch.nn.functional.pad(wave, (0, CHUNK_SAMPLES - length))
     bound = ((length - 1) // SAMPLES_PER_ROW + 1) * SAMPLES_PER_ROW
     assert torch.equal(log_mel(pieces), log_mel(pieces, signal_samples=bound))
+
+
+class _JoinAt:
+    """Hooks that hand `generate` the given samples after the given decode steps (step-level batching)."""
+
+    def __init__(self, plan: dict[int, list[tuple]]):
+        self.plan, self.calls, self.ended, self.rows_seen = plan, 0, [], []
+
+    def before_forward(self, rows):
+        self.rows_seen.append(list(rows))
+
+    def after_step(self, steps, rows, text, audio):
+        return None
+
+    def join(self, first, rows):
+        self.calls += 1
+        return self.plan.pop(self.calls, [])
+
+    def finished(self, index, result):
+        self.ended.append(index)
+
+
+def _seeded(k):
+    return torch.Generator().manual_seed(1000 + k)
+
+
+@pytest.mark.parametrize("output_type, sampled", [("text", False), ("both", False), ("both", True)])
+def test_samples_that_join_a_running_batch_decode_as_if_alone(boosted, conversations, output_type, sampled):
+    """Prompts 0-1 start; the longest joins after step 1 (longer than the batch's cache: the running rows
+    are padded on the left), two more after step 2, the last after step 3 (shorter: the joiner is padded).
+    Every sample - each at its own step (delay, budget, repetition history) - equals its decode alone,
+    and each result is reported as soon as its row stops."""
+    tok, cfg = boosted.tokenizer, boosted.config
+    st = StreamTokens.from_model(tok, cfg)
+    prompts = build_prompts(conversations, tok, cfg, boosted.feature_encoder, output_type)
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    start, late = order[:2], order[2:]
+    longest, rest = late[-1], late[:-1]
+    assert len(prompts[longest]) > max(len(prompts[k]) for k in start) + 1
+    assert len(prompts[rest[0]]) < max(len(prompts[k]) for k in start) + 3
+    text = SamplingParams(temperature=1.0, top_k=0, repetition_penalty=1.3, repetition_window=2) if sampled else \
+        SamplingParams()
+    audio = SamplingParams(temperature=0.8, top_k=10, repetition_penalty=1.2, repetition_window=3) if sampled else \
+        SamplingParams()
+    gcfg = GenerationConfig(output_type, max_new_tokens=BUDGET, text=text, audio=audio)
+    alone = {k: generate(boosted.model, [prompts[k]], gcfg, st, [_seeded(k)] if sampled else None)[0]
+             for k in range(len(prompts))}
+
+    def joiner(k, budget=BUDGET):
+        return (prompts[k], _seeded(k) if sampled else None, budget)
+
+    hooks = _JoinAt({1: [joiner(longest)], 2: [joiner(rest[1]), joiner(rest[2], budget=5)], 3: [joiner(rest[0])]})
+    results = generate(boosted.model, [prompts[k] for k in start], gcfg, st,
+                       [_seeded(k) for k in start] if sampled else None, hooks=hooks)
+    numbered = [*start, longest, rest[1], rest[2], rest[0]]
+    assert len(results) == len(numbered) and not hooks.plan  # every joiner was taken
+    for got, k in zip(results, numbered):
+        want = alone[k]
+        if k == rest[2]:  # its own budget of 5 steps
+            assert got.steps <= 5 and got.text_stream == want.text_stream[: got.steps], k
+            continue
+        assert _fields(got) == _fields(want), k
+    assert sorted(hooks.ended) == list(range(len(numbered)))
+    # results come as rows stop: a sample that stopped earlier is reported earlier
+    steps_at_end = [results[i].steps + (0, 0, 1, 2, 2, 3)[i] for i in hooks.ended]
+    assert steps_at_end == sorted(steps_at_end)
+    # the joiners really ran in the same forwards as the first rows
+    assert any(set(r) & {0, 1} and set(r) & {2, 3, 4, 5} for r in hooks.rows_seen)
+    assert max(len(r) for r in hooks.rows_seen) >= 4

@@ -28,8 +28,15 @@ stops leaves the batch (`KimiKVCache.reorder`), so the rest decode at the smalle
 
 Hooks (a server's view of the loop, `GenerationHooks`): `before_forward(rows)` names the original
 prompt index of each row the next model call computes (so per-row LoRA adapters can be chosen),
-`after_step(step, rows, text, audio)` sees the ids every active row feeds back this step and may
-return rows to stop at once (finish "cancelled": a client left, or its own step budget ran out).
+`after_step(steps, rows, text, audio)` sees the ids every active row feeds back at its own step and
+may return rows to stop at once (finish "cancelled": a client left, or its own step budget ran out).
+Step-level batching (`JoiningHooks`): after every decode step `join(first, rows)` may hand over new
+samples (prompt, generator, step budget) to join the running batch of `rows` rows, and
+`finished(index, result)` hears of every sample as soon as it stops (a batch others keep joining
+may run for a long time). They are prefilled in a cache of their own and appended to the batch's
+(`KimiKVCache.join`: the side with fewer positions is padded on the left, under a zero mask), and
+from then on they decode with the others, each row at its own step (its own delay, budget and
+sampler history), exactly as if it had started alone. They are numbered `first`, `first + 1`, ...
 """
 
 from __future__ import annotations
@@ -118,7 +125,13 @@ class GenerationResult:
 class GenerationHooks(Protocol):
     def before_forward(self, rows: list[int]) -> None: ...
 
-    def after_step(self, step: int, rows: list[int], text: list[int], audio: list[int]) -> set[int] | None: ...
+    def after_step(self, steps: list[int], rows: list[int], text: list[int], audio: list[int]) -> set[int] | None: ...
+
+
+class JoiningHooks(GenerationHooks, Protocol):
+    def join(self, first: int, rows: int) -> list[tuple[Prompt, torch.Generator | None, int]]: ...
+
+    def finished(self, index: int, result: GenerationResult) -> None: ...
 
 
 def unwrap_model(model: Any) -> Any:
@@ -149,6 +162,56 @@ def _pad_left(prompts: Sequence[Prompt], blank: int, device: torch.device, dtype
     return (*moved, feats.to(device) if feats is not None else None)
 
 
+class _Rows:
+    """The per-row state of a running batch (row k of every tensor is the same sample)."""
+
+    def __init__(self, indices: list[int], budgets: list[int], steps: int, blank: int, device: Any,
+                 gens: list | None) -> None:
+        n = len(indices)
+        self.index = torch.tensor(indices, device=device)  # the sample (prompt number) of each row
+        self.budget = torch.tensor(budgets, device=device)
+        self.step = torch.zeros(n, dtype=torch.long, device=device)  # steps this row has generated
+        self.text_hist = torch.full((n, steps), blank, dtype=torch.long, device=device)
+        self.audio_hist = torch.full((n, steps), blank, dtype=torch.long, device=device)
+        self.text_done = torch.zeros(n, dtype=torch.bool, device=device)
+        self.text_valid = torch.zeros(n, dtype=torch.long, device=device)
+        self.audio_valid = torch.zeros(n, dtype=torch.long, device=device)
+        self.gens = gens
+
+    TENSORS = ("index", "budget", "step", "text_hist", "audio_hist", "text_done", "text_valid", "audio_valid")
+
+    def keep(self, keep: torch.Tensor) -> None:
+        for name in self.TENSORS:
+            setattr(self, name, getattr(self, name)[keep])
+        if self.gens is not None:
+            self.gens = [self.gens[k] for k in keep.tolist()]
+
+    def extend(self, other: _Rows) -> None:
+        width = max(self.text_hist.shape[1], other.text_hist.shape[1])
+        for name in self.TENSORS:
+            a, b = getattr(self, name), getattr(other, name)
+            if a.dim() == 2:  # histories: pad the narrower one's unused columns
+                a = torch.cat([a, a.new_zeros((a.shape[0], width - a.shape[1]))], 1)
+                b = torch.cat([b, b.new_zeros((b.shape[0], width - b.shape[1]))], 1)
+            setattr(self, name, torch.cat([a, b]))
+        if self.gens is not None:
+            self.gens = self.gens + (other.gens or [None] * len(other.index))
+
+
+def _sample_rows(logits: torch.Tensor, params: SamplingParams, hist: torch.Tensor, steps: torch.Tensor,
+                 gens: list | None) -> torch.Tensor:
+    """`sample` for rows that may be at different steps: each row sees only its own history."""
+    first = int(steps[0])
+    if params.repetition_penalty <= 1.0 or bool((steps == first).all()):
+        return sample(logits, params, hist[:, :first] if first else None, gens)
+    picked = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for s in steps.unique().tolist():
+        rows = (steps == s).nonzero().flatten()
+        picked[rows] = sample(logits[rows], params, hist[rows, :s] if s else None,
+                              [gens[k] for k in rows.tolist()] if gens is not None else None)
+    return picked
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -162,7 +225,8 @@ def generate(
     """Generate for every prompt (one batch). `generators[i]` drives prompt i's random draws.
 
     `on_step(active_rows)` is called after every decode step (progress reporting); `hooks`: see
-    the module docstring."""
+    the module docstring. Samples that joined through `hooks.join` get their results after the
+    prompts' ones, in the order they joined."""
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
@@ -172,6 +236,7 @@ def generate(
     started = time.perf_counter()
     budgets = [config.budget(len(p)) for p in prompts]
     results: list[GenerationResult | None] = [None] * len(prompts)
+    row_started = [started] * len(prompts)
     for i, b in enumerate(budgets):
         if b == 0:
             results[i] = GenerationResult([], [], finish="length")
@@ -182,85 +247,83 @@ def generate(
     audio, text, cont, mask, feats = _pad_left([prompts[i] for i in live], tokens.blank, device, dtype)
     n = len(live)
     width = audio.shape[1]
-
-    rows = torch.tensor(live, device=device)  # original index of each active row
-    budget_t = torch.tensor([budgets[i] for i in live], device=device)
-    text_hist = torch.full((n, max_steps), tokens.blank, dtype=torch.long, device=device)
-    audio_hist = torch.full((n, max_steps), tokens.blank, dtype=torch.long, device=device)
-    hist_row = torch.arange(n, device=device)  # active row -> its history row
-    text_done = torch.zeros(n, dtype=torch.bool, device=device)
-    text_valid = torch.zeros(n, dtype=torch.long, device=device)
-    audio_valid = torch.zeros(n, dtype=torch.long, device=device)
+    gens = list(generators) if generators is not None else None
+    st = _Rows(live, [budgets[i] for i in live], max_steps, tokens.blank, device,
+               [gens[i] for i in live] if gens is not None else None)
     audio_end = torch.tensor(tokens.audio_end, device=device)
     text_mode = config.output_type == "text"
-    gens = list(generators) if generators is not None else None
-    live_gens = [gens[i] for i in live] if gens is not None else None
+    joining = config.use_cache and callable(getattr(hooks, "join", None)) and callable(getattr(hooks, "finished",
+                                                                                                None))
 
     cache = net.new_cache(width + min(max_steps, 1024)) if config.use_cache else None
     if hooks is not None:
         hooks.before_forward(list(live))
     out = net(input_ids=audio, text_input_ids=text, is_continuous_mask=cont, continuous_features=feats,
               attention_mask=mask, past_key_values=cache, use_cache=config.use_cache, logits_to_keep=1)
+    text_logits, audio_logits = out.text_logits[:, -1], out.audio_logits[:, -1]
     full_mask = torch.ones((n, width + max_steps), dtype=torch.long, device=device)
     full_mask[:, :width] = mask
+    cur = width  # positions held by the cache (and columns of full_mask in use)
 
-    for step in range(max_steps):
-        hist_text = text_hist[hist_row, :step] if step else None
-        hist_audio = audio_hist[hist_row, :step] if step else None
-        next_text = sample(out.text_logits[:, -1], config.text, hist_text, live_gens)
-        next_audio = sample(out.audio_logits[:, -1], config.audio, hist_audio, live_gens)
+    while True:
+        next_text = _sample_rows(text_logits, config.text, st.text_hist, st.step, st.gens)
+        next_audio = _sample_rows(audio_logits, config.audio, st.audio_hist, st.step, st.gens)
 
-        next_text = torch.where(text_done, torch.full_like(next_text, tokens.blank), next_text)
-        new_eos = ~text_done & (next_text == tokens.text_eos)
-        text_valid += (~text_done & ~new_eos).long()
-        text_done = text_done | new_eos
-        if step < tokens.delay or text_mode:
+        next_text = torch.where(st.text_done, torch.full_like(next_text, tokens.blank), next_text)
+        new_eos = ~st.text_done & (next_text == tokens.text_eos)
+        st.text_valid += (~st.text_done & ~new_eos).long()
+        st.text_done = st.text_done | new_eos
+        if text_mode:
             next_audio = torch.full_like(next_audio, tokens.blank)
         else:
-            audio_valid += 1
-        text_hist[hist_row, step] = next_text
-        audio_hist[hist_row, step] = next_audio
+            early = st.step < tokens.delay
+            next_audio = torch.where(early, torch.full_like(next_audio, tokens.blank), next_audio)
+            st.audio_valid += (~early).long()
+        hist_rows = torch.arange(st.step.numel(), device=device)
+        st.text_hist[hist_rows, st.step] = next_text
+        st.audio_hist[hist_rows, st.step] = next_audio
 
-        stop = text_done.clone() if text_mode else torch.isin(next_audio, audio_end)
-        stop |= budget_t <= step + 1
+        stop = st.text_done.clone() if text_mode else torch.isin(next_audio, audio_end)
+        stop |= st.budget <= st.step + 1
         cancel = None
         if hooks is not None:
-            gone = hooks.after_step(step, rows.tolist(), next_text.tolist(), next_audio.tolist())
+            gone = hooks.after_step(st.step.tolist(), st.index.tolist(), next_text.tolist(), next_audio.tolist())
             if gone:
-                cancel = torch.tensor([r in gone for r in rows.tolist()], device=device)
+                cancel = torch.tensor([r in gone for r in st.index.tolist()], device=device)
                 stop |= cancel
         if on_step is not None:
-            on_step(int(rows.numel()))
+            on_step(int(st.index.numel()))
+        st.step += 1
         if bool(stop.any()):
-            now = time.perf_counter() - started
+            now = time.perf_counter()
             finish_text = "text_eos" if text_mode else "audio_end"
             for r in stop.nonzero().flatten().tolist():
-                h = int(hist_row[r])
-                natural = bool(text_done[r]) if text_mode else bool(torch.isin(next_audio[r], audio_end))
+                i, steps = int(st.index[r]), int(st.step[r])
+                natural = bool(st.text_done[r]) if text_mode else bool(torch.isin(next_audio[r], audio_end))
                 finish = finish_text if natural else "length"
-                if cancel is not None and bool(cancel[r]) and not natural and budgets[int(rows[r])] > step + 1:
+                if cancel is not None and bool(cancel[r]) and not natural and budgets[i] > steps:
                     finish = "cancelled"
-                results[int(rows[r])] = _result(
-                    text_hist[h, : step + 1].tolist(), audio_hist[h, : step + 1].tolist(),
-                    int(text_valid[r]), int(audio_valid[r]), tokens, step + 1, finish, now,
-                )
+                results[i] = _result(st.text_hist[r, :steps].tolist(), st.audio_hist[r, :steps].tolist(),
+                                     int(st.text_valid[r]), int(st.audio_valid[r]), tokens, steps, finish,
+                                     now - row_started[i])
+                if joining:
+                    hooks.finished(i, results[i])
             keep = (~stop).nonzero().flatten()
             if keep.numel() == 0:
                 break
-            rows, budget_t, hist_row = rows[keep], budget_t[keep], hist_row[keep]
-            text_done, text_valid, audio_valid = text_done[keep], text_valid[keep], audio_valid[keep]
+            st.keep(keep)
             next_text, next_audio = next_text[keep], next_audio[keep]
             full_mask = full_mask[keep]
-            if live_gens is not None:
-                live_gens = [live_gens[k] for k in keep.tolist()]
             if cache is not None:
                 cache.reorder(keep)
             else:
                 audio, text, cont = audio[keep], text[keep], cont[keep]
                 feats = feats[keep] if feats is not None else None
-        cur = width + step + 1
+        cur += 1
+        if cur > full_mask.shape[1]:
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask)], dim=1)
         if hooks is not None:
-            hooks.before_forward(rows.tolist())
+            hooks.before_forward(st.index.tolist())
         if cache is not None:
             out = net(input_ids=next_audio[:, None], text_input_ids=next_text[:, None],
                       attention_mask=full_mask[:, :cur], past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -272,7 +335,47 @@ def generate(
                 feats = torch.cat([feats, feats.new_zeros((feats.shape[0], 1, feats.shape[2]))], dim=1)
             out = net(input_ids=audio, text_input_ids=text, is_continuous_mask=cont, continuous_features=feats,
                       attention_mask=full_mask[:, :cur], logits_to_keep=1)
+        text_logits, audio_logits = out.text_logits[:, -1], out.audio_logits[:, -1]
+        if joining:
+            joined = hooks.join(len(results), int(st.index.numel()))
+            if joined:
+                text_logits, audio_logits, full_mask, cur = _join(
+                    net, joined, config, tokens, st, cache, full_mask, cur, (text_logits, audio_logits), hooks,
+                    results, budgets, row_started)
     return results  # type: ignore[return-value]
+
+
+def _join(net, joined, config, tokens, st, cache, full_mask, cur, logits, hooks, results, budgets, row_started):
+    """Prefill the samples that join a running batch in a cache of their own, then append their rows to
+    the batch: cache, attention mask (the shorter side padded on the left), per-row state, logits."""
+    device, dtype = net.device, net.dtype
+    prompts = [p for p, _, _ in joined]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
+    first = len(results)
+    indices = list(range(first, first + len(prompts)))
+    new_budgets = [max(b, 1) for _, _, b in joined]
+    results.extend([None] * len(prompts))
+    budgets.extend(new_budgets)
+    row_started.extend([time.perf_counter()] * len(prompts))
+    audio, text, cont, mask, feats = _pad_left(prompts, tokens.blank, device, dtype)
+    width = audio.shape[1]
+    extra = net.new_cache(width + min(max(new_budgets), 1024))
+    hooks.before_forward(indices)
+    out = net(input_ids=audio, text_input_ids=text, is_continuous_mask=cont, continuous_features=feats,
+              attention_mask=mask, past_key_values=extra, use_cache=True, logits_to_keep=1)
+    length = cache.join(extra)
+    room = full_mask.shape[1] - cur + max(new_budgets)
+    merged = torch.ones((full_mask.shape[0] + len(prompts), length + room), dtype=torch.long, device=device)
+    merged[: full_mask.shape[0], :length] = 0
+    merged[: full_mask.shape[0], length - cur : length] = full_mask[:, :cur]
+    merged[full_mask.shape[0] :, :length] = 0
+    merged[full_mask.shape[0] :, length - width : length] = mask
+    gens = [g for _, g, _ in joined] if st.gens is not None else None
+    st.extend(_Rows(indices, new_budgets, max(new_budgets), tokens.blank, device, gens))
+    text_logits = torch.cat([logits[0], out.text_logits[:, -1]])
+    audio_logits = torch.cat([logits[1], out.audio_logits[:, -1]])
+    return text_logits, audio_logits, merged, length
 
 
 def _result(text_stream: list[int], audio_stream: list[int], text_valid: int, audio_valid: int,

@@ -119,6 +119,21 @@ class JobQueue:
                 for job in batch:
                     self.finish(job, RequestError(500, f"generation failed ({message}); the server keeps running"))
 
+    def take_joiners(self, accept: Callable[[Job], bool], limit: int) -> list[Job]:
+        """Waiting jobs that can join a running decode, oldest first, at most `limit`; stops at the first
+        one that cannot (no job overtakes an older one it cannot travel with: that one's decode comes next)."""
+        taken: list[Job] = []
+        with self._cond:
+            while self._waiting and len(taken) < limit:
+                job = self._waiting[0]
+                if job.cancelled:
+                    self.finish(self._waiting.popleft(), None)
+                elif accept(job):
+                    taken.append(self._waiting.popleft())
+                else:
+                    break
+        return taken
+
     def _take_batch(self) -> list[Job]:
         """The oldest job and the waiting jobs that can share its decode (caller holds the lock)."""
         while self._waiting and self._waiting[0].cancelled:

@@ -117,7 +117,7 @@ class Engine:
         self.torch_threads = torch.get_num_threads()
 
         self.stats = {"requests": 0, "batches": 0, "batched_rows": 0, "largest_batch": 0, "cancelled": 0,
-                      "running": 0}
+                      "running": 0, "joined": 0}
         self.queue = JobQueue(spec, self.adapters.capacity, self.run_batch, self._finish, self.stats)
 
     # -- what clients may ask for ------------------------------------------------------------
@@ -292,29 +292,34 @@ class Engine:
         else:
             self._decode(live, prompts, output_type)
 
-    def _decode(self, live: list[Job], prompts: list[Any], output_type: str) -> None:
-        """One `generate` over prepared jobs; each row runs its job's adapter (StackedRows when they differ)."""
+    def _generators(self, jobs: list[Job]) -> list[Any]:
+        """One generator per job, seeded as `infer --prompt` seeds its one sample."""
         import torch
 
+        gens = []
+        for j in jobs:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(zlib.crc32(f"{j.seed}:{PROMPT_ID}".encode()))
+            gens.append(g)
+        return gens
+
+    def _decode(self, live: list[Job], prompts: list[Any], output_type: str) -> None:
+        """One `generate` over prepared jobs; each row runs its job's adapter (StackedRows when they differ).
+        Waiting jobs that can travel with it join at step boundaries (`_take`); each job ends as soon as
+        its row stops (`_complete`)."""
         from kimi_lora_cli.inference.generation import GenerationConfig, generate
 
         first = live[0]
         gcfg = GenerationConfig(output_type=output_type, max_new_tokens=max(j.budget for j in live),
                                 text=first.text_sampling, audio=first.audio_sampling)
-        gens = None
-        if first.stochastic:
-            gens = []
-            for j in live:  # seeded as `infer --prompt` seeds its one sample
-                g = torch.Generator(device=self.device)
-                g.manual_seed(zlib.crc32(f"{j.seed}:{PROMPT_ID}".encode()))
-                gens.append(g)
-        answers = [Answer(self, j) for j in live]
-        hooks = BatchHooks(live, answers)
+        gens = self._generators(live) if first.stochastic else None
+        hooks = BatchHooks(list(live), [Answer(self, j) for j in live], take=self._take, complete=self._complete)
         row_adapters = [j.adapter for j in live]
         adapter = row_adapters[0]
         if len(set(row_adapters)) > 1:  # the base in peft, plus each row's own adapter from the hooks
             adapter = BASE
             hooks.router = StackedRows(self.model, row_adapters)
+        hooks.adapter = adapter
         self.stats["running"] = len(live)
         self.stats["batches"] += 1
         self.stats["batched_rows"] += len(live)
@@ -322,25 +327,66 @@ class Engine:
         try:
             with one_adapter(self.model, self.loaded.adapter_names, adapter):
                 results = generate(self.model, prompts, gcfg, self.tokens, gens, hooks=hooks)
+        except Exception as e:
+            for j in hooks.jobs[len(live):]:  # joined jobs are not in the queue's batch: end them here
+                self._finish(j, RequestError(500, f"generation failed ({type(e).__name__}: {e}); the server "
+                                                  "keeps running"))
+            raise
         finally:
             self.stats["running"] = 0
             if hooks.router is not None:
                 hooks.router.close()
-        for j, a, r in zip(live, answers, results):
-            if j.cancelled:
-                self._finish(j, None)
-                continue
-            finish = {"text_eos": "stop", "audio_end": "stop"}.get(r.finish, "length")
-            text = self.tokenizer.decode(r.text_tokens)
-            result = JobResult(text=text, text_tokens=r.text_tokens, audio_codes=r.audio_tokens, finish=finish,
-                               steps=r.steps, prompt_tokens=j.prompt_tokens, batch_rows=len(live))
-            if j.stream:
-                a.send_text(final=True, text=text)
-            if j.speak and r.audio_tokens:
-                self._speak(j, a, result)
-            else:
-                result.seconds = time.perf_counter() - j.submitted
-                self._finish(j, result)
+        for k, r in enumerate(results):  # rows that never ran a step (none in practice) end here
+            hooks.finished(k, r)
+
+    def _take(self, hooks: BatchHooks, first: int, rows: int) -> list[tuple[Any, Any, int]]:
+        """Waiting jobs that join the running batch of `hooks` now: their prompts, generators and budgets."""
+        room = self.spec.max_batch_size - rows
+        if room <= 0 or not len(self.queue):
+            return []
+        lead = hooks.jobs[0]
+        stacked = hooks.router.adapters | {BASE} if hooks.router is not None else {hooks.adapter}
+
+        def fits(job: Job) -> bool:
+            return job.key == lead.key and job.adapter in stacked
+
+        taken = self.queue.take_joiners(fits, room)
+        if not taken:
+            return []
+        taken = self._fill_codes(taken)
+        taken, prompts = self._prompts(taken, lead.output_type)
+        for j in taken:
+            j.listener.prepared(j, None)
+        if not taken:
+            return []
+        assert first == len(hooks.jobs), (first, len(hooks.jobs))
+        hooks.jobs += taken
+        hooks.answers += [Answer(self, j) for j in taken]
+        if hooks.router is not None:
+            hooks.router.add([j.adapter for j in taken])
+        self.stats["joined"] += len(taken)
+        self.stats["batched_rows"] += len(taken)
+        self.stats["running"] = rows + len(taken)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], rows + len(taken))
+        gens = self._generators(taken) if lead.stochastic else [None] * len(taken)
+        return [(p, g, j.budget) for p, g, j in zip(prompts, gens, taken)]
+
+    def _complete(self, job: Job, answer: Answer, r: Any, rows: int) -> None:
+        """The end of one job's row: its result, streamed rest and spoken answer."""
+        if job.cancelled:
+            self._finish(job, None)
+            return
+        finish = {"text_eos": "stop", "audio_end": "stop"}.get(r.finish, "length")
+        text = self.tokenizer.decode(r.text_tokens)
+        result = JobResult(text=text, text_tokens=r.text_tokens, audio_codes=r.audio_tokens, finish=finish,
+                           steps=r.steps, prompt_tokens=job.prompt_tokens, batch_rows=rows)
+        if job.stream:
+            answer.send_text(final=True, text=text)
+        if job.speak and r.audio_tokens:
+            self._speak(job, answer, result)
+        else:
+            result.seconds = time.perf_counter() - job.submitted
+            self._finish(job, result)
 
     def _speak(self, job: Job, answer: Answer, result: JobResult) -> None:
         """The waveform of a spoken answer on the speech thread, then `done` (after any streamed pieces)."""

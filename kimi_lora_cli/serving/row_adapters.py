@@ -64,6 +64,7 @@ class StackedRows:
         self._current: dict[tuple, torch.Tensor] = {}  # layout -> [rows, R] for the rows of this step
         self._rows: list[int] | None = None
         self.handles = []
+        self._like = None
         for m in model.modules():
             if not isinstance(m, LoraLayer):
                 continue
@@ -73,9 +74,23 @@ class StackedRows:
             a_all = torch.cat([m.lora_A[a].weight for a in names])  # [R, in]
             b_all = torch.cat([m.lora_B[a].weight for a in names], dim=1)  # [out, R]
             layout = tuple((a, m.lora_A[a].weight.shape[0], float(m.scaling[a])) for a in names)
-            if layout not in self._tables:
-                self._tables[layout] = self._table(layout, a_all)
+            self._tables.setdefault(layout, None)
+            self._like = a_all
             self.handles.append(m.register_forward_hook(self._hook(a_all, b_all, layout)))
+        self.adapters = set(wanted)
+        self._build()
+
+    def add(self, row_adapters: list[str]) -> None:
+        """Rows for samples that join the batch (their adapters must be among the batch's, or BASE)."""
+        if set(row_adapters) - self.adapters - {BASE}:
+            raise ValueError(f"adapters {sorted(set(row_adapters) - self.adapters - {BASE})} are not stacked here")
+        self.row_adapters = [*self.row_adapters, *row_adapters]
+        self._build()
+
+    def _build(self) -> None:
+        for layout in self._tables:
+            self._tables[layout] = self._table(layout, self._like)
+        self._rows = None
 
     def _table(self, layout: tuple, like: Any) -> Any:
         import torch

@@ -68,19 +68,31 @@ class Answer:
 
 
 class BatchHooks:
-    """`generate`'s hooks for one batch: per-row adapters, streamed output, per-job stops."""
+    """`generate`'s hooks for one batch: per-row adapters, streamed output, per-job stops, jobs that join
+    the running decode (`take`: the engine's) and each job's end as soon as its row stops (`complete`)."""
 
-    def __init__(self, jobs: list[Job], answers: list[Answer]) -> None:
+    def __init__(self, jobs: list[Job], answers: list[Answer], take: Any = None, complete: Any = None) -> None:
         self.jobs, self.answers = jobs, answers
         self.router: Any = None  # row_adapters.StackedRows when the rows' adapters differ
+        self.take, self.complete = take, complete
+        self.adapter: str | None = None  # the batch's one adapter (BASE: none) when there is no router
+        self._ended: set[int] = set()
+
+    def join(self, first: int, rows: int) -> list:
+        return self.take(self, first, rows) if self.take is not None else []
+
+    def finished(self, index: int, result: Any) -> None:
+        if self.complete is not None and index not in self._ended:
+            self._ended.add(index)
+            self.complete(self.jobs[index], self.answers[index], result, len(self.jobs))
 
     def before_forward(self, rows: list[int]) -> None:
         if self.router is not None:
             self.router.route(rows)
 
-    def after_step(self, step: int, rows: list[int], text: list[int], audio: list[int]) -> set[int]:
+    def after_step(self, steps: list[int], rows: list[int], text: list[int], audio: list[int]) -> set[int]:
         gone = set()
-        for r, t, a in zip(rows, text, audio):
+        for step, r, t, a in zip(steps, rows, text, audio):
             job = self.jobs[r]
             self.answers[r].observe(step, t, a)
             if job.cancelled or step + 1 >= job.budget:

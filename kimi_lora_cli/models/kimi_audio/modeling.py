@@ -113,6 +113,26 @@ class KimiKVCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    def join(self, other: KimiKVCache) -> int:
+        """Append `other`'s rows (samples joining a running batch). Both hold the same number of positions
+        afterwards: the shorter side is padded on the left with zero keys and values, which the caller's
+        attention mask must cover with zeros (positions come from the mask, so nothing else moves).
+        Returns the common length."""
+        length = max(max(self.lengths), max(other.lengths))
+        for i in range(self.num_layers):
+            mine, theirs = self.keys[i], other.keys[i]
+            if mine is None or theirs is None:
+                raise ValueError("join: both caches must have run a forward over every layer")
+            have, got = self.lengths[i], other.lengths[i]
+            capacity = max(length, mine.shape[2], theirs.shape[2])
+            for store, a, b in ((self.keys, mine, theirs), (self.values, self.values[i], other.values[i])):
+                merged = a.new_zeros((a.shape[0] + b.shape[0], *a.shape[1:2], capacity, a.shape[3]))
+                merged[: a.shape[0], :, length - have : length] = a[:, :, :have]
+                merged[a.shape[0] :, :, length - got : length] = b[:, :, :got]
+                store[i] = merged
+            self.lengths[i] = length
+        return length
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (used when finished samples leave a batch)."""
         for i in range(self.num_layers):
