@@ -249,6 +249,70 @@ def test_mixed_adapters_in_one_decode_and_adapters_swapped_in_and_out(cli, tiny_
         engine.stop()
 
 
+def test_a_job_that_comes_during_a_decode_joins_it_and_never_overtakes_an_older_one(tiny_dir, adapter_dirs):
+    """Step-level batching in the engine: jobs submitted while a batch decodes (here from its first job's
+    `prepared` callback, so they are waiting at the first step boundary) join it when they can share it,
+    answer exactly as when decoded alone, and end as their rows stop. A waiting job that cannot join
+    (another adapter) is not overtaken: the later ones wait for the next decode with it."""
+    from kimi_lora_cli.serving.engine import Engine, Job
+
+    engine = Engine(_spec(tiny_dir, adapter_dirs, None, None, max_batch_size=8))
+
+    def job(k, adapter="a", **kw):
+        return Job(messages=[{"role": "user", "message_type": "text", "content": f"count to {k} please"}],
+                   adapter=adapter, max_new_tokens=6, **kw)
+
+    class Sink:
+        def __init__(self, later=()):
+            self.later, self.results, self.order = list(later), {}, []
+
+        def prepared(self, job, error):
+            assert error is None
+            while self.later:
+                engine.submit(self.later.pop(0))
+
+        def text(self, job, delta):
+            pass
+
+        def audio(self, job, wave):
+            pass
+
+        def done(self, job, outcome):
+            self.results[id(job)] = outcome
+            self.order.append(id(job))
+
+    alone = Sink()
+    solo = {}
+    for k, adapter in ((0, "a"), (1, "a"), (2, "b"), (3, "a")):
+        one = job(k, adapter, listener=alone)
+        engine.run_batch([one])
+        solo[k] = alone.results[id(one)].text_tokens
+
+    # 1 joins the decode of 0 at its first step boundary
+    later = [job(1)]
+    sink = Sink(later=list(later))
+    first = job(0, listener=sink)
+    later[0].listener = sink
+    before = dict(engine.stats)
+    engine.run_batch([first])
+    assert engine.stats["batches"] - before["batches"] == 1 and engine.stats["joined"] - before["joined"] == 1
+    assert sink.results[id(first)].text_tokens == solo[0]
+    assert sink.results[id(later[0])].text_tokens == solo[1]
+    assert sink.results[id(later[0])].batch_rows == 2
+
+    # b (another adapter) is older than the second a-job: neither joins; b's decode comes next, then the a
+    b_job, a_job = job(2, "b"), job(3)
+    sink = Sink(later=[b_job, a_job])
+    b_job.listener = a_job.listener = sink
+    first = job(0, listener=sink)
+    before = dict(engine.stats)
+    engine.run_batch([first])
+    assert engine.stats["joined"] == before["joined"] and id(b_job) not in sink.results
+    assert engine.run_pending() == 1  # b and the a-job then decode together (each row its own adapter)
+    assert sink.results[id(b_job)].text_tokens == solo[2] and sink.results[id(a_job)].text_tokens == solo[3]
+    engine.stop()
+
+
 # -- refusals ---------------------------------------------------------------------------------------
 
 

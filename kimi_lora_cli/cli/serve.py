@@ -46,7 +46,8 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a decode; beyond it "
                                            "clients get 429 with Retry-After.", rich_help_panel=_LOAD)] = 64,
     batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="How long an idle server waits for more "
-                                                 "requests to join a decode (a burst becomes one batch).",
+                                                 "requests to join a decode (a burst becomes one batch); up to "
+                                                 "25x while requests are still being received; 0: no wait.",
                                                  rich_help_panel=_LOAD)] = 10.0,
     max_loaded_adapters: Annotated[int, typer.Option(
         "--max-loaded-adapters", help="Adapters kept in memory at once (least recently used are unloaded and "

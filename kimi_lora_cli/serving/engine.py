@@ -3,8 +3,8 @@
 A job is one request already turned into Kimi-Audio messages (the `infer` format: role,
 message_type, content, audio_tokens). The worker takes the oldest waiting job plus every other
 waiting job that can share its decode (same output type and sampler settings; adapters may differ:
-each row of the batch runs its own LoRA adapter over the one shared base, through peft's per-row
-`adapter_names`), up to `--max-batch-size`. For the batch it then does what `infer` does for a
+each row of the batch runs its own LoRA adapter over the one shared base: row_adapters.StackedRows),
+up to `--max-batch-size`. For the batch it then does what `infer` does for a
 batch: speech codes of uploaded audio (`CodeStore`, the `--speech-tokenizer`), prompts and
 Whisper rows (`build_prompts`), the official decoding loop (`generate`) with the same sampler,
 per-request generators seeded from (seed, "prompt") as `infer --prompt` seeds them, and spoken
@@ -13,8 +13,10 @@ detokenizer, so speech synthesis never holds up decoding.
 
 Through `GenerationHooks` the worker watches every step: text deltas and 30-code audio chunks of
 streaming jobs go out as soon as they are decided, a job whose client left (or whose own step
-budget ran out) leaves the batch at once. Requests that arrive during a decode wait for the next
-one (batching per decode, not per step).
+budget ran out) leaves the batch at once and its answer goes out. Requests that arrive during a
+decode join it at the next step boundary (step-level batching, `generate`'s `join` hook) when they can
+share it (same sampler settings, an adapter the batch already runs, room under --max-batch-size) and
+no older waiting request is kept out; the others wait for the next decode.
 
 Jobs talk back through a `JobListener` (called from the worker threads), so this module has no
 web or asyncio code. Beside it: the job types (jobs.py), the queue and its worker thread
