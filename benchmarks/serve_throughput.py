@@ -6,7 +6,10 @@ For each CPU model config (the tiny test checkpoint, and a larger one) a real `k
 process is started on a free localhost port with 4 LoRA adapters, the tiny speech tokenizer and
 the tiny detokenizer; then the same 32 transcription requests (one-second WAV uploads, a fixed
 greedy budget of --steps per request) are sent by 1 client (sequential), 8 and 32 concurrent
-clients: requests/s, p50/p95 latency. Then the same with the requests spread over 4 adapters.
+clients: requests/s, p50/p95 latency, how many decodes ran and how many requests joined a running
+decode (step-level batching); "8 stag." = 8 clients whose first requests are spread over one
+sequential latency, so they arrive while others decode. Then the same with the requests spread
+over 4 adapters.
 Goals: 32 concurrent >= 4x sequential; 4-adapter mix >= 0.8x single-adapter throughput.
 Last, on the tiny model: time to the first streamed audio piece of a spoken answer versus the time
 of the whole answer (non-streamed) for the same request.
@@ -99,9 +102,10 @@ class Server:
         Path(self.log.name).unlink(missing_ok=True)
 
 
-def burst(url: str, clips: list[bytes], n: int, clients: int, models: list[str]) -> dict:
+def burst(url: str, clips: list[bytes], n: int, clients: int, models: list[str], stagger_s: float = 0.0) -> dict:
     """`n` requests from `clients` client threads, each with its own connection opened beforehand (a GET
-    /health), all starting together; client i sends requests i, i + clients, ... one after another."""
+    /health), all starting together (`stagger_s`: client i starts i x stagger_s later); client i sends
+    requests i, i + clients, ... one after another."""
     import httpx
 
     latencies: list[float] = []
@@ -111,6 +115,7 @@ def burst(url: str, clips: list[bytes], n: int, clients: int, models: list[str])
         with httpx.Client(timeout=600) as http:
             http.get(f"{url}/health").raise_for_status()
             start.wait()
+            time.sleep(i * stagger_s)
             for k in range(i, n, clients):
                 t0 = time.perf_counter()
                 r = http.post(f"{url}/v1/audio/transcriptions", data={"model": models[k % len(models)]},
@@ -118,6 +123,10 @@ def burst(url: str, clips: list[bytes], n: int, clients: int, models: list[str])
                 r.raise_for_status()
                 latencies.append(time.perf_counter() - t0)
 
+    def stats() -> dict:
+        return httpx.get(f"{url}/health").json()
+
+    before = stats()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
@@ -126,11 +135,13 @@ def burst(url: str, clips: list[bytes], n: int, clients: int, models: list[str])
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    after = stats()
     latencies.sort()
     if len(latencies) != n:
         raise SystemExit(f"{n - len(latencies)} of {n} requests failed")
     return {"rps": n / wall, "p50": statistics.median(latencies),
-            "p95": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]}
+            "p95": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
+            "decodes": after["batches"] - before["batches"], "joined": after["joined"] - before["joined"]}
 
 
 def spoken(url: str) -> dict:
@@ -185,6 +196,9 @@ def main() -> None:
                     for clients in (1, 8, 32):
                         r = burst(server.url, clips, args.requests, clients, models)
                         rows.append((name, label, clients, r))
+                    seq = rows[-3][3]["p50"]  # clients arriving through a decode: step-level batching
+                    r = burst(server.url, clips, args.requests, 8, models, stagger_s=seq / 8)
+                    rows.append((name, label, "8 stag.", r))
                 if name == "tiny":
                     speech = spoken(server.url)
             finally:
@@ -193,13 +207,15 @@ def main() -> None:
     print(f"serve_throughput: {args.requests} transcription requests (1 s WAV uploads), {args.steps} greedy steps "
           f"each, CPU, server with {args.threads} torch thread(s), clients in this process (httpx threads), "
           f"{os.cpu_count()} cores")
-    print(f"{'config':8} {'adapters':11} {'clients':>7} {'req/s':>8} {'x seq':>6} {'p50 s':>7} {'p95 s':>7}")
+    print(f"{'config':8} {'adapters':11} {'clients':>7} {'req/s':>8} {'x seq':>6} {'p50 s':>7} {'p95 s':>7} "
+          f"{'decodes':>7} {'joined':>6}")
     base = {}
     for name, label, clients, r in rows:
         if clients == 1:
             base[(name, label)] = r["rps"]
         ratio = r["rps"] / base[(name, label)]
-        print(f"{name:8} {label:11} {clients:>7} {r['rps']:8.2f} {ratio:6.2f} {r['p50']:7.3f} {r['p95']:7.3f}")
+        print(f"{name:8} {label:11} {clients!s:>7} {r['rps']:8.2f} {ratio:6.2f} {r['p50']:7.3f} {r['p95']:7.3f} "
+              f"{r['decodes']:>7} {r['joined']:>6}")
     for name in dict.fromkeys(n for n, *_ in rows):
         one = {c: r["rps"] for n, lab, c, r in rows if n == name and lab == "1 adapter"}
         mix = {c: r["rps"] for n, lab, c, r in rows if n == name and lab == "4 adapters"}

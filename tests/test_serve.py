@@ -249,11 +249,12 @@ def test_mixed_adapters_in_one_decode_and_adapters_swapped_in_and_out(cli, tiny_
         engine.stop()
 
 
-def test_a_job_that_comes_during_a_decode_joins_it_and_never_overtakes_an_older_one(tiny_dir, adapter_dirs):
+def test_jobs_that_come_during_a_decode_join_it_and_never_overtake_an_older_one(tiny_dir, adapter_dirs):
     """Step-level batching in the engine: jobs submitted while a batch decodes (here from its first job's
-    `prepared` callback, so they are waiting at the first step boundary) join it when they can share it,
-    answer exactly as when decoded alone, and end as their rows stop. A waiting job that cannot join
-    (another adapter) is not overtaken: the later ones wait for the next decode with it."""
+    `prepared` callback, so they are waiting at the first step boundary) join it when they can share it
+    (same sampler settings; any attached adapter: a batch of one adapter then switches to the base plus
+    per-row adapters), answer as when decoded alone, and end as their rows stop. A waiting job that
+    cannot join is not overtaken: the later ones wait for the next decode with it."""
     from kimi_lora_cli.serving.engine import Engine, Job
 
     engine = Engine(_spec(tiny_dir, adapter_dirs, None, None, max_batch_size=8))
@@ -300,16 +301,31 @@ def test_a_job_that_comes_during_a_decode_joins_it_and_never_overtakes_an_older_
     assert sink.results[id(later[0])].text_tokens == solo[1]
     assert sink.results[id(later[0])].batch_rows == 2
 
-    # b (another adapter) is older than the second a-job: neither joins; b's decode comes next, then the a
-    b_job, a_job = job(2, "b"), job(3)
-    sink = Sink(later=[b_job, a_job])
-    b_job.listener = a_job.listener = sink
+    # b joins the a-decode too: from then on the batch runs the base + each row's adapter (StackedRows)
+    later = [job(2, "b")]
+    sink = Sink(later=list(later))
+    later[0].listener = sink
     first = job(0, listener=sink)
     before = dict(engine.stats)
     engine.run_batch([first])
-    assert engine.stats["joined"] == before["joined"] and id(b_job) not in sink.results
-    assert engine.run_pending() == 1  # b and the a-job then decode together (each row its own adapter)
-    assert sink.results[id(b_job)].text_tokens == solo[2] and sink.results[id(a_job)].text_tokens == solo[3]
+    assert engine.stats["batches"] - before["batches"] == 1 and engine.stats["joined"] - before["joined"] == 1
+    assert sink.results[id(first)].text_tokens == solo[0]
+    assert sink.results[id(later[0])].text_tokens == solo[2]
+
+    # a job that cannot share the decode (other sampler settings) is older than the second a-job: neither
+    # joins; its decode comes next and the a-job goes with it if it can, else after it
+    from kimi_lora_cli.inference.sampler import SamplingParams
+
+    other, a_job = job(2, "b", text_sampling=SamplingParams(repetition_penalty=1.5)), job(3)
+    sink = Sink(later=[other, a_job])
+    other.listener = a_job.listener = sink
+    first = job(0, listener=sink)
+    before = dict(engine.stats)
+    engine.run_batch([first])
+    assert engine.stats["joined"] == before["joined"] and not (sink.results.keys() & {id(other), id(a_job)})
+    assert engine.run_pending() == 2
+    assert sink.order.index(id(other)) < sink.order.index(id(a_job))
+    assert sink.results[id(a_job)].text_tokens == solo[3]
     engine.stop()
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,7 @@ class Engine:
         self.stats = {"requests": 0, "batches": 0, "batched_rows": 0, "largest_batch": 0, "cancelled": 0,
                       "running": 0, "joined": 0}
         self.queue = JobQueue(spec, self.adapters.capacity, self.run_batch, self._finish, self.stats)
+        self._stackable_cache: dict[tuple, bool] = {}
 
     # -- what clients may ask for ------------------------------------------------------------
 
@@ -327,7 +329,8 @@ class Engine:
         self.stats["batched_rows"] += len(live)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
         try:
-            with one_adapter(self.model, self.loaded.adapter_names, adapter):
+            with ExitStack() as hooks.exits:  # a join may switch the model to the base + StackedRows
+                hooks.exits.enter_context(one_adapter(self.model, self.loaded.adapter_names, adapter))
                 results = generate(self.model, prompts, gcfg, self.tokens, gens, hooks=hooks)
         except Exception as e:
             for j in hooks.jobs[len(live):]:  # joined jobs are not in the queue's batch: end them here
@@ -347,10 +350,18 @@ class Engine:
         if room <= 0 or not len(self.queue):
             return []
         lead = hooks.jobs[0]
-        stacked = hooks.router.adapters | {BASE} if hooks.router is not None else {hooks.adapter}
+        routed = hooks.router is not None
+        in_use = set(hooks.router.adapters) if routed else {hooks.adapter} - {BASE}
 
-        def fits(job: Job) -> bool:
-            return job.key == lead.key and job.adapter in stacked
+        def fits(job: Job) -> bool:  # called oldest first; what it accepts widens the batch for the next
+            if job.key != lead.key:
+                return False
+            mixed = routed or job.adapter != hooks.adapter  # the batch then runs StackedRows
+            wanted = in_use | {job.adapter} - {BASE}
+            if mixed and not (wanted <= set(self.loaded.adapter_names) and self._stackable(wanted)):
+                return False
+            in_use.update(wanted)
+            return True
 
         taken = self.queue.take_joiners(fits, room)
         if not taken:
@@ -364,14 +375,36 @@ class Engine:
         assert first == len(hooks.jobs), (first, len(hooks.jobs))
         hooks.jobs += taken
         hooks.answers += [Answer(self, j) for j in taken]
-        if hooks.router is not None:
-            hooks.router.add([j.adapter for j in taken])
+        self._route_joined(hooks, [j.adapter for j in taken])
         self.stats["joined"] += len(taken)
         self.stats["batched_rows"] += len(taken)
         self.stats["running"] = rows + len(taken)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], rows + len(taken))
         gens = self._generators(taken) if lead.stochastic else [None] * len(taken)
         return [(p, g, j.budget) for p, g, j in zip(prompts, gens, taken)]
+
+    def _stackable(self, adapters: set[str]) -> bool:
+        key = (frozenset(adapters), self.adapters.loads, self.adapters.evictions)
+        if key not in self._stackable_cache:
+            self._stackable_cache[key] = stackable(self.model, set(adapters))
+        return self._stackable_cache[key]
+
+    def _route_joined(self, hooks: BatchHooks, joined: list[str]) -> None:
+        """Adapter routing for the rows `joined` brings: the batch's one adapter still, new rows of the
+        StackedRows, or a switch to the base + StackedRows over old and new adapters."""
+        if hooks.router is None and set(joined) == {hooks.adapter}:
+            return
+        everyone = [j.adapter for j in hooks.jobs]
+        if hooks.router is None:
+            if hooks.adapter != BASE:  # the rows so far ran peft's one adapter; from now on StackedRows
+                hooks.exits.enter_context(self.model.disable_adapter())
+            hooks.adapter = BASE
+            hooks.router = StackedRows(self.model, everyone)
+        elif set(joined) - hooks.router.adapters - {BASE}:
+            hooks.router.close()
+            hooks.router = StackedRows(self.model, everyone)
+        else:
+            hooks.router.add(joined)
 
     def _complete(self, job: Job, answer: Answer, r: Any, rows: int) -> None:
         """The end of one job's row: its result, streamed rest and spoken answer."""

@@ -76,6 +76,7 @@ class BatchHooks:
         self.router: Any = None  # row_adapters.StackedRows when the rows' adapters differ
         self.take, self.complete = take, complete
         self.adapter: str | None = None  # the batch's one adapter (BASE: none) when there is no router
+        self.exits: Any = None  # the batch's ExitStack (the adapter mode it entered)
         self._ended: set[int] = set()
 
     def join(self, first: int, rows: int) -> list:
