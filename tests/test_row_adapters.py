@@ -99,6 +99,8 @@ def test_each_row_computes_its_own_adapter_and_base_rows_the_base(tiny_dir, vari
 def test_a_batch_with_a_dora_adapter_is_decoded_one_adapter_at_a_time(tiny_dir, varied_adapters):
     """peft has no per-row DoRA (it raises on `adapter_names`): the engine then splits the batch by adapter,
     and every answer equals the one its job gets decoded alone."""
+    from serve_helpers import Recorder
+
     from kimi_lora_cli.adapter_names import BASE
     from kimi_lora_cli.serving.engine import Engine, Job
     from kimi_lora_cli.serving.row_adapters import stackable
@@ -113,24 +115,8 @@ def test_a_batch_with_a_dora_adapter_is_decoded_one_adapter_at_a_time(tiny_dir, 
         return [Job(messages=[{"role": "user", "message_type": "text", "content": f"hello number {k}"}],
                     adapter=name, max_new_tokens=6) for k, name in enumerate(picks)]
 
-    class Keep:
-        def __init__(self):
-            self.results = {}
-
-        def prepared(self, job, error):
-            assert error is None
-
-        def text(self, job, delta):
-            pass
-
-        def audio(self, job, wave):
-            pass
-
-        def done(self, job, outcome):
-            self.results[id(job)] = outcome
-
     together, alone = jobs(), jobs()
-    sink = Keep()
+    sink = Recorder()
     for job in together + alone:
         job.listener = sink
     engine.run_batch(together)

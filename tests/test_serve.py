@@ -20,6 +20,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from _infer_data import write_asr_data  # noqa: E402
+from serve_helpers import Recorder  # noqa: E402
 
 STEPS = "8"
 EN = "Please transcribe the spoken content into written text."
@@ -213,26 +214,10 @@ def test_mixed_adapters_in_one_decode_and_adapters_swapped_in_and_out(cli, tiny_
 
     want = {k: _infer(cli, tiny_dir, adapter_dirs, tiny_speech_tokenizer_dir, EN, clip) for k, clip in enumerate(clips)}
 
-    class Collect:
-        def __init__(self):
-            self.results = {}
-
-        def prepared(self, job, error):
-            assert error is None
-
-        def text(self, job, delta):
-            pass
-
-        def audio(self, job, wave):
-            pass
-
-        def done(self, job, outcome):
-            self.results[id(job)] = outcome
-
     for slots, batches, largest in ((0, 1, 12), (1, 2, 8)):  # one slot: a + base rows, then b (+ nothing)
         engine = Engine(_spec(tiny_dir, adapter_dirs, tiny_speech_tokenizer_dir, None, max_loaded_adapters=slots,
                               max_batch_size=16))
-        sink = Collect()
+        sink = Recorder()
         jobs = []
         for k, clip in enumerate(clips):
             for model in ("a", "base", "b"):
@@ -263,26 +248,12 @@ def test_jobs_that_come_during_a_decode_join_it_and_never_overtake_an_older_one(
         return Job(messages=[{"role": "user", "message_type": "text", "content": f"count to {k} please"}],
                    adapter=adapter, max_new_tokens=6, **kw)
 
-    class Sink:
-        def __init__(self, later=()):
-            self.later, self.results, self.order = list(later), {}, []
+    def sink_submitting(later):
+        """A recorder that, when the first job's decode is about to start, queues `later`."""
+        later = list(later)
+        return Recorder(on_prepared=lambda: [engine.submit(later.pop(0)) for _ in range(len(later))])
 
-        def prepared(self, job, error):
-            assert error is None
-            while self.later:
-                engine.submit(self.later.pop(0))
-
-        def text(self, job, delta):
-            pass
-
-        def audio(self, job, wave):
-            pass
-
-        def done(self, job, outcome):
-            self.results[id(job)] = outcome
-            self.order.append(id(job))
-
-    alone = Sink()
+    alone = Recorder()
     solo = {}
     for k, adapter in ((0, "a"), (1, "a"), (2, "b"), (3, "a")):
         one = job(k, adapter, listener=alone)
@@ -291,7 +262,7 @@ def test_jobs_that_come_during_a_decode_join_it_and_never_overtake_an_older_one(
 
     # 1 joins the decode of 0 at its first step boundary
     later = [job(1)]
-    sink = Sink(later=list(later))
+    sink = sink_submitting(later)
     first = job(0, listener=sink)
     later[0].listener = sink
     before = dict(engine.stats)
@@ -303,7 +274,7 @@ def test_jobs_that_come_during_a_decode_join_it_and_never_overtake_an_older_one(
 
     # b joins the a-decode too: from then on the batch runs the base + each row's adapter (StackedRows)
     later = [job(2, "b")]
-    sink = Sink(later=list(later))
+    sink = sink_submitting(later)
     later[0].listener = sink
     first = job(0, listener=sink)
     before = dict(engine.stats)
@@ -317,7 +288,7 @@ def test_jobs_that_come_during_a_decode_join_it_and_never_overtake_an_older_one(
     from kimi_lora_cli.inference.sampler import SamplingParams
 
     other, a_job = job(2, "b", text_sampling=SamplingParams(repetition_penalty=1.5)), job(3)
-    sink = Sink(later=[other, a_job])
+    sink = sink_submitting([other, a_job])
     other.listener = a_job.listener = sink
     first = job(0, listener=sink)
     before = dict(engine.stats)
