@@ -111,6 +111,34 @@ def test_transcription_equals_infer_on_the_same_clip_and_adapter(cli, client, se
             custom["b"]["prediction"]
 
 
+def test_a_clip_past_30_seconds_is_transcribed_as_infer_does(cli, tiny_dir, adapter_dirs, tiny_speech_tokenizer_dir,
+                                                                 tmp_path, caplog):
+    """Whisper takes 30 s pieces: a 31.5 s upload (two pieces) is served like `infer --audio` serves it."""
+    import numpy as np
+    import soundfile as sf
+
+    from kimi_lora_cli.serving.engine import Engine
+    from kimi_lora_cli.serving.server import BackgroundServer
+
+    t = np.arange(int(31.5 * 16000)) / 16000
+    wave = 0.2 * np.sin(2 * np.pi * (180 + 40 * np.sin(t)) * t) + 0.02 * np.random.RandomState(5).randn(t.size)
+    clip = tmp_path / "long.wav"
+    sf.write(clip, wave.astype("float32"), 16000)
+    want = _infer(cli, tiny_dir, adapter_dirs, tiny_speech_tokenizer_dir, EN, clip)
+    engine = Engine(_spec(tiny_dir, adapter_dirs, tiny_speech_tokenizer_dir, None, max_audio_seconds=40.0,
+                          max_upload_mb=4.0))
+    caplog.set_level("INFO", logger="kimi_lora.serve")
+    with BackgroundServer(engine) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        for model in ("base", "a"):
+            with open(clip, "rb") as f:
+                got = client.audio.transcriptions.create(model=model, file=f, response_format="verbose_json")
+            assert got.text == want[model]["prediction"] and got.duration == pytest.approx(31.5)
+    # both pieces reached the prompt: 394 audio positions (12.5 Hz: 375 + 19) besides the instruction
+    prompts = [int(m.split("prompt=")[1].split()[0]) for m in caplog.messages if "prompt=" in m]
+    assert len(prompts) == 2 and all(394 < p < 394 + 40 for p in prompts), prompts
+
+
 def test_chat_parts_are_consecutive_messages_and_text_chat_equals_infer(cli, client, tiny_dir, adapter_dirs,
                                                                         tiny_speech_tokenizer_dir, clips):
     want = _infer(cli, tiny_dir, adapter_dirs, tiny_speech_tokenizer_dir, EN, clips[2])
