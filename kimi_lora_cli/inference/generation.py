@@ -199,11 +199,13 @@ class _Rows:
 
 
 def _sample_rows(logits: torch.Tensor, params: SamplingParams, hist: torch.Tensor, steps: torch.Tensor,
-                 gens: list | None) -> torch.Tensor:
-    """`sample` for rows that may be at different steps: each row sees only its own history."""
-    first = int(steps[0])
-    if params.repetition_penalty <= 1.0 or bool((steps == first).all()):
-        return sample(logits, params, hist[:, :first] if first else None, gens)
+                 common: int | None, gens: list | None) -> torch.Tensor:
+    """`sample` for rows that may be at different steps (`common`: the step all rows are at, None when
+    samples joined): each row sees only its own history."""
+    if common is not None:
+        return sample(logits, params, hist[:, :common] if common else None, gens)
+    if params.repetition_penalty <= 1.0:  # the history is not looked at
+        return sample(logits, params, None, gens)
     picked = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for s in steps.unique().tolist():
         rows = (steps == s).nonzero().flatten()
@@ -264,24 +266,31 @@ def generate(
     full_mask = torch.ones((n, width + max_steps), dtype=torch.long, device=device)
     full_mask[:, :width] = mask
     cur = width  # positions held by the cache (and columns of full_mask in use)
+    common_step: int | None = 0  # the step every row is at (None once samples joined: then per row)
 
     while True:
-        next_text = _sample_rows(text_logits, config.text, st.text_hist, st.step, st.gens)
-        next_audio = _sample_rows(audio_logits, config.audio, st.audio_hist, st.step, st.gens)
+        next_text = _sample_rows(text_logits, config.text, st.text_hist, st.step, common_step, st.gens)
+        next_audio = _sample_rows(audio_logits, config.audio, st.audio_hist, st.step, common_step, st.gens)
 
         next_text = torch.where(st.text_done, torch.full_like(next_text, tokens.blank), next_text)
         new_eos = ~st.text_done & (next_text == tokens.text_eos)
         st.text_valid += (~st.text_done & ~new_eos).long()
         st.text_done = st.text_done | new_eos
-        if text_mode:
+        if text_mode or (common_step is not None and common_step < tokens.delay):
             next_audio = torch.full_like(next_audio, tokens.blank)
+        elif common_step is not None:
+            st.audio_valid += 1
         else:
             early = st.step < tokens.delay
             next_audio = torch.where(early, torch.full_like(next_audio, tokens.blank), next_audio)
             st.audio_valid += (~early).long()
-        hist_rows = torch.arange(st.step.numel(), device=device)
-        st.text_hist[hist_rows, st.step] = next_text
-        st.audio_hist[hist_rows, st.step] = next_audio
+        if common_step is not None:
+            st.text_hist[:, common_step] = next_text
+            st.audio_hist[:, common_step] = next_audio
+        else:
+            hist_rows = torch.arange(st.step.numel(), device=device)
+            st.text_hist[hist_rows, st.step] = next_text
+            st.audio_hist[hist_rows, st.step] = next_audio
 
         stop = st.text_done.clone() if text_mode else torch.isin(next_audio, audio_end)
         stop |= st.budget <= st.step + 1
@@ -294,6 +303,7 @@ def generate(
         if on_step is not None:
             on_step(int(st.index.numel()))
         st.step += 1
+        common_step = common_step + 1 if common_step is not None else None
         if bool(stop.any()):
             now = time.perf_counter()
             finish_text = "text_eos" if text_mode else "audio_end"
@@ -339,6 +349,7 @@ def generate(
         if joining:
             joined = hooks.join(len(results), int(st.index.numel()))
             if joined:
+                common_step = None
                 text_logits, audio_logits, full_mask, cur = _join(
                     net, joined, config, tokens, st, cache, full_mask, cur, (text_logits, audio_logits), hooks,
                     results, budgets, row_started)
