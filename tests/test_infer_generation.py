@@ -281,3 +281,38 @@ def test_samples_that_join_a_running_batch_decode_as_if_alone(boosted, conversat
     # the joiners really ran in the same forwards as the first rows
     assert any(set(r) & {0, 1} and set(r) & {2, 3, 4, 5} for r in hooks.rows_seen)
     assert max(len(r) for r in hooks.rows_seen) >= 4
+
+
+def test_a_batch_that_samples_keep_joining_does_not_hold_every_position_since_it_began(boosted, conversations,
+                                                                                       monkeypatch):
+    """A rolling batch (a new sample joins after every step, each lives 3 steps): once the first sample
+    has left, the cache holds only what the live rows need (their prompts and steps), not every
+    position since the batch began - and every sample still equals its decode alone."""
+    from kimi_lora_cli.models.kimi_audio.modeling import KimiKVCache
+
+    tok, cfg = boosted.tokenizer, boosted.config
+    st = StreamTokens.from_model(tok, cfg)
+    prompts = build_prompts(conversations, tok, cfg, boosted.feature_encoder, "text")
+    gcfg = GenerationConfig("text", max_new_tokens=3)
+    alone = [generate(boosted.model, [p], gcfg, st)[0] for p in prompts]
+    lengths = []
+    update = KimiKVCache.update
+
+    def recording(self, layer_idx, k, v):
+        out = update(self, layer_idx, k, v)
+        if layer_idx == 0:
+            lengths.append(self.lengths[0])
+        return out
+
+    monkeypatch.setattr(KimiKVCache, "update", recording)
+    rounds = 40
+    plan = {step: [(prompts[step % len(prompts)], None, 3)] for step in range(1, rounds + 1)}
+    hooks = _JoinAt(plan)
+    results = generate(boosted.model, [prompts[0]], gcfg, st, hooks=hooks)
+    assert not hooks.plan and len(results) == rounds + 1
+    for k, got in enumerate(results):
+        want = alone[0 if k == 0 else k % len(prompts)]
+        assert got.text_stream == want.text_stream, k
+    longest = max(len(p) for p in prompts)
+    assert max(lengths) > longest  # it did grow while the first sample was there...
+    assert max(lengths[-40:]) <= longest + 4  # ...and holds only the live rows' positions later

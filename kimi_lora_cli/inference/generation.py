@@ -326,6 +326,8 @@ def generate(
             full_mask = full_mask[keep]
             if cache is not None:
                 cache.reorder(keep)
+                if common_step is None:  # samples joined: drop the padding no row needs any more
+                    full_mask, cur = _trim(cache, full_mask, cur)
             else:
                 audio, text, cont = audio[keep], text[keep], cont[keep]
                 feats = feats[keep] if feats is not None else None
@@ -354,6 +356,16 @@ def generate(
                     net, joined, config, tokens, st, cache, full_mask, cur, (text_logits, audio_logits), hooks,
                     results, budgets, row_started)
     return results  # type: ignore[return-value]
+
+
+def _trim(cache: Any, full_mask: torch.Tensor, cur: int) -> tuple[torch.Tensor, int]:
+    """Drop the leading positions that are padding in every row (a batch that others keep joining would
+    otherwise hold, and attend over, every position since it started)."""
+    lead = int((full_mask[:, :cur].cumsum(1) == 0).sum(1).min())
+    if lead == 0:
+        return full_mask, cur
+    cache.trim_left(lead)
+    return full_mask[:, lead:], cur - lead
 
 
 def _join(net, joined, config, tokens, st, cache, full_mask, cur, logits, hooks, results, budgets, row_started):
@@ -386,6 +398,7 @@ def _join(net, joined, config, tokens, st, cache, full_mask, cur, logits, hooks,
     st.extend(_Rows(indices, new_budgets, max(new_budgets), tokens.blank, device, gens))
     text_logits = torch.cat([logits[0], out.text_logits[:, -1]])
     audio_logits = torch.cat([logits[1], out.audio_logits[:, -1]])
+    merged, length = _trim(cache, merged, length)
     return text_logits, audio_logits, merged, length
 
 

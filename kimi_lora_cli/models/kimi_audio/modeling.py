@@ -133,6 +133,14 @@ class KimiKVCache:
             self.lengths[i] = length
         return length
 
+    def trim_left(self, count: int) -> None:
+        """Drop the first `count` positions of every row (the caller's mask holds only zeros there)."""
+        for i in range(self.num_layers):
+            if self.keys[i] is not None:
+                self.keys[i] = self.keys[i][:, :, count:]
+                self.values[i] = self.values[i][:, :, count:]
+                self.lengths[i] -= count
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (used when finished samples leave a batch)."""
         for i in range(self.num_layers):
