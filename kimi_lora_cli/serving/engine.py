@@ -15,8 +15,9 @@ Through `GenerationHooks` the worker watches every step: text deltas and 30-code
 streaming jobs go out as soon as they are decided, a job whose client left (or whose own step
 budget ran out) leaves the batch at once and its answer goes out. Requests that arrive during a
 decode join it at the next step boundary (step-level batching, `generate`'s `join` hook) when they can
-share it (same sampler settings, an adapter the batch already runs, room under --max-batch-size) and
-no older waiting request is kept out; the others wait for the next decode.
+share it (same sampler settings; an adapter that is loaded and stacks with the batch's - a batch of
+one adapter then switches to the base plus StackedRows; room under --max-batch-size) and no older
+waiting request is kept out; the others wait for the next decode.
 
 Jobs talk back through a `JobListener` (called from the worker threads), so this module has no
 web or asyncio code. Beside it: the job types (jobs.py), the queue and its worker thread
