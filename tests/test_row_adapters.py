@@ -22,6 +22,9 @@ def varied_adapters(tiny_dir, tmp_path_factory):
         "narrow": dict(r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "k_proj", "gate_proj"]),
         "mid": dict(r=4, lora_alpha=4, target_modules=["v_proj", "up_proj"]),
         "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]),
+        # the audio adaptor's rows are audio positions, not samples; embedding LoRA is not a linear layer
+        "adaptor": dict(r=4, lora_alpha=8, target_modules=r".*vq_adaptor\.layers\.0"),
+        "embedding": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
     }
     root = tmp_path_factory.mktemp("varied")
     for k, (name, kw) in enumerate(kinds.items()):
@@ -106,9 +109,11 @@ def test_a_batch_with_a_dora_adapter_is_decoded_one_adapter_at_a_time(tiny_dir, 
     from kimi_lora_cli.serving.row_adapters import stackable
     from kimi_lora_cli.serving.spec import ServeSpec
 
-    engine = Engine(ServeSpec(model=tiny_dir, adapters=(("wide", varied_adapters["wide"]),
-                                                        ("dora", varied_adapters["dora"])), max_new_tokens=6))
-    assert stackable(engine.model, {"wide"}) and not stackable(engine.model, {"wide", "dora"})
+    engine = Engine(ServeSpec(model=tiny_dir, adapters=tuple((n, varied_adapters[n]) for n in (
+        "wide", "dora", "adaptor", "embedding")), max_new_tokens=6))
+    assert stackable(engine.model, {"wide"}) and stackable(engine.model, set())
+    for other in ("dora", "adaptor", "embedding"):
+        assert not stackable(engine.model, {"wide", other}) and not stackable(engine.model, {other}), other
     picks = ["dora", "wide", BASE, "dora", "wide"]
 
     def jobs():

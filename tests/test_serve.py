@@ -328,6 +328,65 @@ def test_jobs_that_come_during_a_decode_join_it_and_never_overtake_an_older_one(
     engine.stop()
 
 
+def test_a_failing_decode_ends_every_job_once_and_keeps_the_answers_already_given(tiny_dir, adapter_dirs,
+                                                                                   monkeypatch):
+    """Jobs taken to join a decode whose preparation fails get a 500 (they are in neither the queue nor the
+    batch, so nothing else would answer them); a job whose row already ended keeps its answer when the
+    batch fails later."""
+    from kimi_lora_cli.serving.engine import Engine, Job, RequestError
+
+    engine = Engine(_spec(tiny_dir, adapter_dirs, None, None, max_batch_size=8))
+
+    def job(k, budget, **kw):
+        return Job(messages=[{"role": "user", "message_type": "text", "content": f"count to {k} please"}],
+                   adapter="a", max_new_tokens=budget, **kw)
+
+    ends = []
+
+    # 1. the joiner's preparation raises: the joiner and the running job both end with a 500
+    pending = [job(1, 6)]
+    joiner = pending[0]
+    sink = Recorder(on_prepared=lambda: pending and engine.submit(pending.pop()))
+    joiner.listener = sink
+    first = job(0, 6, listener=sink)
+    fill = engine._fill_codes
+
+    def broken(jobs):
+        if joiner in jobs:
+            raise RuntimeError("speech tokenizer ran out of memory")
+        return fill(jobs)
+
+    monkeypatch.setattr(engine, "_fill_codes", broken)
+    monkeypatch.setattr(sink, "done", lambda j, o: ends.append((j, o)))
+    engine.start()  # the worker thread: a failing batch must not stop it
+    engine.submit(first)
+    _until(lambda: len(ends) >= 2, "both jobs ended")
+    time.sleep(0.2)  # a second `done` for either would come now
+    assert sorted(id(j) for j, _ in ends) == sorted([id(first), id(joiner)])  # once each
+    assert all(isinstance(o, RequestError) and o.status == 500 and "ran out of memory" in o.message for _, o in ends)
+    monkeypatch.setattr(engine, "_fill_codes", fill)
+
+    # 2. a streaming job's listener fails after the 1-step job's row ended: that one keeps its answer, the
+    #    failing one gets a 500
+    class Failing(Recorder):
+        def text(self, job, delta):
+            if job is long_job and short_job.answered:
+                raise RuntimeError("listener broke")
+            job_steps.append(delta)
+
+    job_steps = []
+    failing = Failing()
+    short_job, long_job = job(2, 1, listener=failing), job(3, 8, listener=failing, stream=True)
+    engine.stop()
+    with pytest.raises(RuntimeError, match="listener broke"):
+        engine.run_batch([short_job, long_job])
+    for j in (short_job, long_job):  # what the worker does with a failed batch
+        engine._fail(j, RuntimeError("listener broke"))
+    assert failing.order.count(id(short_job)) == 1 and failing.order.count(id(long_job)) == 1
+    assert not isinstance(failing.results[id(short_job)], RequestError)
+    assert failing.results[id(long_job)].status == 500
+
+
 # -- refusals ---------------------------------------------------------------------------------------
 
 

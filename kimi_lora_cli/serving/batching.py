@@ -27,11 +27,12 @@ class JobQueue:
     """Thread-safe queue of jobs; `run_batch` decodes a batch, `finish` ends a job (None: cancelled)."""
 
     def __init__(self, spec: ServeSpec, adapter_capacity: int, run_batch: Callable[[list[Job]], None],
-                 finish: Finish, stats: dict[str, int]) -> None:
+                 finish: Finish, stats: dict[str, int], fail: Callable[[Job, Exception], None] | None = None) -> None:
         self.spec = spec
         self.adapter_capacity = adapter_capacity
         self.run_batch = run_batch
         self.finish = finish
+        self.fail = fail  # ends a job of a failed batch (unless it was answered already)
         self.stats = stats
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -117,7 +118,11 @@ class JobQueue:
             except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
                 message = f"{type(e).__name__}: {e}".splitlines()[0] if not isinstance(e, KimiLoraError) else str(e)
                 for job in batch:
-                    self.finish(job, RequestError(500, f"generation failed ({message}); the server keeps running"))
+                    if self.fail is not None:
+                        self.fail(job, e)
+                    else:
+                        self.finish(job, RequestError(500, f"generation failed ({message}); the server keeps "
+                                                           "running"))
 
     def take_joiners(self, accept: Callable[[Job], bool], limit: int) -> list[Job]:
         """Waiting jobs that can join a running decode, oldest first, at most `limit`; stops at the first

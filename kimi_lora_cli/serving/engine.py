@@ -27,6 +27,7 @@ produced (streaming.py).
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -122,8 +123,9 @@ class Engine:
 
         self.stats = {"requests": 0, "batches": 0, "batched_rows": 0, "largest_batch": 0, "cancelled": 0,
                       "running": 0, "joined": 0}
-        self.queue = JobQueue(spec, self.adapters.capacity, self.run_batch, self._finish, self.stats)
+        self.queue = JobQueue(spec, self.adapters.capacity, self.run_batch, self._finish, self.stats, self._fail)
         self._stackable_cache: dict[tuple, bool] = {}
+        self._finish_lock = threading.Lock()
 
     # -- what clients may ask for ------------------------------------------------------------
 
@@ -169,10 +171,17 @@ class Engine:
         """Decode every waiting job in the calling thread (no worker needed); returns how many batches ran."""
         return self.queue.run_pending()
 
+    def _fail(self, job: Job, e: Exception) -> None:
+        """End `job` with a 500 for a failed batch, unless its row had already ended with an answer."""
+        if not job.answered:
+            message = str(e) if isinstance(e, KimiLoraError) else f"{type(e).__name__}: {e}".splitlines()[0]
+            self._finish(job, RequestError(500, f"generation failed ({message}); the server keeps running"))
+
     def _finish(self, job: Job, outcome: JobResult | RequestError | None) -> None:
-        if job._finished:
-            return
-        job._finished = True
+        with self._finish_lock:  # the worker and the speech thread may both end a job
+            if job._finished:
+                return
+            job._finished = True
         if outcome is None:
             self.stats["cancelled"] += 1
             outcome = RequestError(499, "the client went away; nothing was generated")
@@ -292,8 +301,8 @@ class Engine:
         self.adapters.ensure(wanted - {BASE})
         if len(wanted) > 1 and not stackable(self.model, wanted - {BASE}):
             for name in wanted:  # DoRA & co.: one adapter at a time (peft has no per-row DoRA)
-                self._decode([j for j in live if j.adapter == name],
-                             [p for j, p in zip(live, prompts) if j.adapter == name], output_type)
+                self._decode([j for j in live if j.adapter == name],  # no joins: the other groups wait
+                             [p for j, p in zip(live, prompts) if j.adapter == name], output_type, joins=False)
         else:
             self._decode(live, prompts, output_type)
 
@@ -308,7 +317,7 @@ class Engine:
             gens.append(g)
         return gens
 
-    def _decode(self, live: list[Job], prompts: list[Any], output_type: str) -> None:
+    def _decode(self, live: list[Job], prompts: list[Any], output_type: str, joins: bool = True) -> None:
         """One `generate` over prepared jobs; each row runs its job's adapter (StackedRows when they differ).
         Waiting jobs that can travel with it join at step boundaries (`_take`); each job ends as soon as
         its row stops (`_complete`)."""
@@ -318,7 +327,8 @@ class Engine:
         gcfg = GenerationConfig(output_type=output_type, max_new_tokens=max(j.budget for j in live),
                                 text=first.text_sampling, audio=first.audio_sampling)
         gens = self._generators(live) if first.stochastic else None
-        hooks = BatchHooks(list(live), [Answer(self, j) for j in live], take=self._take, complete=self._complete)
+        hooks = BatchHooks(list(live), [Answer(self, j) for j in live], take=self._take if joins else None,
+                           complete=self._complete)
         row_adapters = [j.adapter for j in live]
         adapter = row_adapters[0]
         if len(set(row_adapters)) > 1:  # the base in peft, plus each row's own adapter from the hooks
@@ -335,8 +345,7 @@ class Engine:
                 results = generate(self.model, prompts, gcfg, self.tokens, gens, hooks=hooks)
         except Exception as e:
             for j in hooks.jobs[len(live):]:  # joined jobs are not in the queue's batch: end them here
-                self._finish(j, RequestError(500, f"generation failed ({type(e).__name__}: {e}); the server "
-                                                  "keeps running"))
+                self._fail(j, e)
             raise
         finally:
             self.stats["running"] = 0
@@ -367,8 +376,14 @@ class Engine:
         taken = self.queue.take_joiners(fits, room)
         if not taken:
             return []
-        taken = self._fill_codes(taken)
-        taken, prompts = self._prompts(taken, lead.output_type)
+        try:
+            ready = self._fill_codes(taken)
+            ready, prompts = self._prompts(ready, lead.output_type)
+        except Exception as e:  # they are in neither the queue nor the batch: end them here
+            for j in taken:
+                self._fail(j, e)
+            raise
+        taken = ready
         for j in taken:
             j.listener.prepared(j, None)
         if not taken:
@@ -393,6 +408,7 @@ class Engine:
     def _route_joined(self, hooks: BatchHooks, joined: list[str]) -> None:
         """Adapter routing for the rows `joined` brings: the batch's one adapter still, new rows of the
         StackedRows, or a switch to the base + StackedRows over old and new adapters."""
+        self.adapters.ensure(set(joined) - {BASE})  # loaded already: marks them recently used
         if hooks.router is None and set(joined) == {hooks.adapter}:
             return
         everyone = [j.adapter for j in hooks.jobs]
@@ -409,6 +425,7 @@ class Engine:
 
     def _complete(self, job: Job, answer: Answer, r: Any, rows: int) -> None:
         """The end of one job's row: its result, streamed rest and spoken answer."""
+        job.waves = {}  # the decoded upload is no longer needed (a long-running batch keeps its jobs)
         if job.cancelled:
             self._finish(job, None)
             return
@@ -418,6 +435,7 @@ class Engine:
                            steps=r.steps, prompt_tokens=job.prompt_tokens, batch_rows=rows)
         if job.stream:
             answer.send_text(final=True, text=text)
+        job.answered = True  # its `done` is on its way: a later failure of the batch must not replace it
         if job.speak and r.audio_tokens:
             self._speak(job, answer, result)
         else:

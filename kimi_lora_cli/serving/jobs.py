@@ -72,6 +72,7 @@ class Job:
     prompt_tokens: int = 0
     budget: int = 0
     submitted: float = field(default_factory=time.perf_counter)
+    answered: bool = False  # its row ended with an answer (done may still wait for the speech thread)
     _finished: bool = False
 
     @property

@@ -26,20 +26,29 @@ from kimi_lora_cli.adapter_names import BASE
 
 
 def stackable(model: Any, adapters: set[str]) -> bool:
-    """Whether every LoRA layer of `model` runs `adapters` as plain LoRA on a linear layer."""
+    """Whether every LoRA layer of `model` that holds one of `adapters` runs it as plain LoRA on a linear
+    layer of the decoder stacks or heads (one row of the batch = one sample there; not the audio adaptor,
+    whose rows are audio positions), with no embedding LoRA, trainable tokens or modules_to_save."""
     import torch
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, ModulesToSaveWrapper) and adapters & set(m.modules_to_save):
             return False
-        if not isinstance(m, LoraLayer):
+        if not isinstance(m, BaseTunerLayer):
             continue
-        here = adapters & set(m.lora_A)
+        held = set()
+        for attr in ("lora_A", "lora_embedding_A", "token_adapter", "trainable_tokens_delta"):
+            held |= set(getattr(m, attr, {}) or {})
+        here = adapters & held
         if not here:
             continue
-        if here & set(getattr(m, "lora_variant", {}) or {}) or any(m.use_dora.get(a) for a in here):
+        if not isinstance(m, LoraLayer) or here - set(m.lora_A) or here & set(getattr(m, "lora_embedding_A", {})):
+            return False
+        if "adaptor" in name or here & set(getattr(m, "lora_variant", {}) or {}) or any(m.use_dora.get(a)
+                                                                                       for a in here):
             return False
         if not all(isinstance(m.lora_A[a], torch.nn.Linear) and isinstance(m.lora_B[a], torch.nn.Linear)
                    for a in here):
@@ -51,20 +60,22 @@ def stackable(model: Any, adapters: set[str]) -> bool:
 
 class StackedRows:
     """Forward hooks that add each row's own adapter to every LoRA layer (see the module docstring); the
-    adapters must be `stackable`. `row_adapters[i]` is the adapter of prompt i (BASE: none); `route(rows)` names the prompt of each
-    row the next forward computes. Use with the model's adapters disabled; `close()` removes the hooks."""
+    adapters must be `stackable`. `row_adapters[i]` is the adapter of prompt i (BASE: none); `route(rows)`
+    names the prompt of each row the next forward computes. Use with the model's adapters disabled;
+    `close()` removes the hooks."""
 
     def __init__(self, model: Any, row_adapters: list[str]) -> None:
         import torch
         from peft.tuners.lora import LoraLayer
 
-        self.row_adapters = row_adapters
         wanted = list(dict.fromkeys(a for a in row_adapters if a != BASE))
-        self._tables: dict[tuple, torch.Tensor] = {}  # layout -> [prompts, R] scaling per rank column
-        self._current: dict[tuple, torch.Tensor] = {}  # layout -> [rows, R] for the rows of this step
+        self.adapters = set(wanted)
+        self._slot = {name: k + 1 for k, name in enumerate(wanted)}  # 0: the base
+        self._layouts: dict[tuple, tuple[Any, Any]] = {}  # layout -> ([slots, R] 0/1 block, [slots] scale)
+        self._current: dict[tuple, tuple[Any, Any]] = {}  # layout -> the same for the rows of this step
         self._rows: list[int] | None = None
-        self.handles = []
-        self._like = None
+        self.handles: list[Any] = []
+        layers = []
         for m in model.modules():
             if not isinstance(m, LoraLayer):
                 continue
@@ -74,59 +85,63 @@ class StackedRows:
             a_all = torch.cat([m.lora_A[a].weight for a in names])  # [R, in]
             b_all = torch.cat([m.lora_B[a].weight for a in names], dim=1)  # [out, R]
             layout = tuple((a, m.lora_A[a].weight.shape[0], float(m.scaling[a])) for a in names)
-            self._tables.setdefault(layout, None)
-            self._like = a_all
+            if layout not in self._layouts:
+                self._layouts[layout] = self._blocks(layout, a_all)
+            layers.append((m, a_all, b_all, layout))
+        self._slots = torch.tensor([self._slot.get(a, 0) for a in row_adapters], dtype=torch.long)
+        for m, a_all, b_all, layout in layers:  # hooks last: a failure above leaves the model untouched
             self.handles.append(m.register_forward_hook(self._hook(a_all, b_all, layout)))
-        self.adapters = set(wanted)
-        self._build()
 
-    def add(self, row_adapters: list[str]) -> None:
-        """Rows for samples that join the batch (their adapters must be among the batch's, or BASE)."""
-        if set(row_adapters) - self.adapters - {BASE}:
-            raise ValueError(f"adapters {sorted(set(row_adapters) - self.adapters - {BASE})} are not stacked here")
-        self.row_adapters = [*self.row_adapters, *row_adapters]
-        self._build()
-
-    def _build(self) -> None:
-        for layout in self._tables:
-            self._tables[layout] = self._table(layout, self._like)
-        self._rows = None
-
-    def _table(self, layout: tuple, like: Any) -> Any:
+    def _blocks(self, layout: tuple, like: Any) -> tuple[Any, Any]:
         import torch
 
         width = sum(rank for _, rank, _ in layout)
-        table = torch.zeros((len(self.row_adapters), width), dtype=like.dtype, device=like.device)
-        start = {}
+        block = torch.zeros((len(self._slot) + 1, width), dtype=like.dtype, device=like.device)
+        scale = torch.zeros(len(self._slot) + 1, dtype=like.dtype, device=like.device)
         col = 0
-        for name, rank, scale in layout:
-            start[name] = (col, rank, scale)
+        for name, rank, factor in layout:
+            block[self._slot[name], col : col + rank] = 1
+            scale[self._slot[name]] = factor
             col += rank
-        for i, name in enumerate(self.row_adapters):
-            if name in start:
-                col, rank, scale = start[name]
-                table[i, col : col + rank] = scale
-        return table
+        return block, scale
+
+    def add(self, row_adapters: list[str]) -> None:
+        """Rows for samples that join the batch (their adapters must be among the batch's, or BASE)."""
+        import torch
+
+        if set(row_adapters) - self.adapters - {BASE}:
+            raise ValueError(f"adapters {sorted(set(row_adapters) - self.adapters - {BASE})} are not stacked here")
+        more = torch.tensor([self._slot.get(a, 0) for a in row_adapters], dtype=torch.long)
+        self._slots = torch.cat([self._slots, more])
+        self._rows = None
+
+    @property
+    def row_adapters(self) -> list[str]:
+        names = {k: n for n, k in self._slot.items()}
+        return [names.get(int(k), BASE) for k in self._slots]
 
     def route(self, rows: list[int]) -> None:
         if rows == self._rows:
             return
-        import torch
-
         self._rows = list(rows)
-        for layout, table in self._tables.items():
-            index = torch.tensor(rows, device=table.device)
-            self._current[layout] = table[index]
+        slots = self._slots[rows]
+        for layout, (block, scale) in self._layouts.items():
+            picked = slots.to(block.device)
+            self._current[layout] = (block[picked], scale[picked])
 
     def _hook(self, a_all: Any, b_all: Any, layout: tuple):
         import torch.nn.functional as F
 
         def add_rows(module, args, output):
             x = args[0]
-            weights = self._current[layout]
-            weights = weights.view(weights.shape[0], *([1] * (x.dim() - 2)), weights.shape[1])
-            low = F.linear(x.to(a_all.dtype), a_all) * weights
-            return output + F.linear(low, b_all).to(output.dtype)
+            block, scale = self._current[layout]
+            if x.shape[0] != block.shape[0]:
+                raise RuntimeError(f"per-row adapters: a LoRA layer saw {x.shape[0]} rows for a batch of "
+                                   f"{block.shape[0]}")
+            shape = (block.shape[0], *([1] * (x.dim() - 2)))
+            low = F.linear(x.to(a_all.dtype), a_all) * block.view(*shape, block.shape[1])
+            # scaled after B, as peft computes `lora_B(lora_A(x)) * scaling`
+            return output + (F.linear(low, b_all) * scale.view(*shape, 1)).to(output.dtype)
 
         return add_rows
 
