@@ -496,7 +496,7 @@ def test_a_request_still_arriving_joins_the_decode_instead_of_waiting_behind_it(
                 done.set()
 
         spec = ServeSpec(model=Path("unused"), batch_wait_ms=200.0, max_batch_size=8)
-        queue = JobQueue(spec, 1, run_batch, lambda job, outcome: None, {"requests": 0})
+        queue = JobQueue(spec, 1, run_batch, lambda job, outcome: None, {"requests": 0}, lambda job, e: None)
         queue.start()
         if counted:
             queue.arriving(+1)  # the second request's body is being received

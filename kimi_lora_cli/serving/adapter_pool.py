@@ -45,9 +45,9 @@ class AdapterSlots:
 
 
 @contextmanager
-def one_adapter(model: Any, attached: list[str], adapter: str | None):
-    """`model` as one adapter (or the plain base) for a whole batch; None: as the model is."""
-    if adapter is None or not attached:
+def one_adapter(model: Any, attached: list[str], adapter: str):
+    """`model` as one adapter (or the plain base) for a whole batch."""
+    if not attached:
         yield
     elif adapter == BASE:
         with model.disable_adapter():

@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Callable
 
 from kimi_lora_cli.adapter_names import BASE
-from kimi_lora_cli.errors import KimiLoraError
 from kimi_lora_cli.serving.jobs import Job, JobResult, QueueFull, RequestError
 from kimi_lora_cli.serving.spec import ServeSpec
 
@@ -27,7 +26,7 @@ class JobQueue:
     """Thread-safe queue of jobs; `run_batch` decodes a batch, `finish` ends a job (None: cancelled)."""
 
     def __init__(self, spec: ServeSpec, adapter_capacity: int, run_batch: Callable[[list[Job]], None],
-                 finish: Finish, stats: dict[str, int], fail: Callable[[Job, Exception], None] | None = None) -> None:
+                 finish: Finish, stats: dict[str, int], fail: Callable[[Job, Exception], None]) -> None:
         self.spec = spec
         self.adapter_capacity = adapter_capacity
         self.run_batch = run_batch
@@ -116,13 +115,8 @@ class JobQueue:
             try:
                 self.run_batch(batch)
             except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
-                message = f"{type(e).__name__}: {e}".splitlines()[0] if not isinstance(e, KimiLoraError) else str(e)
                 for job in batch:
-                    if self.fail is not None:
-                        self.fail(job, e)
-                    else:
-                        self.finish(job, RequestError(500, f"generation failed ({message}); the server keeps "
-                                                           "running"))
+                    self.fail(job, e)
 
     def take_joiners(self, accept: Callable[[Job], bool], limit: int) -> list[Job]:
         """Waiting jobs that can join a running decode, oldest first, at most `limit`; stops at the first

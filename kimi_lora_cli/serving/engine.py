@@ -291,20 +291,25 @@ class Engine:
         if not live:
             return
         output_type = live[0].output_type
-        live = self._fill_codes(live)
-        live, prompts = self._prompts(live, output_type)
+        live, prompts = self._prepare(live, output_type)
         if not live:
             return
-        for j in live:
-            j.listener.prepared(j, None)
         wanted = {j.adapter for j in live}
         self.adapters.ensure(wanted - {BASE})
-        if len(wanted) > 1 and not stackable(self.model, wanted - {BASE}):
+        if len(wanted) > 1 and not self._stackable(wanted - {BASE}):
             for name in wanted:  # DoRA & co.: one adapter at a time (peft has no per-row DoRA)
                 self._decode([j for j in live if j.adapter == name],  # no joins: the other groups wait
                              [p for j, p in zip(live, prompts) if j.adapter == name], output_type, joins=False)
         else:
             self._decode(live, prompts, output_type)
+
+    def _prepare(self, jobs: list[Job], output_type: str) -> tuple[list[Job], list[Any]]:
+        """Speech codes and prompts of `jobs`; the ones refused are answered, the others hear `prepared`."""
+        jobs = self._fill_codes(jobs)
+        jobs, prompts = self._prompts(jobs, output_type)
+        for j in jobs:
+            j.listener.prepared(j, None)
+        return jobs, prompts
 
     def _generators(self, jobs: list[Job]) -> list[Any]:
         """One generator per job, seeded as `infer --prompt` seeds its one sample."""
@@ -377,15 +382,11 @@ class Engine:
         if not taken:
             return []
         try:
-            ready = self._fill_codes(taken)
-            ready, prompts = self._prompts(ready, lead.output_type)
+            taken, prompts = self._prepare(taken, lead.output_type)
         except Exception as e:  # they are in neither the queue nor the batch: end them here
             for j in taken:
                 self._fail(j, e)
             raise
-        taken = ready
-        for j in taken:
-            j.listener.prepared(j, None)
         if not taken:
             return []
         assert first == len(hooks.jobs), (first, len(hooks.jobs))

@@ -115,11 +115,6 @@ class StackedRows:
         self._slots = torch.cat([self._slots, more])
         self._rows = None
 
-    @property
-    def row_adapters(self) -> list[str]:
-        names = {k: n for n, k in self._slot.items()}
-        return [names.get(int(k), BASE) for k in self._slots]
-
     def route(self, rows: list[int]) -> None:
         if rows == self._rows:
             return
