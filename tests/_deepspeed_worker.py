@@ -9,57 +9,31 @@ writes the findings as JSON.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
+
+from _sharded_worker import run_and_compare
 
 
 def main(result_path: str, settings: str) -> None:
     import deepspeed
-    import torch.distributed as dist
-    from safetensors.torch import load_file
 
-    from kimi_lora_cli.training.config import TrainConfig
     from kimi_lora_cli.training.engines import engine_name
-    from kimi_lora_cli.training.trainer import Trainer
 
-    cfg = TrainConfig.build({}, json.loads(settings))
-    trainer = Trainer(cfg)
-    trainer.setup()
-    together = False
-    try:
-        trainer._run()
-        model = trainer._unwrapped()
-        params = dict(model.named_parameters())
-        mine = {"engine": type(trainer.model).__module__ + "." + type(trainer.model).__name__,
+    def describe(trainer, params):
+        return {"engine": type(trainer.model).__module__ + "." + type(trainer.model).__name__,
                 "is_engine": isinstance(trainer.model, deepspeed.DeepSpeedEngine),
                 "banner": engine_name(trainer.model, trainer.engine, trainer.fsdp),
                 "stage": trainer.engine.zero_optimization_stage(),
                 "local": sum(p.ds_tensor.numel() for p in params.values()),
                 "total": sum(p.ds_numel for p in params.values()),
                 "empty_local": all(p.numel() == 0 for p in params.values())}
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
+
+    def gather(params):
         trainable = [(n, p) for n, p in params.items() if p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
-            gathered = {n: p.detach().clone() for n, p in trainable}
-        if dist.get_rank() == 0:
-            saved = load_file(str(Path(cfg.output_dir) / "adapter_model.safetensors"))
-            expect = {n.replace(".modules_to_save.default.", ".").replace(".default.", "."): t
-                      for n, t in gathered.items()}
-            common = sorted(set(saved) & set(expect))
-            result = {
-                "ranks": everyone,
-                "missing": sorted(set(expect) - set(saved)),
-                "extra": sorted(set(saved) - set(expect)),
-                "max_diff": max(float((saved[k] - expect[k]).abs().max()) for k in common),
-                "empty": [k for k, t in saved.items() if t.numel() == 0],
-                "compared": len(common),
-            }
-            Path(result_path).write_text(json.dumps(result), encoding="utf-8")
-        together = True
-    finally:
-        trainer._release(together=together)
+            return {n: p.detach().clone() for n, p in trainable}
+
+    run_and_compare(result_path, settings, describe, gather)
 
 
 if __name__ == "__main__":

@@ -77,3 +77,23 @@ def write_adapter(folder: Path, tensors: dict, config: dict | None = None) -> Pa
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()},
               str(folder / "adapter_model.safetensors"))
     return folder
+
+
+def assert_complete_and_loadable(cli, base_dir: Path, folder: Path) -> None:
+    """A trained adapter is complete: `inspect-adapter` finds no empty tensor, and plain peft loads it
+    over the base with exactly the tensors of its safetensors file."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from kimi_lora_cli.loading import load_model
+
+    code, out, _ = cli("inspect-adapter", folder, "--stats", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and not any("empty" in s["flags"] for s in report["stats"])
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    peft_model = PeftModel.from_pretrained(load_model(base_dir, dtype="float32", load_whisper=False).model, str(folder))
+    loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved)
+    for n, p in loaded.items():
+        assert torch.equal(p.detach(), saved[n.replace(".default.", ".")]), n

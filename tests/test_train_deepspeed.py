@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_helpers import assert_complete_and_loadable
 from launch_helpers import launcher_env
 from safetensors.torch import load_file
 
@@ -199,19 +200,7 @@ def test_two_zero3_processes_partition_train_like_one_and_resume_exactly(cli, ti
     same_adapter(reference, out)
 
     # The adapter is complete: inspect-adapter finds no empty tensor, plain peft loads it.
-    code, text, _ = cli("inspect-adapter", out, "--stats", "--json")
-    report = json.loads(text)
-    assert code == 0 and report["ok"] and not any("empty" in s["flags"] for s in report["stats"])
-    from peft import PeftModel
-
-    from kimi_lora_cli.loading import load_model
-
-    saved = load_file(str(out / "adapter_model.safetensors"))
-    peft_model = PeftModel.from_pretrained(load_model(tiny_dir, dtype="float32", load_whisper=False).model, str(out))
-    loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert len(loaded) == len(saved)
-    for n, p in loaded.items():
-        assert torch.equal(p.detach(), saved[n.replace(".default.", ".")]), n
+    assert_complete_and_loadable(cli, tiny_dir, out)
 
 
 @pytest.mark.multiprocess

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_helpers import assert_complete_and_loadable
 from launch_helpers import launcher_env
 from safetensors.torch import load_file
 
@@ -92,19 +93,7 @@ def test_two_fsdp_processes_train_like_one_and_resume_exactly(cli, tiny_dir, dat
         assert torch.allclose(a[k], b[k], atol=1e-4), (k, (a[k] - b[k]).abs().max())
 
     # The adapter is complete: inspect-adapter finds no empty tensor, plain peft loads it.
-    code, out, _ = cli("inspect-adapter", tmp_path / "two", "--stats", "--json")
-    report = json.loads(out)
-    assert code == 0 and report["ok"] and not any("empty" in s["flags"] for s in report["stats"])
-    from peft import PeftModel
-
-    from kimi_lora_cli.loading import load_model
-
-    base = load_model(tiny_dir, dtype="float32", load_whisper=False).model
-    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "two"))
-    loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert len(loaded) == len(b)
-    for n, p in loaded.items():
-        assert torch.equal(p.detach(), b[n.replace(".default.", ".")]), n
+    assert_complete_and_loadable(cli, tiny_dir, tmp_path / "two")
 
 
 @pytest.mark.multiprocess
